@@ -1,0 +1,2 @@
+#include "module_init.h"
+IMBREG_DEFINE_MODULE()

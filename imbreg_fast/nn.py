@@ -1,0 +1,96 @@
+"""Loss modules of imbreg_fast, owning the learnable noise scale sigma (``noise_sigma``).
+
+Each module keeps ``noise_sigma`` as an ``nn.Parameter`` (or, with ``learn_noise=False``, as a buffer), so
+it is saved in ``state_dict`` and follows ``.to(device/dtype)``. Give it to the optimiser, typically with
+its own learning rate, as the reference does::
+
+    criterion = imbreg_fast.nn.BMCLoss(init_noise_sigma=1.0)
+    optimizer.add_param_group({"params": criterion.noise_sigma, "lr": sigma_lr})
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+__all__ = ["BMCLoss", "GAILoss", "BNILoss"]
+
+
+class _BalancedMSELoss(nn.Module):
+    def __init__(self, init_noise_sigma: float, learn_noise: bool, reduction: str, backend: str,
+                 check_finite: bool):
+        super().__init__()
+        init_noise_sigma = float(init_noise_sigma)
+        if not init_noise_sigma > 0 or init_noise_sigma == float("inf"):
+            raise ValueError(f"init_noise_sigma must be finite and > 0, got {init_noise_sigma}")
+        sigma = torch.tensor(init_noise_sigma)
+        if learn_noise:
+            self.noise_sigma = nn.Parameter(sigma)
+        else:
+            self.register_buffer("noise_sigma", sigma)
+        self.reduction = reduction
+        self.backend = backend
+        self.check_finite = check_finite
+
+    @property
+    def noise_var(self) -> torch.Tensor:
+        return self.noise_sigma * self.noise_sigma
+
+    def extra_repr(self) -> str:
+        return (f"noise_sigma={float(self.noise_sigma):.4g}, learn_noise="
+                f"{isinstance(self.noise_sigma, nn.Parameter)}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")
+
+
+class BMCLoss(_BalancedMSELoss):
+    """Balanced MSE with batch Monte Carlo; see :func:`imbreg_fast.functional.bmc_loss`.
+
+    ``forward(pred, target, *, candidates=None, mask=None)``.
+    """
+
+    def __init__(self, init_noise_sigma: float = 1.0, *, learn_noise: bool = True, reduction: str = "mean",
+                 backend: str = "auto", check_finite: bool = True):
+        super().__init__(init_noise_sigma, learn_noise, reduction, backend, check_finite)
+
+    def forward(self, pred, target, *, candidates=None, mask=None):
+        return F.bmc_loss(pred, target, self.noise_var, candidates=candidates, mask=mask,
+                          reduction=self.reduction, backend=self.backend, check_finite=self.check_finite)
+
+
+class GAILoss(_BalancedMSELoss):
+    """Balanced MSE with GMM analytic integration; see :func:`imbreg_fast.functional.gai_loss`.
+
+    ``gmm = (weights [K], means [K, d], covariances [K, d, d])`` (e.g. :func:`imbreg_fast.fit_gmm`) is stored
+    as buffers ``gmm_weights``, ``gmm_means``, ``gmm_covariances``.
+    """
+
+    def __init__(self, gmm, init_noise_sigma: float = 1.0, *, learn_noise: bool = True, reduction: str = "mean",
+                 backend: str = "auto", check_finite: bool = True):
+        super().__init__(init_noise_sigma, learn_noise, reduction, backend, check_finite)
+        weights, means, covariances = (torch.as_tensor(x).detach().clone() for x in gmm)
+        self.register_buffer("gmm_weights", weights)
+        self.register_buffer("gmm_means", means)
+        self.register_buffer("gmm_covariances", covariances)
+
+    def forward(self, pred, target, *, mask=None):
+        gmm = (self.gmm_weights, self.gmm_means, self.gmm_covariances)
+        return F.gai_loss(pred, target, self.noise_var, gmm, mask=mask, reduction=self.reduction,
+                          backend=self.backend, check_finite=self.check_finite)
+
+
+class BNILoss(_BalancedMSELoss):
+    """Balanced MSE with bin-based numerical integration; see :func:`imbreg_fast.functional.bni_loss`.
+
+    ``bin_centers``/``bin_weights`` (e.g. from :func:`imbreg_fast.bin_prior`) are stored as buffers.
+    """
+
+    def __init__(self, bin_centers, bin_weights, init_noise_sigma: float = 1.0, *, learn_noise: bool = True,
+                 reduction: str = "mean", backend: str = "auto", check_finite: bool = True):
+        super().__init__(init_noise_sigma, learn_noise, reduction, backend, check_finite)
+        self.register_buffer("bin_centers", torch.as_tensor(bin_centers).detach().clone())
+        self.register_buffer("bin_weights", torch.as_tensor(bin_weights).detach().clone())
+
+    def forward(self, pred, target, *, mask=None):
+        return F.bni_loss(pred, target, self.noise_var, self.bin_centers, self.bin_weights, mask=mask,
+                          reduction=self.reduction, backend=self.backend, check_finite=self.check_finite)

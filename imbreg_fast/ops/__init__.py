@@ -1,0 +1,1 @@
+"""Backend implementations and registered operators (internal; use imbreg_fast.functional / imbreg_fast.nn)."""
