@@ -116,6 +116,16 @@ def _build_ext_class():
         """Replace in-place .so files by unlink + copy, so a running process that has the old
         library mapped keeps working instead of crashing on a truncated file."""
 
+        def build_extension(self, ext):
+            # The kernel libraries share their sources: give each its own object directory, or the
+            # capabilities overwrite each other's objects and every build recompiles everything.
+            build_temp = self.build_temp
+            self.build_temp = os.path.join(build_temp, ext.name.rsplit(".", 1)[-1])
+            try:
+                super().build_extension(ext)
+            finally:
+                self.build_temp = build_temp
+
         def copy_file(self, infile, outfile, *args, **kwargs):
             if outfile.endswith(".so") and os.path.exists(outfile):
                 os.unlink(outfile)

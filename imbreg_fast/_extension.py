@@ -38,6 +38,8 @@ def _wanted_capability() -> str:
 
 
 def _load() -> dict:
+    if _state:  # lock-free once loaded: torch.compile (fullgraph) cannot trace a `with lock:` block
+        return _state
     with _lock:
         if _state:
             return _state

@@ -73,7 +73,7 @@ def as_rows(pred, target, mask=None) -> Rows:
                          f"and target {tuple(target.shape)}")
     if pred.dtype != target.dtype:
         raise TypeError(f"pred and target must have the same dtype, got {pred.dtype} and {target.dtype}")
-    check_same_device(pred=pred, target=target, mask=mask)
+    check_same_device(pred=pred, target=target)
     if pred.dim() == 1:
         n, d, row_shape = pred.shape[0], 1, tuple(pred.shape)
     elif pred.dim() == 2:
@@ -90,6 +90,7 @@ def as_rows(pred, target, mask=None) -> Rows:
             raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
         if mask.dtype != torch.bool:
             raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        check_same_device(pred=pred, mask=mask)
         if tuple(mask.shape) != row_shape:
             raise ValueError(f"mask must have shape {row_shape} for pred/target of shape "
                              f"{tuple(pred.shape)}, got {tuple(mask.shape)}")

@@ -23,8 +23,10 @@ import torch
 from . import _validation as V
 from ._dispatch import resolve
 from .ops import balanced_mse as _bmse  # noqa: F401  (registers the backends)
+from .ops import balanced_mse_triton as _bmse_triton  # noqa: F401  (registers the triton backend)
 
-__all__ = ["bmc_loss", "gai_loss", "bni_loss"]
+__all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1_loss", "weighted_huber_loss",
+           "weighted_focal_mse_loss", "weighted_focal_l1_loss"]
 
 
 def _prepare(pred, target, noise_var, mask, reduction, check_finite):
@@ -162,3 +164,7 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
             raise ValueError("bin_centers contain NaN or inf")
     _, impl = resolve("bni_loss", rows.pred, backend)
     return _finish(impl(rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red), rows, red)
+
+
+from .weighted_losses import (weighted_focal_l1_loss, weighted_focal_mse_loss, weighted_huber_loss,  # noqa: E402,F401
+                              weighted_l1_loss, weighted_mse_loss)

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from . import functional as F
+from .fds import FDS
 
-__all__ = ["BMCLoss", "GAILoss", "BNILoss"]
+__all__ = ["BMCLoss", "GAILoss", "BNILoss", "FDS"]
 
 
 class _BalancedMSELoss(nn.Module):
@@ -94,3 +95,66 @@ class BNILoss(_BalancedMSELoss):
     def forward(self, pred, target, *, mask=None):
         return F.bni_loss(pred, target, self.noise_var, self.bin_centers, self.bin_weights, mask=mask,
                           reduction=self.reduction, backend=self.backend, check_finite=self.check_finite)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weighted regression losses (LDS re-weighting, Focal-R): see imbreg_fast.weighted_losses.
+# --------------------------------------------------------------------------------------------------
+
+from . import weighted_losses as _wl  # noqa: E402
+
+
+class _WeightedLoss(nn.Module):
+    _fn = None
+
+    def __init__(self, reduction: str = "mean", backend: str = "auto", check_finite: bool = True, **options):
+        super().__init__()
+        _wl._check_reduction(reduction)
+        self.reduction, self.backend, self.check_finite, self.options = reduction, backend, check_finite, options
+
+    def forward(self, pred, target, weight=None, *, mask=None):
+        return type(self)._fn(pred, target, weight, mask=mask, reduction=self.reduction, backend=self.backend,
+                              check_finite=self.check_finite, **self.options)
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={v!r}" for k, v in self.options.items())
+        return f"reduction={self.reduction!r}, backend={self.backend!r}{opts}"
+
+
+class WeightedMSELoss(_WeightedLoss):
+    """``forward(pred, target, weight=None, *, mask=None)``; see :func:`imbreg_fast.functional.weighted_mse_loss`."""
+    _fn = staticmethod(F.weighted_mse_loss)
+
+
+class WeightedL1Loss(_WeightedLoss):
+    """See :func:`imbreg_fast.functional.weighted_l1_loss`."""
+    _fn = staticmethod(F.weighted_l1_loss)
+
+
+class WeightedHuberLoss(_WeightedLoss):
+    """See :func:`imbreg_fast.functional.weighted_huber_loss`."""
+    _fn = staticmethod(F.weighted_huber_loss)
+
+    def __init__(self, beta: float = 1.0, *, reduction: str = "mean", backend: str = "auto", check_finite: bool = True):
+        super().__init__(reduction, backend, check_finite, beta=_wl._check_positive("beta", beta))
+
+
+class _WeightedFocalLoss(_WeightedLoss):
+    def __init__(self, activation: str = "sigmoid", beta: float = 0.2, gamma: float = 1.0, *, reduction: str = "mean",
+                 backend: str = "auto", check_finite: bool = True):
+        _wl._check_activation(activation)
+        super().__init__(reduction, backend, check_finite, activation=activation,
+                         beta=_wl._check_positive("beta", beta), gamma=_wl._check_gamma(gamma))
+
+
+class WeightedFocalMSELoss(_WeightedFocalLoss):
+    """Focal-R MSE; see :func:`imbreg_fast.functional.weighted_focal_mse_loss`."""
+    _fn = staticmethod(F.weighted_focal_mse_loss)
+
+
+class WeightedFocalL1Loss(_WeightedFocalLoss):
+    """Focal-R L1; see :func:`imbreg_fast.functional.weighted_focal_l1_loss`."""
+    _fn = staticmethod(F.weighted_focal_l1_loss)
+
+
+__all__ += ["WeightedMSELoss", "WeightedL1Loss", "WeightedHuberLoss", "WeightedFocalMSELoss", "WeightedFocalL1Loss"]

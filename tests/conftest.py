@@ -46,3 +46,37 @@ def fused_backends():
     if TRITON_OK and os.environ.get("TRITON_INTERPRET") == "1":
         out.append("triton")
     return out
+
+
+def op_kernel_registered(qualname: str, dispatch_key: str = "CPU") -> bool:
+    """Is a kernel registered for C++ op ``qualname`` (e.g. 'imbreg_fast::bmc_fwd') on ``dispatch_key``?"""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(qualname, dispatch_key)
+    except RuntimeError:  # op schema not defined
+        return False
+
+
+def backend_params(op: str, cpp_ops=(), include_torch: bool = True):
+    """pytest params over the backends of public op ``op`` (e.g. 'bmc_loss'): 'torch', then each fused
+    backend of :func:`fused_backends`, marked ``requires_cpp`` / ``requires_triton``.
+
+    ``cpp_ops``: the C++ ops the cpp implementation calls; while their CPU kernels are not registered the
+    cpp param is skipped (reported, not hidden). A fused backend with no implementation of ``op`` is skipped
+    the same way. Use as ``@pytest.mark.parametrize("backend", backend_params("bmc_loss", ("imbreg_fast::bmc_fwd",)))``.
+    """
+    params = [pytest.param("torch", id="torch")] if include_torch else []
+    for name in fused_backends():
+        marks = [pytest.mark.requires_cpp if name == "cpp" else pytest.mark.requires_triton]
+        if name not in _dispatch._IMPLS.get(op, {}):
+            marks.append(pytest.mark.skip(reason=f"no {name} implementation of {op} registered"))
+        elif name == "cpp":
+            missing = [q for q in cpp_ops if not op_kernel_registered(q)]
+            if missing:
+                marks.append(pytest.mark.skip(reason=f"C++ CPU kernel not registered: {', '.join(missing)}"))
+        params.append(pytest.param(name, id=name, marks=marks))
+    return params
+
+
+def interpreted(backend: str) -> bool:
+    """True for the Triton backend running under the (slow) interpreter: keep such problems tiny."""
+    return backend == "triton" and not torch.cuda.is_available()

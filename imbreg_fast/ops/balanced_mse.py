@@ -33,6 +33,14 @@ def fused_loss_fake(pred: torch.Tensor, noise_var: torch.Tensor, reduction: int,
     return loss, grad_pred, grad_var
 
 
+def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1-D tensor, bit-identical whatever the thread count: on CPU torch.sum splits large
+    tensors across threads (so the rounding depends on the thread count), cumsum scans in order."""
+    if x.device.type == "cpu" and x.numel() > 0:
+        return x.cumsum(0)[-1]
+    return x.sum()
+
+
 def register_fused_autograd(op, *, n_inputs: int, pred_index: int, noise_var_index: int,
                             reduction_index: int, compute_grad_index: int) -> None:
     """Backward of a fused loss op: the gradients were computed by the forward pass; scale them.
@@ -59,7 +67,7 @@ def register_fused_autograd(op, *, n_inputs: int, pred_index: int, noise_var_ind
             if ctx.needs_input_grad[pred_index]:
                 grads[pred_index] = (grad_loss.to(grad_pred.dtype).unsqueeze(-1) * grad_pred).to(ctx.pred_dtype)
             if ctx.needs_input_grad[noise_var_index]:
-                grads[noise_var_index] = (grad_loss.to(grad_var.dtype) * grad_var).sum()
+                grads[noise_var_index] = _ordered_sum(grad_loss.to(grad_var.dtype) * grad_var)
         else:
             if ctx.needs_input_grad[pred_index]:
                 grads[pred_index] = (grad_loss.to(grad_pred.dtype) * grad_pred).to(ctx.pred_dtype)
@@ -83,6 +91,10 @@ def _register_cpp_ops() -> None:
     def _mixture_fake(pred, target, mask, noise_var, log_weight, means, precision, grad_var_bias,
                       log_noise_coef, reduction, compute_grad):
         return fused_loss_fake(pred, noise_var, reduction, compute_grad)
+
+    @torch.library.register_fake("imbreg_fast::exp_throughput")
+    def _exp_throughput_fake(x, variant, repeats):
+        return x.new_empty(())
 
     register_fused_autograd("imbreg_fast::bmc_fwd", **BMC_ARGS)
     register_fused_autograd("imbreg_fast::mixture_nll_fwd", **MIXTURE_ARGS)

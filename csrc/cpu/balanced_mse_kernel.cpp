@@ -1,0 +1,775 @@
+// CPU kernels of the Balanced MSE family: bmc_fwd (BMC), mixture_nll_fwd (GAI and BNI), exp_throughput.
+// Schemas and conventions: csrc/balanced_mse.cpp; maths: docs/methods.md §1 and the "Mixture tables"
+// comment of imbreg_fast/ops/balanced_mse.py. This file is compiled once per CPU capability (DEFAULT,
+// AVX2, AVX512; setup.py), at::vec::Vectorized<T> picks the vector width of each build.
+//
+// Determinism: rows are cut into blocks of a fixed number of rows, handed to at::parallel_for; each block
+// writes its partial sums (double) to its own slot and the slots are added in block order, so every output
+// is bit-identical whatever the number of threads.
+//
+// exp: every exp argument is a shifted logit z = l - max(l) <= 0; exp_shifted (fast_exp.h) is exp_u20 in
+// fp32 (max relative error 3.9e-7, see there) and Sleef's 1-ulp exp in fp64.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "cpu/fast_exp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace imbreg_fast {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kReductionNone = 0;
+constexpr int64_t kReductionMean = 1;
+constexpr int64_t kReductionSum = 2;
+
+// Rows per parallel block. Fixed (never derived from the thread count): the partial sums, hence the
+// results, do not depend on how blocks are spread over threads.
+constexpr int64_t kBmcBlockRows = 8;
+constexpr int64_t kMixtureBlockRows = 256;
+constexpr int64_t kExpBlock = 16384;
+// Minimum work (exps) a thread is given before a second one is woken up.
+constexpr int64_t kMinWorkPerThread = 1 << 15;
+
+template <typename T>
+inline double hsum(const Vectorized<T>& v) {
+  __at_align__ T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  double s = 0.0;
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += lanes[l];
+  return s;
+}
+
+template <typename T>
+inline T hmin(const Vectorized<T>& v) {
+  __at_align__ T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) m = std::min(m, lanes[l]);
+  return m;
+}
+
+template <typename T>
+inline T lane0(const Vectorized<T>& v) {
+  __at_align__ T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  return lanes[0];
+}
+
+at::ScalarType compute_dtype(at::ScalarType t) {
+  return (t == at::kDouble) ? at::kDouble : at::kFloat;
+}
+
+// Shared argument checks of the fused loss ops; returns sigma^2 as a double.
+double check_loss_args(const char* op, const at::Tensor& pred, const at::Tensor& target,
+                       const std::optional<at::Tensor>& mask, const at::Tensor& noise_var, int64_t reduction) {
+  TORCH_CHECK(pred.device().is_cpu() && target.device().is_cpu() && noise_var.device().is_cpu(), op,
+              ": the CPU kernel needs CPU tensors, got pred on ", pred.device(), ", target on ", target.device(),
+              ", noise_var on ", noise_var.device());
+  const auto dt = pred.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": pred must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(target.scalar_type() == dt, op, ": target must have pred's dtype ", dt, ", got ",
+              target.scalar_type());
+  TORCH_CHECK(pred.dim() == 2 && pred.size(1) >= 1, op, ": pred must be [N, d] with d >= 1, got shape ",
+              pred.sizes());
+  TORCH_CHECK(target.sizes() == pred.sizes(), op, ": target must have pred's shape ", pred.sizes(), ", got ",
+              target.sizes());
+  TORCH_CHECK(pred.is_contiguous() && target.is_contiguous(), op, ": pred and target must be contiguous");
+  if (mask.has_value()) {
+    const at::Tensor& m = *mask;
+    TORCH_CHECK(m.device().is_cpu(), op, ": mask must be a CPU tensor, got ", m.device());
+    TORCH_CHECK(m.scalar_type() == at::kBool, op, ": mask must be bool, got ", m.scalar_type());
+    TORCH_CHECK(m.dim() == 1 && m.size(0) == pred.size(0), op, ": mask must be [N] = [", pred.size(0),
+                "], got shape ", m.sizes());
+    TORCH_CHECK(m.is_contiguous(), op, ": mask must be contiguous");
+  }
+  TORCH_CHECK(noise_var.dim() == 0, op, ": noise_var must be a 0-dim tensor, got shape ", noise_var.sizes());
+  TORCH_CHECK(at::isFloatingType(noise_var.scalar_type()), op, ": noise_var must have a floating dtype, got ",
+              noise_var.scalar_type());
+  TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum, op,
+              ": reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
+  const double s2 = noise_var.item<double>();
+  TORCH_CHECK(std::isfinite(s2) && s2 > 0.0, op, ": noise_var must be finite and > 0, got ", s2);
+  return s2;
+}
+
+int64_t count_kept(const bool* mask, int64_t n) {
+  if (mask == nullptr) return n;
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += mask[i] ? 1 : 0;
+  return c;
+}
+
+// Per-row results in the compute dtype plus per-block partial sums; converted to the output dtypes by
+// finish_outputs.
+struct RowOutputs {
+  at::Tensor loss_rows;   // [N] ('none') or undefined
+  at::Tensor grad_pred;   // [N, d] or undefined (compute_grad false)
+  at::Tensor grad_rows;   // [N] ('none' and compute_grad) or undefined
+  std::vector<double> block_loss, block_grad;
+};
+
+RowOutputs make_row_outputs(int64_t n, int64_t d, int64_t n_blocks, at::ScalarType cdt, int64_t reduction,
+                            bool compute_grad) {
+  RowOutputs out;
+  const auto opt = at::TensorOptions().dtype(cdt);
+  if (reduction == kReductionNone) out.loss_rows = at::empty({n}, opt);
+  if (compute_grad) {
+    out.grad_pred = at::empty({n, d}, opt);
+    if (reduction == kReductionNone) out.grad_rows = at::empty({n}, opt);
+  }
+  out.block_loss.assign(n_blocks, 0.0);
+  out.block_grad.assign(n_blocks, 0.0);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_outputs(RowOutputs& out, const at::Tensor& pred,
+                                                              const at::Tensor& noise_var, int64_t reduction,
+                                                              bool compute_grad, double scale) {
+  at::Tensor loss, grad_pred, grad_var;
+  if (reduction == kReductionNone) {
+    loss = out.loss_rows.to(pred.scalar_type());
+  } else {
+    double total = 0.0;
+    for (double v : out.block_loss) total += v;
+    loss = at::scalar_tensor(total * scale, pred.options());
+  }
+  if (!compute_grad) {
+    return {loss, at::empty({0}, pred.options()), at::empty({0}, noise_var.options())};
+  }
+  grad_pred = out.grad_pred.to(pred.scalar_type());
+  if (reduction == kReductionNone) {
+    grad_var = out.grad_rows.to(noise_var.scalar_type());
+  } else {
+    double total = 0.0;
+    for (double v : out.block_grad) total += v;
+    grad_var = at::scalar_tensor(total * scale, noise_var.options());
+  }
+  return {loss, grad_pred, grad_var};
+}
+
+// --------------------------------------------------------------------------------------------------
+// BMC. Row i, candidates y_j: l_j = -|p_i - y_j|^2 / (2 s2). In coordinates scaled by r = 1/sqrt(2 s2)
+// (p~ = r p, y~ = r y, u~_j = p~ - y~_j), l_j = -D_j with D_j = |u~_j|^2, so no per-candidate multiply.
+// The max logit is at D_min = min_j D_j; z_j = D_min - D_j <= 0, e_j = exp(z_j), S = sum_j e_j,
+// s_j = e_j / S:
+//   L_i      = 2 s2 (-l_ii + max_j l_j + log S) = 2 s2 (D_ii - D_min + log S)
+//   dL/dp_i  = 2 (sum_j s_j y_j - y_i) = 2 (u_ii - sum_j s_j u_j) = (2 / r) (u~_ii - sum_j s_j u~_j)
+//   dL/ds2   = 2 (l_ii - sum_j s_j l_j) = 2 (z_ii - sum_j s_j z_j)       (d l_j / d s2 = -l_j / s2)
+// Pass 1 finds D_min (no exp), pass 2 accumulates S, sum e z and sum e u~ (d values), vectorised over
+// the candidates, stored scaled and transposed, [d, m_pad] (zero padded to the vector width; the padded
+// lanes get e = 0).
+// --------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct BmcProblem {
+  const T* pred;          // [N, d], scaled: r * pred
+  const T* target;        // [N, d], scaled: r * target
+  const bool* mask;       // [N] or nullptr
+  const T* cand;          // [d, m_pad]: r * (candidate j, coordinate c) at cand[c * m_pad + j]
+  int64_t n, d, m, m_pad;
+  bool own_separate;      // true: candidates were given, the positive target_i is an extra candidate
+  T s2, r;                // sigma^2, 1 / sqrt(2 sigma^2)
+};
+
+// Squared distances from the row (broadcast in pv[0..d)) to the W candidates load(c) (one vector per
+// coordinate); writes u_c = p_c - y_c. The own target goes through this same code with broadcast loads,
+// so that D_ii equals the candidate's D_jj bit for bit.
+template <typename T, int D, class Load>
+inline Vectorized<T> sq_dist(const Vectorized<T>* pv, int64_t d_rt, const Load& load, Vectorized<T>* u) {
+  const int64_t d = D > 0 ? D : d_rt;
+  Vectorized<T> uc = pv[0] - load(0);
+  u[0] = uc;
+  Vectorized<T> dist = at::vec::fmadd(uc, uc, Vectorized<T>(T(0)));
+  for (int64_t c = 1; c < d; ++c) {
+    uc = pv[c] - load(c);
+    u[c] = uc;
+    dist = at::vec::fmadd(uc, uc, dist);
+  }
+  return dist;
+}
+
+// Scratch of one thread: the distances D_j of the current row, [m_pad], written by pass 1 and read by
+// pass 2; for d > 4 also d vectors each for the broadcast row, u~ and sum e u~, and the own u~ (for
+// d <= 4 these live in local arrays the compiler keeps in registers).
+template <typename T>
+struct BmcScratch {
+  std::vector<T> dist;
+  std::vector<Vectorized<T>> pv, u, su;
+  std::vector<double> su_total;
+  std::vector<T> u_own;
+  BmcScratch(int64_t d, int64_t m_pad)
+      : dist(std::max<int64_t>(m_pad, 1)), pv(d), u(d), su(d), su_total(d), u_own(d) {}
+};
+
+// One kept row: returns loss_i, dL_i/ds2 and writes dL_i/dp_i (times grad_scale) to grad (if not null).
+template <typename T, int D>
+inline void bmc_row(const BmcProblem<T>& P, int64_t i, BmcScratch<T>& S, T* grad, double grad_scale,
+                    double& loss_out, double& dvar_out) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr int DA = D > 0 ? D : 1;
+  const int64_t d = D > 0 ? D : P.d;
+  const T* p = P.pred + i * d;
+  const T* y = P.target + i * d;
+  Vec pv_l[DA], u_l[DA], su_l[DA];
+  double su_tot_l[DA];
+  T u_own_l[DA];
+  Vec* pv = D > 0 ? pv_l : S.pv.data();
+  Vec* u = D > 0 ? u_l : S.u.data();
+  Vec* su = D > 0 ? su_l : S.su.data();
+  double* su_tot = D > 0 ? su_tot_l : S.su_total.data();
+  T* u_own = D > 0 ? u_own_l : S.u_own.data();
+  for (int64_t c = 0; c < d; ++c) pv[c] = Vec(p[c]);
+  // own candidate: the same stored value as in the candidate buffer
+  const T d_own = lane0(sq_dist<T, D>(pv, d, [&](int64_t c) { return Vec(y[c]); }, u));
+  for (int64_t c = 0; c < d; ++c) u_own[c] = lane0(u[c]);
+
+  const T* __restrict__ cand = P.cand;
+  const int64_t m = P.m, m_pad = P.m_pad;
+  const int64_t m_full = m - m % W;
+  const int64_t tail = m - m_full;
+  auto at_col = [&](int64_t j) { return [cand, m_pad, j](int64_t c) { return Vec::loadu(cand + c * m_pad + j); }; };
+
+  // pass 1: nearest candidate (max logit), no exp; D_j kept for pass 2. Going through memory also
+  // guarantees that pass 2 sees D_j rounded exactly as the min did (a recomputed u * u could be
+  // contracted with D_min - D into one fma), so z = 0 exactly at the nearest candidate and BMC with
+  // N = 1 gives exactly 0. clamp_max = plain vector min.
+  T* __restrict__ dist_buf = S.dist.data();
+  const Vec inf(std::numeric_limits<T>::infinity());
+  Vec vmin0(inf), vmin1(inf);
+  int64_t j = 0;
+  for (; j + 2 * W <= m_full; j += 2 * W) {
+    const Vec d0 = sq_dist<T, D>(pv, d, at_col(j), u);
+    const Vec d1 = sq_dist<T, D>(pv, d, at_col(j + W), u);
+    d0.store(dist_buf + j);
+    d1.store(dist_buf + j + W);
+    vmin0 = at::vec::clamp_max(d0, vmin0);
+    vmin1 = at::vec::clamp_max(d1, vmin1);
+  }
+  for (; j < m_full; j += W) {
+    const Vec d0 = sq_dist<T, D>(pv, d, at_col(j), u);
+    d0.store(dist_buf + j);
+    vmin0 = at::vec::clamp_max(d0, vmin0);
+  }
+  if (tail > 0) {
+    const Vec d0 = sq_dist<T, D>(pv, d, at_col(m_full), u);
+    d0.store(dist_buf + m_full);
+    vmin0 = at::vec::clamp_max(Vec::set(inf, d0, tail), vmin0);
+  }
+  T dmin = hmin(at::vec::clamp_max(vmin0, vmin1));
+  if (P.own_separate) dmin = std::min(dmin, d_own);
+
+  // pass 2: one exp per candidate
+  const Vec vdmin(dmin), vlow(std::numeric_limits<T>::lowest()), zero(T(0));
+  Vec s(zero), sz(zero);
+  for (int64_t c = 0; c < d; ++c) su[c] = zero;
+  auto accumulate = [&](int64_t jj, int64_t count) {
+    for (int64_t c = 0; c < d; ++c) u[c] = pv[c] - Vec::loadu(cand + c * m_pad + jj);
+    // clamp: D_j = inf would give z = -inf and 0 * -inf below
+    const Vec z = at::vec::clamp_min(vdmin - Vec::loadu(dist_buf + jj), vlow);
+    Vec e = exp_shifted(z);
+    if (count < W) e = Vec::set(zero, e, count);  // padded candidates
+    s = s + e;
+    sz = at::vec::fmadd(e, z, sz);
+    for (int64_t c = 0; c < d; ++c) su[c] = at::vec::fmadd(e, u[c], su[c]);
+  };
+  for (j = 0; j < m_full; j += W) accumulate(j, W);
+  if (tail > 0) accumulate(m_full, tail);
+
+  double s_tot = hsum(s), sz_tot = hsum(sz);
+  for (int64_t c = 0; c < d; ++c) su_tot[c] = hsum(su[c]);
+  const double z_own = std::max(double(dmin - d_own), double(std::numeric_limits<T>::lowest()));
+  if (P.own_separate) {
+    const double e_own = lane0(exp_shifted(Vec(T(z_own))));
+    s_tot += e_own;
+    sz_tot += e_own * z_own;
+    for (int64_t c = 0; c < d; ++c) su_tot[c] += e_own * double(u_own[c]);
+  }
+  const double inv_s = 1.0 / s_tot;
+  loss_out = 2.0 * double(P.s2) * (double(d_own - dmin) + std::log(s_tot));
+  dvar_out = 2.0 * (z_own - sz_tot * inv_s);
+  if (grad != nullptr) {
+    const double g = grad_scale * 2.0 / double(P.r);
+    for (int64_t c = 0; c < d; ++c) grad[c] = T(g * (double(u_own[c]) - su_tot[c] * inv_s));
+  }
+}
+
+template <typename T, int D>
+void bmc_run(const BmcProblem<T>& P, RowOutputs& out, int64_t n_blocks, double scale) {
+  T* loss_rows = out.loss_rows.defined() ? out.loss_rows.template data_ptr<T>() : nullptr;
+  T* grad_pred = out.grad_pred.defined() ? out.grad_pred.template data_ptr<T>() : nullptr;
+  T* grad_rows = out.grad_rows.defined() ? out.grad_rows.template data_ptr<T>() : nullptr;
+  const int64_t work_per_block = kBmcBlockRows * std::max<int64_t>(P.m, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / work_per_block);
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    BmcScratch<T> scratch(P.d, P.m_pad);
+    for (int64_t b = b0; b < b1; ++b) {
+      double block_loss = 0.0, block_grad = 0.0;
+      const int64_t r1 = std::min(P.n, (b + 1) * kBmcBlockRows);
+      for (int64_t i = b * kBmcBlockRows; i < r1; ++i) {
+        T* grad = grad_pred != nullptr ? grad_pred + i * P.d : nullptr;
+        if (P.mask != nullptr && !P.mask[i]) {
+          if (loss_rows) loss_rows[i] = T(0);
+          if (grad_rows) grad_rows[i] = T(0);
+          if (grad) std::fill(grad, grad + P.d, T(0));
+          continue;
+        }
+        double loss_i = 0.0, dvar_i = 0.0;
+        bmc_row<T, D>(P, i, scratch, grad, scale, loss_i, dvar_i);
+        if (loss_rows) loss_rows[i] = T(loss_i);
+        if (grad_rows) grad_rows[i] = T(dvar_i);
+        block_loss += loss_i;
+        block_grad += dvar_i;
+      }
+      out.block_loss[b] = block_loss;
+      out.block_grad[b] = block_grad;
+    }
+  });
+}
+
+template <typename T>
+void bmc_impl(const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& candidates,
+              const bool* mask, double s2, RowOutputs& out, int64_t n_blocks, double scale) {
+  using Vec = Vectorized<T>;
+  const int64_t n = pred.size(0), d = pred.size(1);
+  const T s2_t = T(s2);
+  const T r = T(1) / std::sqrt(T(2) * s2_t);
+  // Scaled copies, made before the row loops: stored values cannot be fused by the compiler into later
+  // subtractions (which would make the own target's distance differ from its candidate copy's).
+  const at::Tensor r_t = at::scalar_tensor(double(r), pred.options());
+  const at::Tensor pred_s = at::mul(pred, r_t).contiguous(), target_s = at::mul(target, r_t).contiguous();
+  const T* tgt = target_s.data_ptr<T>();
+  // Candidates (scaled) transposed to [d, m_pad]: the kept targets (default) or the given ones.
+  const int64_t m = candidates.has_value() ? candidates->size(0) : count_kept(mask, n);
+  const int64_t m_pad = (m + Vec::size() - 1) / Vec::size() * Vec::size();
+  at::Tensor cand_t = at::zeros({d, std::max<int64_t>(m_pad, 1)}, pred.options());
+  T* ct = cand_t.data_ptr<T>();
+  at::Tensor cand_s;
+  if (candidates.has_value()) {
+    cand_s = at::mul(*candidates, r_t).contiguous();
+    const T* src = cand_s.data_ptr<T>();
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t c = 0; c < d; ++c) ct[c * m_pad + j] = src[j * d + c];
+  } else {
+    int64_t j = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (mask != nullptr && !mask[i]) continue;
+      for (int64_t c = 0; c < d; ++c) ct[c * m_pad + j] = tgt[i * d + c];
+      ++j;
+    }
+  }
+  BmcProblem<T> P;
+  P.pred = pred_s.data_ptr<T>();
+  P.target = tgt;
+  P.mask = mask;
+  P.cand = ct;
+  P.n = n;
+  P.d = d;
+  P.m = m;
+  P.m_pad = m_pad;
+  P.own_separate = candidates.has_value();
+  P.s2 = s2_t;
+  P.r = r;
+  switch (d) {
+    case 1: bmc_run<T, 1>(P, out, n_blocks, scale); break;
+    case 2: bmc_run<T, 2>(P, out, n_blocks, scale); break;
+    case 3: bmc_run<T, 3>(P, out, n_blocks, scale); break;
+    case 4: bmc_run<T, 4>(P, out, n_blocks, scale); break;
+    default: bmc_run<T, 0>(P, out, n_blocks, scale); break;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bmc_fwd_cpu(const at::Tensor& pred, const at::Tensor& target,
+                                                           const std::optional<at::Tensor>& candidates,
+                                                           const std::optional<at::Tensor>& mask,
+                                                           const at::Tensor& noise_var, int64_t reduction,
+                                                           bool compute_grad) {
+  const char* op = "imbreg_fast::bmc_fwd";
+  const double s2_in = check_loss_args(op, pred, target, mask, noise_var, reduction);
+  const int64_t n = pred.size(0), d = pred.size(1);
+  if (candidates.has_value()) {
+    const at::Tensor& c = *candidates;
+    TORCH_CHECK(c.device().is_cpu(), op, ": candidates must be a CPU tensor, got ", c.device());
+    TORCH_CHECK(c.scalar_type() == pred.scalar_type(), op, ": candidates must have pred's dtype ",
+                pred.scalar_type(), ", got ", c.scalar_type());
+    TORCH_CHECK(c.dim() == 2 && c.size(1) == d, op, ": candidates must be [M, ", d, "], got shape ", c.sizes());
+    TORCH_CHECK(c.is_contiguous(), op, ": candidates must be contiguous");
+  }
+  const auto cdt = compute_dtype(pred.scalar_type());
+  const at::Tensor p = pred.to(cdt), t = target.to(cdt);
+  std::optional<at::Tensor> cands;
+  if (candidates.has_value()) cands = candidates->to(cdt).contiguous();
+  const bool* mask_ptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  const int64_t kept = count_kept(mask_ptr, n);
+  const double scale = (reduction == kReductionMean) ? (kept > 0 ? 1.0 / double(kept) : 0.0) : 1.0;
+  const int64_t n_blocks = (n + kBmcBlockRows - 1) / kBmcBlockRows;
+  RowOutputs out = make_row_outputs(n, d, n_blocks, cdt, reduction, compute_grad);
+  AT_DISPATCH_FLOATING_TYPES(cdt, "bmc_fwd", [&] {
+    // s2 as the torch backend sees it: noise_var.to(compute dtype)
+    bmc_impl<scalar_t>(p, t, cands, mask_ptr, double(scalar_t(s2_in)), out, n_blocks, scale);
+  });
+  return finish_outputs(out, pred, noise_var, reduction, compute_grad, scale);
+}
+
+// --------------------------------------------------------------------------------------------------
+// Mixture NLL (GAI / BNI). Per row, with delta_k = p - mu_k, alpha_k = P_k delta_k, u = p - y, e = |u|^2,
+// logit_k = a_k - 1/2 delta_k . alpha_k, r = softmax_k(logit), 2 s2 a constant:
+//   L        = e + c d s2 log s2 + 2 s2 LSE_k(logit_k)                 (2 s2 times f of the Python comment)
+//   dL/dp    = 2 u - 2 s2 sum_k r_k alpha_k                              (d logit_k / dp = -alpha_k)
+//   dL/ds2   = -e/s2 + c d + 2 s2 sum_k r_k (1/2 |alpha_k|^2 - b_k)     (d logit_k / ds2 = 1/2 |alpha_k|^2 - b_k)
+// Vectorised over rows (one lane per row), loop over k: pass 1 = max of the logits, pass 2 = exp and sums.
+// d = 1 reads per-component constants (one multiply less per (row, k)):
+//   logit_k = a_k - (P_k / 2) delta^2,  1/2 alpha_k^2 - b_k = (P_k^2 / 2) delta^2 - b_k,  alpha_k = P_k delta.
+// --------------------------------------------------------------------------------------------------
+
+template <typename T>
+struct MixtureProblem {
+  const T* pred;        // [N, d]
+  const T* target;      // [N, d]
+  const bool* mask;     // [N] or nullptr
+  const T* log_weight;  // [K]       a_k
+  const T* means;       // [K, d]    mu_k
+  const T* precision;   // [K, d, d] P_k
+  const T* var_bias;    // [K]       b_k
+  const T* d1_consts;   // d = 1: [K, 5] (mu_k, a_k, -P_k/2, P_k^2/2, -b_k); else nullptr
+  bool d1_uniform;      // d = 1 and every P_k, every b_k equal
+  int64_t n, d, k;
+  T s2, two_s2, cd, cd_s2_log_s2;  // s2, 2 s2, c d, c d s2 log s2
+};
+
+// Heap scratch for d > 4 (per-lane vectors of one group of rows); for d <= 4 local arrays are used.
+template <typename T>
+struct MixtureScratch {
+  using Vec = Vectorized<T>;
+  std::vector<Vec> pv, yv, delta, alpha, sa;
+  std::vector<T> lanes;  // [d, W] row gather / scatter buffer
+  explicit MixtureScratch(int64_t d) : pv(d), yv(d), delta(d), alpha(d), sa(d), lanes(d * Vec::size()) {}
+};
+
+// W rows in pv/yv (one lane each) -> per-lane loss, dL/dp (into grad[0..d)), dL/ds2.
+template <typename T, int D>
+inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, const Vectorized<T>* pv,
+                          const Vectorized<T>* yv, Vectorized<T>* grad, Vectorized<T>& loss,
+                          Vectorized<T>& dvar) {
+  using Vec = Vectorized<T>;
+  constexpr int DA = D > 0 ? D : 1;
+  const int64_t d = D > 0 ? D : P.d;
+  const int64_t K = P.k;
+  Vec delta_l[DA], alpha_l[DA];
+  Vec* delta = D > 0 ? delta_l : S.delta.data();
+  Vec* alpha = D > 0 ? alpha_l : S.alpha.data();
+  Vec* sa = grad;
+  const Vec vlow(std::numeric_limits<T>::lowest()), neg_half(T(-0.5)), half(T(0.5)), zero(T(0));
+  Vec mx(vlow), s(zero), sg(zero);
+  for (int64_t c = 0; c < d; ++c) sa[c] = zero;
+  if constexpr (D == 1) {
+    const T* kc = P.d1_consts;
+    const Vec p0 = pv[0];
+    // logits clamped to a finite value: an overflowing quadratic form must not give -inf - -inf later
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec dl = p0 - Vec(kc[5 * k]);
+      mx = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(kc[5 * k + 2]), Vec(kc[5 * k + 1])), mx);
+    }
+    if (P.d1_uniform) {
+      // P_k = P and b_k = b for all k (BNI, or GAI with equal variances): accumulate sum t delta and
+      // sum t delta^2, then sum t alpha = P sum t delta, sum t (1/2 alpha^2 - b) = P^2/2 sum t delta^2 - b S.
+      Vec sd(zero), sd2(zero);
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec dl = p0 - Vec(kc[5 * k]);
+        const Vec dl2 = dl * dl;
+        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(kc[5 * k + 2]), Vec(kc[5 * k + 1])), vlow);
+        const Vec t = exp_shifted(l - mx);
+        s = s + t;
+        sd = at::vec::fmadd(t, dl, sd);
+        sd2 = at::vec::fmadd(t, dl2, sd2);
+      }
+      sa[0] = Vec(P.precision[0]) * sd;
+      sg = at::vec::fmadd(sd2, Vec(kc[3]), Vec(kc[4]) * s);
+    } else {
+      for (int64_t k = 0; k < K; ++k) {
+        const Vec dl = p0 - Vec(kc[5 * k]);
+        const Vec dl2 = dl * dl;
+        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(kc[5 * k + 2]), Vec(kc[5 * k + 1])), vlow);
+        const Vec t = exp_shifted(l - mx);
+        s = s + t;
+        sg = at::vec::fmadd(t, at::vec::fmadd(dl2, Vec(kc[5 * k + 3]), Vec(kc[5 * k + 4])), sg);
+        sa[0] = at::vec::fmadd(t * Vec(P.precision[k]), dl, sa[0]);
+      }
+    }
+  } else {
+    // logit_k; leaves delta_k and alpha_k in the scratch
+    auto logit = [&](int64_t k) {
+      const T* mu = P.means + k * d;
+      const T* prec = P.precision + k * d * d;
+      for (int64_t c = 0; c < d; ++c) delta[c] = pv[c] - Vec(mu[c]);
+      Vec q(zero);
+      for (int64_t r = 0; r < d; ++r) {
+        Vec a = Vec(prec[r * d]) * delta[0];
+        for (int64_t c = 1; c < d; ++c) a = at::vec::fmadd(Vec(prec[r * d + c]), delta[c], a);
+        alpha[r] = a;
+        q = at::vec::fmadd(delta[r], a, q);
+      }
+      return at::vec::clamp_min(at::vec::fmadd(q, neg_half, Vec(P.log_weight[k])), vlow);
+    };
+    for (int64_t k = 0; k < K; ++k) mx = at::vec::clamp_min(logit(k), mx);
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec t = exp_shifted(logit(k) - mx);
+      s = s + t;
+      Vec a2 = alpha[0] * alpha[0];
+      for (int64_t c = 1; c < d; ++c) a2 = at::vec::fmadd(alpha[c], alpha[c], a2);
+      sg = at::vec::fmadd(t, at::vec::fmadd(a2, half, Vec(-P.var_bias[k])), sg);
+      for (int64_t c = 0; c < d; ++c) sa[c] = at::vec::fmadd(t, alpha[c], sa[c]);
+    }
+  }
+  const Vec two_s2(P.two_s2), two(T(2));
+  const Vec r_scale = two_s2 / s;  // 2 s2 / S
+  Vec e = zero;
+  for (int64_t c = 0; c < d; ++c) {
+    const Vec uc = pv[c] - yv[c];
+    e = at::vec::fmadd(uc, uc, e);
+    grad[c] = two * uc - r_scale * sa[c];  // dL/dp_c
+  }
+  dvar = Vec(P.cd) - e / Vec(P.s2) + r_scale * sg;
+  // log last: with Sleef it is a call, and values live across a call end up on the stack for the whole
+  // k loops (a store-to-load dependency per iteration)
+  const Vec partial = e + Vec(P.cd_s2_log_s2) + two_s2 * mx;
+  loss = at::vec::fmadd(two_s2, s.log(), partial);
+}
+
+template <typename T, int D>
+void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, double scale) {
+  using Vec = Vectorized<T>;
+  constexpr int64_t W = Vec::size();
+  constexpr int DA = D > 0 ? D : 1;
+  static_assert(kMixtureBlockRows % W == 0, "block rows must be a multiple of the vector width");
+  T* loss_rows = out.loss_rows.defined() ? out.loss_rows.template data_ptr<T>() : nullptr;
+  T* grad_pred = out.grad_pred.defined() ? out.grad_pred.template data_ptr<T>() : nullptr;
+  T* grad_rows = out.grad_rows.defined() ? out.grad_rows.template data_ptr<T>() : nullptr;
+  const int64_t d = P.d;
+  const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (kMixtureBlockRows * P.k));
+  const T tscale = T(scale);
+  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    MixtureScratch<T> S(d);
+    Vec pv_l[DA], yv_l[DA], g_l[DA];
+    Vec* pv = D > 0 ? pv_l : S.pv.data();
+    Vec* yv = D > 0 ? yv_l : S.yv.data();
+    Vec* gv = D > 0 ? g_l : S.sa.data();
+    __at_align__ T loss_l[W], dvar_l[W];
+    T* lanes = S.lanes.data();
+    for (int64_t b = b0; b < b1; ++b) {
+      double block_loss = 0.0, block_grad = 0.0;
+      const int64_t r1 = std::min(P.n, (b + 1) * kMixtureBlockRows);
+      for (int64_t i0 = b * kMixtureBlockRows; i0 < r1; i0 += W) {
+        const int64_t cnt = std::min(W, r1 - i0);
+        int64_t kept = cnt;
+        if (P.mask != nullptr) {
+          kept = 0;
+          for (int64_t r = 0; r < cnt; ++r) kept += P.mask[i0 + r] ? 1 : 0;
+        }
+        if (kept == 0) {
+          if (loss_rows) std::fill(loss_rows + i0, loss_rows + i0 + cnt, T(0));
+          if (grad_rows) std::fill(grad_rows + i0, grad_rows + i0 + cnt, T(0));
+          if (grad_pred) std::fill(grad_pred + i0 * d, grad_pred + (i0 + cnt) * d, T(0));
+          continue;
+        }
+        Vec loss, dvar;
+        if (D == 1 && kept == W) {
+          // contiguous rows, all kept: direct vector loads and stores
+          pv[0] = Vec::loadu(P.pred + i0);
+          yv[0] = Vec::loadu(P.target + i0);
+          mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar);
+          if (grad_pred) (gv[0] * Vec(tscale)).store(grad_pred + i0);
+          loss.store(loss_l);
+          dvar.store(dvar_l);
+          for (int64_t r = 0; r < W; ++r) {
+            block_loss += loss_l[r];
+            block_grad += dvar_l[r];
+          }
+          if (loss_rows) loss.store(loss_rows + i0);
+          if (grad_rows) dvar.store(grad_rows + i0);
+          continue;
+        }
+        // general case: gather the rows into lanes (dropped rows and the tail as zeros, never read)
+        auto is_kept = [&](int64_t r) { return r < cnt && (P.mask == nullptr || P.mask[i0 + r]); };
+        for (int64_t pass = 0; pass < 2; ++pass) {
+          const T* src = pass == 0 ? P.pred : P.target;
+          Vec* dst = pass == 0 ? pv : yv;
+          for (int64_t r = 0; r < W; ++r) {
+            const bool k_r = is_kept(r);
+            for (int64_t c = 0; c < d; ++c) lanes[c * W + r] = k_r ? src[(i0 + r) * d + c] : T(0);
+          }
+          for (int64_t c = 0; c < d; ++c) dst[c] = Vec::loadu(lanes + c * W);
+        }
+        mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar);
+        loss.store(loss_l);
+        dvar.store(dvar_l);
+        for (int64_t c = 0; c < d; ++c) gv[c].store(lanes + c * W);
+        for (int64_t r = 0; r < cnt; ++r) {
+          const bool k_r = is_kept(r);
+          const T l = k_r ? loss_l[r] : T(0), g = k_r ? dvar_l[r] : T(0);
+          if (loss_rows) loss_rows[i0 + r] = l;
+          if (grad_rows) grad_rows[i0 + r] = g;
+          if (grad_pred) {
+            for (int64_t c = 0; c < d; ++c) grad_pred[(i0 + r) * d + c] = k_r ? lanes[c * W + r] * tscale : T(0);
+          }
+          block_loss += l;
+          block_grad += g;
+        }
+      }
+      out.block_loss[b] = block_loss;
+      out.block_grad[b] = block_grad;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
+    const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& mask,
+    const at::Tensor& noise_var, const at::Tensor& log_weight, const at::Tensor& means,
+    const at::Tensor& precision, const at::Tensor& grad_var_bias, double log_noise_coef, int64_t reduction,
+    bool compute_grad) {
+  const char* op = "imbreg_fast::mixture_nll_fwd";
+  const double s2_in = check_loss_args(op, pred, target, mask, noise_var, reduction);
+  const int64_t n = pred.size(0), d = pred.size(1);
+  const auto cdt = compute_dtype(pred.scalar_type());
+  TORCH_CHECK(log_weight.dim() == 1 && log_weight.size(0) >= 1, op,
+              ": log_weight must be [K] with K >= 1, got shape ", log_weight.sizes());
+  const int64_t k = log_weight.size(0);
+  TORCH_CHECK(means.dim() == 2 && means.size(0) == k && means.size(1) == d, op, ": means must be [K, d] = [",
+              k, ", ", d, "], got shape ", means.sizes());
+  TORCH_CHECK(precision.dim() == 3 && precision.size(0) == k && precision.size(1) == d && precision.size(2) == d,
+              op, ": precision must be [K, d, d] = [", k, ", ", d, ", ", d, "], got shape ", precision.sizes());
+  TORCH_CHECK(grad_var_bias.dim() == 1 && grad_var_bias.size(0) == k, op, ": grad_var_bias must be [K] = [", k,
+              "], got shape ", grad_var_bias.sizes());
+  for (const auto& [name, tab] : {std::pair<const char*, const at::Tensor*>{"log_weight", &log_weight},
+                                  {"means", &means},
+                                  {"precision", &precision},
+                                  {"grad_var_bias", &grad_var_bias}}) {
+    TORCH_CHECK(tab->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", tab->device());
+    TORCH_CHECK(tab->scalar_type() == cdt, op, ": ", name, " must have the compute dtype ", cdt,
+                " (pred's dtype, float32 for half types), got ", tab->scalar_type());
+    TORCH_CHECK(tab->is_contiguous(), op, ": ", name, " must be contiguous");
+  }
+  TORCH_CHECK(std::isfinite(log_noise_coef), op, ": log_noise_coef must be finite, got ", log_noise_coef);
+  const at::Tensor p = pred.to(cdt), t = target.to(cdt);
+  const bool* mask_ptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
+  const int64_t kept = count_kept(mask_ptr, n);
+  const double scale = (reduction == kReductionMean) ? (kept > 0 ? 1.0 / double(kept) : 0.0) : 1.0;
+  const int64_t n_blocks = (n + kMixtureBlockRows - 1) / kMixtureBlockRows;
+  RowOutputs out = make_row_outputs(n, d, n_blocks, cdt, reduction, compute_grad);
+  AT_DISPATCH_FLOATING_TYPES(cdt, "mixture_nll_fwd", [&] {
+    using T = scalar_t;
+    MixtureProblem<T> P;
+    P.pred = p.data_ptr<T>();
+    P.target = t.data_ptr<T>();
+    P.mask = mask_ptr;
+    P.log_weight = log_weight.data_ptr<T>();
+    P.means = means.data_ptr<T>();
+    P.precision = precision.data_ptr<T>();
+    P.var_bias = grad_var_bias.data_ptr<T>();
+    P.n = n;
+    P.d = d;
+    P.k = k;
+    P.s2 = T(s2_in);
+    P.two_s2 = T(2) * P.s2;
+    P.cd = T(log_noise_coef * double(d));
+    P.cd_s2_log_s2 = T(log_noise_coef * double(d) * double(P.s2) * std::log(double(P.s2)));
+    std::vector<T> d1_consts;
+    P.d1_consts = nullptr;
+    P.d1_uniform = false;
+    if (d == 1) {
+      d1_consts.resize(5 * k);
+      for (int64_t j = 0; j < k; ++j) {
+        const T prec = P.precision[j];
+        d1_consts[5 * j] = P.means[j];
+        d1_consts[5 * j + 1] = P.log_weight[j];
+        d1_consts[5 * j + 2] = T(-0.5) * prec;
+        d1_consts[5 * j + 3] = T(0.5) * prec * prec;
+        d1_consts[5 * j + 4] = -P.var_bias[j];
+      }
+      P.d1_consts = d1_consts.data();
+      P.d1_uniform = true;
+      for (int64_t j = 1; j < k; ++j) {
+        P.d1_uniform = P.d1_uniform && P.precision[j] == P.precision[0] && P.var_bias[j] == P.var_bias[0];
+      }
+    }
+    switch (d) {
+      case 1: mixture_run<T, 1>(P, out, n_blocks, scale); break;
+      case 2: mixture_run<T, 2>(P, out, n_blocks, scale); break;
+      case 3: mixture_run<T, 3>(P, out, n_blocks, scale); break;
+      case 4: mixture_run<T, 4>(P, out, n_blocks, scale); break;
+      default: mixture_run<T, 0>(P, out, n_blocks, scale); break;
+    }
+  });
+  return finish_outputs(out, pred, noise_var, reduction, compute_grad, scale);
+}
+
+// --------------------------------------------------------------------------------------------------
+// exp throughput probe: `repeats` passes of sum(exp(x)) in parallel, returns the last pass's sum (the
+// benchmark divides repeats * x.numel() by the time).
+// variant 0: Vectorized<float>::exp() (Sleef u10; std::exp per lane in DEFAULT builds), 1: the kernels'
+// exp_shifted (exp_u20; its portable version in DEFAULT builds).
+// --------------------------------------------------------------------------------------------------
+
+at::Tensor exp_throughput_cpu(const at::Tensor& x, int64_t variant, int64_t repeats) {
+  const char* op = "imbreg_fast::exp_throughput";
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
+  TORCH_CHECK(variant == 0 || variant == 1, op,
+              ": variant must be 0 (Vectorized exp) or 1 (the kernels' exp_u20), got ", variant);
+  TORCH_CHECK(repeats >= 1, op, ": repeats must be >= 1, got ", repeats);
+  using Vec = Vectorized<float>;
+  constexpr int64_t W = Vec::size();
+  const float* src = x.data_ptr<float>();
+  const int64_t n = x.numel();
+  const int64_t n_blocks = (n + kExpBlock - 1) / kExpBlock;
+  std::vector<double> block_sum(n_blocks, 0.0);
+  // One parallel region; each thread repeats its blocks (a region per pass would time thread wake-ups).
+  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t rep = 0; rep < repeats; ++rep) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t j0 = b * kExpBlock, j1 = std::min(n, j0 + kExpBlock);
+        Vec acc(0.f);
+        int64_t j = j0;
+        if (variant == 0) {
+          for (; j + W <= j1; j += W) acc = acc + Vec::loadu(src + j).exp();
+        } else {
+          for (; j + W <= j1; j += W) acc = acc + exp_shifted(Vec::loadu(src + j));
+        }
+        double s = hsum(acc);
+        for (; j < j1; ++j) s += std::exp(double(src[j]));
+        block_sum[b] = s;
+      }
+#if defined(__GNUC__)
+      // compiler barrier: x must be re-read and every pass recomputed (the passes are identical)
+      __asm__ __volatile__("" ::: "memory");
+#endif
+    }
+  });
+  double total = 0.0;
+  for (double v : block_sum) total += v;
+  return at::scalar_tensor(total, x.options());
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imbreg_fast, CPU, m) {
+  m.impl("bmc_fwd", &bmc_fwd_cpu);
+  m.impl("mixture_nll_fwd", &mixture_nll_fwd_cpu);
+  m.impl("exp_throughput", &exp_throughput_cpu);
+}
+
+}  // namespace imbreg_fast

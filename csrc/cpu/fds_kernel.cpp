@@ -1,0 +1,573 @@
+// CPU kernels of the FDS ops (schemas and layout: csrc/fds.cpp). Compiled once per CPU capability.
+//
+// Both ops group pixels by bin with a deterministic counting sort (per-block histograms + prefix sums:
+// the sorted order is (bin, pixel index), whatever the thread count), pack each pixel's C features into
+// a contiguous row of a sorted buffer X [M, C] (reading the strided input tile by tile, no permute copy
+// of the whole tensor), and do the C x C work as one BLAS GEMM per (bin, chunk of rows) through
+// at::mm_out:
+//   fds_recolor:    Y[rows of bin k] = X[rows] @ transform[k]^T, then out[b, :, p] = Y[row] + shift[k]
+//                   written back tile by tile (diag transforms: one elementwise pass, no sort).
+//   fds_accumulate: fp64 per-chunk sums -> per-bin means; rows centred in place; m2 partial
+//                   = Xc^T Xc per chunk, reduced per bin in fp64 in chunk order.
+// Tasks are pulled from an atomic counter by every thread of one parallel region; each task writes its
+// own output slice (recolor) or its own partial (accumulate, reduced in a fixed order), so results do not
+// depend on the thread count. The GEMMs always run inside the parallel region, where MKL/OpenBLAS use
+// one thread, and on fixed-size sub-blocks.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+namespace imbreg_fast {
+namespace {
+
+constexpr int64_t kSortBlock = 8192;     // pixels per histogram block of the counting sort
+constexpr int64_t kSortGrain = 64;       // blocks per thread chunk: the sort runs inline below 512K pixels
+constexpr int64_t kTileElements = 8192; // values of the local [pixels, C] buffer of a pack / unpack tile
+constexpr int64_t kChannelBlock = 16;    // channel planes read / written together by a tile transpose
+constexpr int64_t kPrefetchRows = 8;     // sorted rows prefetched ahead of the pack / unpack row copies
+constexpr int64_t kRecolorChunk = 1024;  // rows per GEMM task of fds_recolor
+constexpr int64_t kAccumChunk = 512;     // rows per task of fds_accumulate: an fp32 GEMM sums <= this many
+                                         // products before the fp64 reduction
+constexpr int64_t kParallelGrain = 1 << 15;  // values per thread chunk of the elementwise passes (smaller
+                                             // problems run inline: a parallel region costs more)
+constexpr int64_t kBlasWork = 1 << 18;   // multiply-adds below which the per-bin products run serially as
+                                         // plain loops instead of BLAS calls inside a parallel region
+
+// An uninitialised contiguous workspace (never returned to the caller). Large ones are 2 MB-aligned and
+// advised to use transparent huge pages (Linux, THP 'madvise' mode): a fresh 20 MB buffer on 4 KB pages
+// costs ~11 ms of first-touch page faults on a small VM, about as much as the GEMMs it feeds.
+at::Tensor empty_workspace(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHugePage = size_t(2) << 20;
+  const size_t nbytes = static_cast<size_t>(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (nbytes >= kHugePage) {
+    const size_t padded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* ptr = nullptr;
+    if (posix_memalign(&ptr, kHugePage, padded) == 0) {
+      madvise(ptr, padded, MADV_HUGEPAGE);
+      return at::from_blob(ptr, sizes, [](void* q) { std::free(q); }, options.device(at::kCPU));
+    }
+  }
+#endif
+  return at::empty(sizes, options);
+}
+
+struct Strided3 {  // features [B, C, P]
+  int64_t B, C, P, sb, sc, sp;
+};
+
+Strided3 dims_of(const at::Tensor& x) {
+  return {x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1), x.stride(2)};
+}
+
+struct BinOrder {
+  std::vector<int64_t> start;  // [nb + 1]: first sorted row of each bin; start[nb] = kept pixels
+  std::vector<int64_t> dest;   // [B * P]: sorted row of each pixel, -1 for skipped pixels
+};
+
+// Stable counting sort of the pixels by bin; checks every bin id lies in [-1, nb).
+BinOrder sort_by_bin(const int64_t* bins, int64_t n, int64_t nb) {
+  const int64_t nblocks = (n + kSortBlock - 1) / kSortBlock;
+  std::vector<int64_t> hist(nblocks * nb, 0);  // [nblocks, nb]
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, nblocks, kSortGrain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      int64_t* h = hist.data() + blk * nb;
+      const int64_t i1 = std::min(n, (blk + 1) * kSortBlock);
+      for (int64_t i = blk * kSortBlock; i < i1; ++i) {
+        const int64_t k = bins[i];
+        if (k >= 0 && k < nb) {
+          ++h[k];
+        } else if (k != -1) {
+          bad.store(true, std::memory_order_relaxed);
+        }
+      }
+    }
+  });
+  TORCH_CHECK(!bad.load(), "fds: every bin id must lie in [-1, num_bins) with num_bins = ", nb);
+  BinOrder order;
+  order.start.assign(nb + 1, 0);
+  for (int64_t k = 0; k < nb; ++k) {
+    int64_t pos = order.start[k];
+    for (int64_t blk = 0; blk < nblocks; ++blk) {  // hist[blk][k] becomes the block's first row of bin k
+      const int64_t c = hist[blk * nb + k];
+      hist[blk * nb + k] = pos;
+      pos += c;
+    }
+    order.start[k + 1] = pos;
+  }
+  order.dest.resize(n);
+  at::parallel_for(0, nblocks, kSortGrain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      int64_t* next = hist.data() + blk * nb;
+      const int64_t i1 = std::min(n, (blk + 1) * kSortBlock);
+      for (int64_t i = blk * kSortBlock; i < i1; ++i) {
+        const int64_t k = bins[i];
+        order.dest[i] = k >= 0 ? next[k]++ : -1;
+      }
+    }
+  });
+  return order;
+}
+
+struct Task {
+  int64_t bin, row0, row1;
+};
+
+// Each bin's sorted rows cut into chunks of at most `chunk` rows, in bin order; task_start[k] = first
+// task of bin k.
+std::vector<Task> make_tasks(const std::vector<int64_t>& start, int64_t chunk, std::vector<int64_t>* task_start) {
+  const int64_t nb = static_cast<int64_t>(start.size()) - 1;
+  std::vector<Task> tasks;
+  if (task_start) task_start->assign(nb + 1, 0);
+  for (int64_t k = 0; k < nb; ++k) {
+    if (task_start) (*task_start)[k] = static_cast<int64_t>(tasks.size());
+    for (int64_t r = start[k]; r < start[k + 1]; r += chunk) {
+      tasks.push_back({k, r, std::min(r + chunk, start[k + 1])});
+    }
+  }
+  if (task_start) (*task_start)[nb] = static_cast<int64_t>(tasks.size());
+  return tasks;
+}
+
+// Workers of run_tasks (index w passed to the task function, for per-worker scratch buffers).
+int64_t task_workers(bool parallel) {
+  return parallel ? std::max<int64_t>(at::get_num_threads(), 1) : 1;
+}
+
+// Runs f(t, w) for t in [0, ntasks), w < task_workers(parallel). parallel: every worker pulls tasks from a
+// shared counter, in one parallel region of get_num_threads() workers even for one task (BLAS called
+// inside then runs single-threaded, whatever the thread count); otherwise inline, in order, w = 0.
+template <typename F>
+void run_tasks(int64_t ntasks, bool parallel, const F& f) {
+  if (ntasks == 0) return;
+  if (!parallel) {
+    for (int64_t t = 0; t < ntasks; ++t) f(t, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, task_workers(true), 1, [&](int64_t w0, int64_t w1) {
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t t = next.fetch_add(1); t < ntasks; t = next.fetch_add(1)) f(t, w);
+    }
+  });
+}
+
+// Pixels per pack / unpack tile: the tile's [pixels, C] buffer holds about kTileElements values, so it
+// stays in L1/L2 and each channel plane is read / written in runs of >= 16 pixels.
+int64_t tile_pixels(int64_t C) {
+  return std::clamp<int64_t>(kTileElements / std::max<int64_t>(C, 1), 16, 1024);
+}
+
+// Parallel loop over tiles of `tile` pixels of one image: f(b, p0, p1, buf), with a scratch buffer of
+// tile * C values per thread when `scratch`.
+template <typename acc_t, typename F>
+void for_each_tile(int64_t B, int64_t P, int64_t C, int64_t tile, bool scratch, const F& f) {
+  const int64_t per_image = (P + tile - 1) / tile;
+  const int64_t grain = std::max<int64_t>(1, kParallelGrain / (tile * std::max<int64_t>(C, 1)));
+  at::parallel_for(0, B * per_image, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> buf(scratch ? tile * C : 0);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / per_image, p0 = (t % per_image) * tile;
+      f(b, p0, std::min(P, p0 + tile), buf.data());
+    }
+  });
+}
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N (M, N <= kChannelBlock): a register
+// transpose (at::vec) for float on AVX-512 (any M, N) and AVX2 (16 x 16), else scalar.
+template <typename T>
+inline void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t M, int64_t N) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+    return;
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    if (M == 16 && N == 16) {
+      at::vec::transpose_mxn<float, 16, 16>(src, ld_src, dst, ld_dst);
+      return;
+    }
+  }
+#endif
+  for (int64_t i = 0; i < M; ++i) {
+    for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
+  }
+}
+
+// buf[p - p0, c] = z[b, c, p] for p in [p0, p1): blocks of kChannelBlock planes x kChannelBlock pixels,
+// transposed in registers when the planes are contiguous in p and no conversion is needed.
+template <typename scalar_t, typename acc_t>
+void load_tile(const scalar_t* zb, const Strided3& d, int64_t p0, int64_t p1, acc_t* buf) {
+  const int64_t C = d.C;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (d.sp == 1) {
+      for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+        const int64_t cn = std::min(kChannelBlock, C - c0);
+        for (int64_t p = p0; p < p1; p += kChannelBlock) {
+          transpose_block<acc_t>(zb + c0 * d.sc + p, d.sc, buf + (p - p0) * C + c0, C, cn,
+                                 std::min(kChannelBlock, p1 - p));
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+    const int64_t c1 = std::min(C, c0 + kChannelBlock);
+    for (int64_t p = p0; p < p1; ++p) {
+      const scalar_t* src = zb + p * d.sp;
+      acc_t* row = buf + (p - p0) * C;
+      for (int64_t c = c0; c < c1; ++c) row[c] = static_cast<acc_t>(src[c * d.sc]);
+    }
+  }
+}
+
+// Prefetch row `r` (>= 0; -1 = none) of a [M, C] buffer, for reading (rw = 0) or writing (rw = 1): the
+// sorted rows are visited in pixel order, i.e. at random, which hardware prefetchers cannot follow.
+template <typename acc_t>
+inline void prefetch_row(const acc_t* base, int64_t r, int64_t C, int rw) {
+  if (r < 0) return;
+  const char* q = reinterpret_cast<const char*>(base + r * C);
+  for (int64_t o = 0; o < C * static_cast<int64_t>(sizeof(acc_t)); o += 64) {
+    if (rw) {
+      __builtin_prefetch(q + o, 1);
+    } else {
+      __builtin_prefetch(q + o, 0);
+    }
+  }
+}
+
+// X[dest[b, p], :] = z[b, :, p] in the compute dtype (rows of skipped pixels are not written).
+template <typename scalar_t, typename acc_t>
+void pack_rows(const scalar_t* z, const Strided3& d, const int64_t* dest, acc_t* X) {
+  const int64_t C = d.C;
+  if (d.sc == 1) {  // each pixel's features are contiguous: copy rows
+    for_each_tile<acc_t>(d.B, d.P, C, tile_pixels(C), false, [&](int64_t b, int64_t p0, int64_t p1, acc_t*) {
+      const int64_t* dst = dest + b * d.P;
+      for (int64_t p = p0; p < p1; ++p) {
+        if (dst[p] < 0) continue;
+        const scalar_t* src = z + b * d.sb + p * d.sp;
+        acc_t* row = X + dst[p] * C;
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          std::memcpy(row, src, C * sizeof(acc_t));
+        } else {
+          for (int64_t c = 0; c < C; ++c) row[c] = static_cast<acc_t>(src[c]);
+        }
+      }
+    });
+    return;
+  }
+  // channel planes: transpose a tile into the local buffer, then copy whole rows (writing rows one value
+  // at a time would touch a different page for every pixel of the tile, for every channel)
+  for_each_tile<acc_t>(d.B, d.P, C, tile_pixels(C), true, [&](int64_t b, int64_t p0, int64_t p1, acc_t* buf) {
+    const int64_t* dst = dest + b * d.P;
+    load_tile<scalar_t, acc_t>(z + b * d.sb, d, p0, p1, buf);
+    for (int64_t p = p0; p < p1; ++p) {
+      if (p + kPrefetchRows < p1) prefetch_row(X, dst[p + kPrefetchRows], C, 1);
+      if (dst[p] >= 0) std::memcpy(X + dst[p] * C, buf + (p - p0) * C, C * sizeof(acc_t));
+    }
+  });
+}
+
+// out[b, c, p] = Y[dest, c] + shift[k, c] (k = bins[b, p] >= 0) or z[b, c, p] (k = -1); out contiguous.
+template <typename scalar_t, typename acc_t>
+void unpack_rows(const scalar_t* z, const Strided3& d, const int64_t* bins, const int64_t* dest, const acc_t* Y,
+                 const acc_t* shift, scalar_t* out) {
+  const int64_t C = d.C, P = d.P;
+  for_each_tile<acc_t>(d.B, P, C, tile_pixels(C), true, [&](int64_t b, int64_t p0, int64_t p1, acc_t* buf) {
+    const int64_t* bk = bins + b * P;
+    const int64_t* dst = dest + b * P;
+    bool any_skipped = false;
+    for (int64_t p = p0; p < p1; ++p) {
+      if (p + kPrefetchRows < p1) prefetch_row(Y, dst[p + kPrefetchRows], C, 0);
+      const int64_t k = bk[p];
+      acc_t* row = buf + (p - p0) * C;
+      if (k < 0) {
+        any_skipped = true;
+        continue;
+      }
+      const acc_t* y = Y + dst[p] * C;
+      const acc_t* sh = shift + k * C;
+      for (int64_t c = 0; c < C; ++c) row[c] = y[c] + sh[c];
+    }
+    for (int64_t c0 = 0; c0 < C; c0 += kChannelBlock) {
+      const int64_t c1 = std::min(C, c0 + kChannelBlock);
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        for (int64_t p = p0; p < p1; p += kChannelBlock) {
+          transpose_block<acc_t>(buf + (p - p0) * C + c0, C, out + (b * C + c0) * P + p, P,
+                                 std::min(kChannelBlock, p1 - p), c1 - c0);
+        }
+      } else {
+        for (int64_t p = p0; p < p1; ++p) {
+          const acc_t* row = buf + (p - p0) * C;
+          scalar_t* o = out + b * C * P + p;
+          for (int64_t c = c0; c < c1; ++c) o[c * P] = static_cast<scalar_t>(row[c]);
+        }
+      }
+    }
+    if (any_skipped) {  // identity on skipped pixels: copy the input as is
+      for (int64_t p = p0; p < p1; ++p) {
+        if (bk[p] >= 0) continue;
+        const scalar_t* src = z + b * d.sb + p * d.sp;
+        scalar_t* o = out + b * C * P + p;
+        for (int64_t c = 0; c < C; ++c) o[c * P] = src[c * d.sc];
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void recolor_full(const at::Tensor& features, const int64_t* bins, const at::Tensor& transform,
+                  const acc_t* shift, scalar_t* out) {
+  const Strided3 d = dims_of(features);
+  const int64_t nb = transform.size(0), C = d.C;
+  const scalar_t* z = features.const_data_ptr<scalar_t>();
+  const BinOrder order = sort_by_bin(bins, d.B * d.P, nb);
+  const int64_t M = order.start[nb];
+  const auto acc_options = transform.options();
+  at::Tensor X = empty_workspace({M, C}, acc_options);
+  pack_rows<scalar_t, acc_t>(z, d, order.dest.data(), X.mutable_data_ptr<acc_t>());
+  const std::vector<Task> tasks = make_tasks(order.start, kRecolorChunk, nullptr);
+  const bool blas = M * C * C >= kBlasWork;
+  // X <- X @ transform[k]^T chunk by chunk, in place: each chunk is first copied to its worker's scratch
+  const int64_t chunk_rows = std::min(kRecolorChunk, M);
+  at::Tensor scratch = at::empty({task_workers(blas), chunk_rows, C}, acc_options);
+  acc_t* x = X.mutable_data_ptr<acc_t>();
+  const acc_t* tr = transform.const_data_ptr<acc_t>();
+  run_tasks(static_cast<int64_t>(tasks.size()), blas, [&](int64_t t, int64_t w) {
+    const Task& task = tasks[t];
+    const int64_t rows = task.row1 - task.row0;
+    acc_t* in = scratch.mutable_data_ptr<acc_t>() + w * chunk_rows * C;
+    std::memcpy(in, x + task.row0 * C, rows * C * sizeof(acc_t));
+    // [rows, C] @ [C, C]^T: each row z -> transform[k] z
+    if (blas) {
+      at::Tensor yt = X.narrow(0, task.row0, rows);
+      at::mm_out(yt, scratch.select(0, w).narrow(0, 0, rows), transform.select(0, task.bin).t());
+      return;
+    }
+    const acc_t* a = tr + task.bin * C * C;
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t i = 0; i < C; ++i) {
+        acc_t v = 0;
+        for (int64_t j = 0; j < C; ++j) v += a[i * C + j] * in[r * C + j];
+        x[(task.row0 + r) * C + i] = v;
+      }
+    }
+  });
+  unpack_rows<scalar_t, acc_t>(z, d, bins, order.dest.data(), X.const_data_ptr<acc_t>(), shift, out);
+}
+
+template <typename scalar_t, typename acc_t>
+void recolor_diag(const at::Tensor& features, const int64_t* bins, const acc_t* scale, const acc_t* shift,
+                  scalar_t* out) {
+  const Strided3 d = dims_of(features);
+  const int64_t C = d.C, P = d.P;
+  const scalar_t* z = features.const_data_ptr<scalar_t>();
+  for_each_tile<acc_t>(d.B, P, C, tile_pixels(C), false, [&](int64_t b, int64_t p0, int64_t p1, acc_t*) {
+    const int64_t* bk = bins + b * P;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* zc = z + b * d.sb + c * d.sc;
+      scalar_t* oc = out + (b * C + c) * P;
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t k = bk[p];
+        const scalar_t v = zc[p * d.sp];
+        oc[p] = k >= 0 ? static_cast<scalar_t>(scale[k * C + c] * static_cast<acc_t>(v) + shift[k * C + c]) : v;
+      }
+    }
+  });
+}
+
+void check_bins(const at::Tensor& features, const at::Tensor& bins, const char* op) {
+  TORCH_CHECK(features.device().is_cpu(), op, ": features must be a CPU tensor, got ", features.device());
+  TORCH_CHECK(features.dim() == 3, op, ": features must be [B, C, P], got shape ", features.sizes());
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()), op, ": features must be floating, got ",
+              features.scalar_type());
+  TORCH_CHECK(bins.scalar_type() == at::kLong, op, ": bins must be int64, got ", bins.scalar_type());
+  TORCH_CHECK(bins.device().is_cpu(), op, ": bins must be a CPU tensor");
+  TORCH_CHECK(bins.dim() == 2 && bins.size(0) == features.size(0) && bins.size(1) == features.size(2), op,
+              ": bins must be [B, P] = [", features.size(0), ", ", features.size(2), "], got ", bins.sizes());
+}
+
+at::ScalarType compute_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+at::Tensor fds_recolor_cpu(const at::Tensor& features, const at::Tensor& bins_in, const at::Tensor& transform_in,
+                           const at::Tensor& shift_in) {
+  check_bins(features, bins_in, "fds_recolor");
+  const int64_t C = features.size(1);
+  const at::ScalarType acc = compute_type(features.scalar_type());
+  const bool full = transform_in.dim() == 3;
+  TORCH_CHECK(transform_in.dim() == 3 || transform_in.dim() == 2,
+              "fds_recolor: transform must be [nb, C, C] or [nb, C], got ", transform_in.sizes());
+  const int64_t nb = transform_in.size(0);
+  TORCH_CHECK(transform_in.size(1) == C && (!full || transform_in.size(2) == C),
+              "fds_recolor: transform must be [nb, ", C, ", ", C, "] or [nb, ", C, "], got ", transform_in.sizes());
+  TORCH_CHECK(shift_in.dim() == 2 && shift_in.size(0) == nb && shift_in.size(1) == C,
+              "fds_recolor: shift must be [", nb, ", ", C, "], got ", shift_in.sizes());
+  TORCH_CHECK(transform_in.scalar_type() == acc && shift_in.scalar_type() == acc,
+              "fds_recolor: transform and shift must have the compute dtype ", acc, " of features ",
+              features.scalar_type(), ", got ", transform_in.scalar_type(), " and ", shift_in.scalar_type());
+  TORCH_CHECK(transform_in.device().is_cpu() && shift_in.device().is_cpu(),
+              "fds_recolor: transform and shift must be CPU tensors");
+  const at::Tensor bins = bins_in.contiguous();
+  const at::Tensor transform = transform_in.contiguous();
+  const at::Tensor shift = shift_in.contiguous();
+  at::Tensor out = at::empty(features.sizes(), features.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "fds_recolor", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t* bk = bins.const_data_ptr<int64_t>();
+    if (full) {
+      recolor_full<scalar_t, acc_t>(features, bk, transform, shift.const_data_ptr<acc_t>(),
+                                    out.mutable_data_ptr<scalar_t>());
+    } else {
+      recolor_diag<scalar_t, acc_t>(features, bk, transform.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                                    out.mutable_data_ptr<scalar_t>());
+    }
+  });
+  return out;
+}
+
+template <typename scalar_t, typename acc_t>
+void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb, bool full, double* count,
+                     double* mean, double* m2) {
+  const Strided3 d = dims_of(features);
+  const int64_t C = d.C;
+  const BinOrder order = sort_by_bin(bins, d.B * d.P, nb);
+  const int64_t M = order.start[nb];
+  for (int64_t k = 0; k < nb; ++k) count[k] = static_cast<double>(order.start[k + 1] - order.start[k]);
+  if (M == 0) return;
+  const auto acc_options = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+  at::Tensor X = empty_workspace({M, C}, acc_options);
+  acc_t* x = X.mutable_data_ptr<acc_t>();
+  pack_rows<scalar_t, acc_t>(features.const_data_ptr<scalar_t>(), d, order.dest.data(), x);
+  std::vector<int64_t> task_start;
+  const std::vector<Task> tasks = make_tasks(order.start, kAccumChunk, &task_start);
+  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+
+  // Pass 1: fp64 sums per chunk, reduced per bin in chunk order -> batch mean of each bin.
+  std::vector<double> partial(ntasks * C, 0.0);  // [ntasks, C]
+  const bool parallel = M * C >= kParallelGrain;
+  run_tasks(ntasks, parallel, [&](int64_t t, int64_t) {
+    double* s = partial.data() + t * C;
+    for (int64_t r = tasks[t].row0; r < tasks[t].row1; ++r) {
+      const acc_t* row = x + r * C;
+      for (int64_t c = 0; c < C; ++c) s[c] += static_cast<double>(row[c]);
+    }
+  });
+  for (int64_t k = 0; k < nb; ++k) {
+    if (count[k] == 0) continue;
+    double* mk = mean + k * C;
+    for (int64_t t = task_start[k]; t < task_start[k + 1]; ++t) {
+      for (int64_t c = 0; c < C; ++c) mk[c] += partial[t * C + c];
+    }
+    for (int64_t c = 0; c < C; ++c) mk[c] /= count[k];
+  }
+
+  // Pass 2: m2 = sum over the bin's rows of (z - mean)(z - mean)^T, centred before multiplying (no
+  // E[zz^T] - mean mean^T cancellation).
+  if (!full) {
+    std::fill(partial.begin(), partial.end(), 0.0);
+    run_tasks(ntasks, parallel, [&](int64_t t, int64_t) {
+      double* s = partial.data() + t * C;
+      const double* mk = mean + tasks[t].bin * C;
+      for (int64_t r = tasks[t].row0; r < tasks[t].row1; ++r) {
+        const acc_t* row = x + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const double e = static_cast<double>(row[c]) - mk[c];
+          s[c] += e * e;
+        }
+      }
+    });
+    at::parallel_for(0, nb, std::max<int64_t>(1, kParallelGrain / C), [&](int64_t k0, int64_t k1) {
+      for (int64_t k = k0; k < k1; ++k) {
+        double* out = m2 + k * C;
+        for (int64_t t = task_start[k]; t < task_start[k + 1]; ++t) {
+          for (int64_t c = 0; c < C; ++c) out[c] += partial[t * C + c];
+        }
+      }
+    });
+    return;
+  }
+  at::Tensor gram = empty_workspace({ntasks, C, C}, acc_options);  // per-chunk Xc^T Xc in the compute dtype
+  const bool blas = M * C * C >= kBlasWork;
+  run_tasks(ntasks, blas, [&](int64_t t, int64_t) {
+    const Task& task = tasks[t];
+    const double* mk = mean + task.bin * C;
+    for (int64_t r = task.row0; r < task.row1; ++r) {
+      acc_t* row = x + r * C;
+      for (int64_t c = 0; c < C; ++c) row[c] = static_cast<acc_t>(static_cast<double>(row[c]) - mk[c]);
+    }
+    if (blas) {
+      at::Tensor xc = X.narrow(0, task.row0, task.row1 - task.row0);
+      at::Tensor gt = gram.select(0, t);
+      at::mm_out(gt, xc.t(), xc);
+      return;
+    }
+    acc_t* gt = gram.mutable_data_ptr<acc_t>() + t * C * C;
+    std::fill(gt, gt + C * C, acc_t(0));
+    for (int64_t r = task.row0; r < task.row1; ++r) {
+      const acc_t* row = x + r * C;
+      for (int64_t i = 0; i < C; ++i) {
+        for (int64_t j = 0; j < C; ++j) gt[i * C + j] += row[i] * row[j];
+      }
+    }
+  });
+  const acc_t* g = gram.const_data_ptr<acc_t>();
+  const int64_t CC = C * C;
+  at::parallel_for(0, nb, std::max<int64_t>(1, kParallelGrain / CC), [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      double* out = m2 + k * CC;
+      for (int64_t t = task_start[k]; t < task_start[k + 1]; ++t) {
+        const acc_t* gt = g + t * CC;
+        for (int64_t i = 0; i < CC; ++i) out[i] += static_cast<double>(gt[i]);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fds_accumulate_cpu(const at::Tensor& features, const at::Tensor& bins_in,
+                                                                  int64_t num_bins, bool full) {
+  check_bins(features, bins_in, "fds_accumulate");
+  TORCH_CHECK(num_bins >= 1, "fds_accumulate: num_bins must be >= 1, got ", num_bins);
+  const int64_t C = features.size(1);
+  const auto f64 = features.options().dtype(at::kDouble);
+  at::Tensor count = at::zeros({num_bins}, f64);
+  at::Tensor mean = at::zeros({num_bins, C}, f64);
+  at::Tensor m2 = full ? at::zeros({num_bins, C, C}, f64) : at::zeros({num_bins, C}, f64);
+  if (features.size(0) * features.size(2) == 0 || C == 0) return {count, mean, m2};
+  const at::Tensor bins = bins_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "fds_accumulate", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    accumulate_impl<scalar_t, acc_t>(features, bins.const_data_ptr<int64_t>(), num_bins, full,
+                                     count.mutable_data_ptr<double>(), mean.mutable_data_ptr<double>(),
+                                     m2.mutable_data_ptr<double>());
+  });
+  return {count, mean, m2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imbreg_fast, CPU, m) {
+  m.impl("fds_accumulate", &fds_accumulate_cpu);
+  m.impl("fds_recolor", &fds_recolor_cpu);
+}
+
+}  // namespace imbreg_fast

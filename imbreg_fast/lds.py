@@ -1,0 +1,392 @@
+"""Label distribution smoothing (LDS) and label-density re-weighting (methods.md §2).
+
+Reference: Yang et al., ICML 2021, code YyzHarry/imbalanced-regression (``get_lds_kernel_window``,
+``_prepare_weights``). Everything here is computed with torch (no scipy at runtime):
+
+- :func:`kernel_window` — the symmetric smoothing windows ('gaussian' = the reference's
+  ``gaussian_filter1d(delta, sigma)``, 'sampled_gaussian', 'triang', 'laplace').
+- :func:`smooth_counts` — ``scipy.ndimage.convolve1d(counts, window, mode=...)`` over the bin axis.
+- :func:`bin_edges`, :func:`label_histogram` — equal-width or explicit bins; labels outside the range
+  count in the edge bins.
+- :func:`label_density` — the effective density ñ_b whose inverse is the weight: the counts, transformed by
+  the scheme (``'sqrt_inv'``: √n_b, ``'inv'``: clip(n_b, 5, 1000), the reference clipping counts, not weights),
+  then LDS-smoothed.
+- :class:`LabelWeights` — fitted once on the training labels (or a precomputed histogram); then
+  ``weights(labels, mask)`` is one ``bucketize`` + one gather for any label shape (e.g. dense ``[B, 1, H, W]``
+  depth maps), on the labels' device.
+- :func:`sample_weights` — ``LabelWeights(...).fit(labels).weights(labels)``: the reference's per-sample
+  weights w_i = 1/ñ_{b(y_i)}, rescaled to mean 1 over the training set.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+__all__ = ["KERNELS", "SCHEMES", "LabelWeights", "bin_edges", "bin_index", "kernel_window", "label_density",
+           "label_histogram", "sample_weights", "smooth_counts"]
+
+KERNELS = ("gaussian", "sampled_gaussian", "triang", "laplace")
+SCHEMES = ("sqrt_inv", "inv", "none")
+MODES = ("constant", "reflect", "nearest", "mirror", "wrap")
+GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter1d's default radius, in standard deviations
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows and smoothing
+# --------------------------------------------------------------------------------------------------
+
+
+def _extend_index(idx: torch.Tensor, n: int, mode: str) -> torch.Tensor:
+    """Map positions ``idx`` (any integers) into [0, n) with scipy.ndimage's boundary ``mode``
+    ('constant' positions outside stay outside and are masked by the caller)."""
+    if mode == "reflect":        # d c b a | a b c d | d c b a  (period 2n)
+        j = torch.remainder(idx, 2 * n)
+        return torch.where(j >= n, 2 * n - 1 - j, j)
+    if mode == "mirror":         # d c b | a b c d | c b a      (period 2n - 2)
+        if n == 1:
+            return torch.zeros_like(idx)
+        j = torch.remainder(idx, 2 * n - 2)
+        return torch.where(j >= n, 2 * n - 2 - j, j)
+    if mode == "nearest":
+        return idx.clamp(0, n - 1)
+    if mode == "wrap":
+        return torch.remainder(idx, n)
+    return idx
+
+
+def _check_ks(ks) -> int:
+    if isinstance(ks, bool) or not isinstance(ks, int):
+        raise TypeError(f"ks must be an int, got {type(ks).__name__}")
+    if ks < 1 or ks % 2 == 0:
+        raise ValueError(f"ks must be an odd integer >= 1, got {ks}")
+    return ks
+
+
+def _check_sigma(sigma) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
+        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
+    sigma = float(sigma)
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
+    return sigma
+
+
+def kernel_window(kind: str, ks: int, sigma: float, normalize: str = "max") -> torch.Tensor:
+    """Symmetric smoothing window over ``ks`` neighbouring bins, as a float64 CPU tensor ``[ks]``.
+
+    Args:
+        kind: ``'gaussian'`` — exactly the reference's window, ``gaussian_filter1d(delta, sigma)`` of a
+            length-``ks`` delta (scipy defaults: 'reflect' boundary, radius ``int(4 sigma + 0.5)``). When the
+            Gaussian's support is wider than the window, the reflected tails fold back in, so this is NOT a
+            sampled Gaussian (ks 5, sigma 2: [0.858, 0.946, 1, 0.946, 0.858] max-normalised).
+            ``'sampled_gaussian'`` — ``exp(-x^2 / (2 sigma^2))`` at x = -(ks-1)/2 .. (ks-1)/2.
+            ``'triang'`` — ``scipy.signal.windows.triang(ks)`` (sigma unused). ``'laplace'`` — ``exp(-|x|/sigma)``.
+        ks: window size, an odd integer >= 1.
+        sigma: kernel scale, > 0 (checked for every kind, unused by 'triang').
+        normalize: ``'max'`` (peak 1: the reference's LDS windows) or ``'sum'`` (sums to 1: FDS windows).
+    """
+    if kind not in KERNELS:
+        raise ValueError(f"kind must be one of {KERNELS}, got {kind!r}")
+    ks = _check_ks(ks)
+    sigma = _check_sigma(sigma)
+    if normalize not in ("max", "sum"):
+        raise ValueError(f"normalize must be 'max' or 'sum', got {normalize!r}")
+    half = (ks - 1) // 2
+    x = torch.arange(-half, half + 1, dtype=torch.float64)
+    if kind == "gaussian":
+        # correlate1d(delta, g, mode='reflect'): out[i] = sum_k g[k] delta[reflect(i + k)], k = -r..r,
+        # where delta is 1 at the centre only; g = exp(-k^2 / (2 sigma^2)) normalised to sum 1.
+        radius = int(GAUSSIAN_TRUNCATE * sigma + 0.5)
+        k = torch.arange(-radius, radius + 1)
+        g = torch.exp(-0.5 / (sigma * sigma) * k.to(torch.float64) ** 2)
+        g = g / g.sum()
+        src = _extend_index(torch.arange(ks).unsqueeze(1) + k.unsqueeze(0), ks, "reflect")   # [ks, 2r+1]
+        window = torch.where(src == half, g.unsqueeze(0), torch.zeros((), dtype=torch.float64)).sum(1)
+    elif kind == "sampled_gaussian":
+        window = torch.exp(-x * x / (2.0 * sigma * sigma))
+    elif kind == "triang":
+        # scipy.signal.windows.triang, odd ks: 2n/(ks+1) for n = 1..(ks+1)/2, mirrored.
+        window = (half + 1 - x.abs()) * (2.0 / (ks + 1))
+    else:
+        window = torch.exp(-x.abs() / sigma)
+    return window / (window.max() if normalize == "max" else window.sum())
+
+
+def smooth_counts(counts: torch.Tensor, window: torch.Tensor, mode: str = "constant") -> torch.Tensor:
+    """``scipy.ndimage.convolve1d(counts, window, mode=mode)`` along the last axis, in float64.
+
+    ``mode``: 'constant' (zeros outside, the reference's age/STS-B setting), 'reflect' (its depth setting,
+    edge bins repeated), 'nearest', 'mirror' or 'wrap'. ``window`` has odd length.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(counts, torch.Tensor) or not isinstance(window, torch.Tensor):
+        raise TypeError("counts and window must be torch tensors")
+    if window.dim() != 1 or window.shape[0] % 2 == 0:
+        raise ValueError(f"window must be 1-D of odd length, got shape {tuple(window.shape)}")
+    if counts.dim() < 1 or counts.shape[-1] < 1:
+        raise ValueError(f"counts must have at least one bin, got shape {tuple(counts.shape)}")
+    n = counts.shape[-1]
+    half = window.shape[0] // 2
+    counts = counts.to(torch.float64)
+    window = window.to(device=counts.device, dtype=torch.float64)
+    # out[b] = sum_j window[half + j] * counts_ext[b - j]
+    j = torch.arange(-half, half + 1, device=counts.device)
+    src = torch.arange(n, device=counts.device).unsqueeze(1) - j.unsqueeze(0)              # [n, ks]
+    src = _extend_index(src, n, mode)
+    inside = (src >= 0) & (src < n)
+    taps = counts[..., src.clamp(0, n - 1)] * inside.to(torch.float64)                     # [..., n, ks]
+    return (taps * window).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bins and histograms
+# --------------------------------------------------------------------------------------------------
+
+BinsArg = Union[int, Sequence[float], torch.Tensor]
+
+
+def bin_edges(bins: BinsArg, range: Optional[Sequence[float]] = None, *, device=None) -> torch.Tensor:
+    """Bin edges ``[K + 1]`` (float64): ``bins`` equal-width bins over ``range = (lo, hi)``, or explicit
+    increasing edges (then ``range`` must be None). Bin b is [e_b, e_{b+1}); labels below e_0 count in bin 0
+    and labels at or above e_K in bin K-1 (the reference clamps ages to ``max_target - 1`` likewise)."""
+    if isinstance(bins, bool):
+        raise TypeError("bins must be an int (with range) or a sequence/tensor of edges, got bool")
+    if isinstance(bins, int):
+        if bins < 1:
+            raise ValueError(f"bins must be >= 1, got {bins}")
+        if range is None:
+            raise ValueError("range=(lo, hi) is required when bins is a number of bins")
+        try:
+            lo, hi = (float(v) for v in range)
+        except (TypeError, ValueError):
+            raise TypeError(f"range must be a pair of numbers (lo, hi), got {range!r}") from None
+        if not (math.isfinite(lo) and math.isfinite(hi) and hi > lo):
+            raise ValueError(f"range must be finite with lo < hi, got ({lo}, {hi})")
+        return torch.linspace(lo, hi, bins + 1, dtype=torch.float64, device=device)
+    if range is not None:
+        raise ValueError("range must be None when bins are explicit edges")
+    edges = torch.as_tensor(bins, dtype=torch.float64, device=device)
+    if edges.dim() != 1 or edges.shape[0] < 2:
+        raise ValueError(f"bins edges must be 1-D with at least 2 values, got shape {tuple(edges.shape)}")
+    if not bool(torch.isfinite(edges).all()) or not bool((edges[1:] > edges[:-1]).all()):
+        raise ValueError("bins edges must be finite and strictly increasing")
+    return edges
+
+
+def bin_index(labels: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+    """Bin of each label (int64, labels' shape), edges from :func:`bin_edges`; out-of-range labels are
+    clamped to the edge bins. Compared in float64, so a float32 label exactly on an edge goes up."""
+    inner = edges[1:-1].to(labels.device)
+    return torch.bucketize(labels.to(torch.float64), inner, right=True)
+
+
+def _check_labels(labels, mask, check_finite: bool):
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if not (labels.is_floating_point() or labels.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8,
+                                                          torch.int8)):
+        raise TypeError(f"labels must be a real-valued tensor, got {labels.dtype}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError("mask must be a bool tensor or None")
+        if mask.shape != labels.shape:
+            raise ValueError(f"mask must have the labels' shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        if mask.device != labels.device:
+            raise ValueError(f"mask is on {mask.device} but labels are on {labels.device}")
+    if check_finite and labels.is_floating_point() and not torch.compiler.is_compiling():
+        bad = ~torch.isfinite(labels)
+        if mask is not None:
+            bad = bad & mask
+        if bool(bad.any()):
+            raise ValueError("labels contain NaN or inf" + (" at kept positions" if mask is not None else "")
+                             + " (mask them out, or pass check_finite=False)")
+
+
+def label_histogram(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None,
+                    check_finite: bool = True) -> torch.Tensor:
+    """Counts per bin, float64 ``[K]`` on the labels' device (kept labels only when ``mask`` is given).
+
+    Histograms of several batches add up: ``sum(label_histogram(b, edges) for b in loader)`` gives the
+    training counts for :meth:`LabelWeights.from_counts` when the training set does not fit in memory.
+    """
+    _check_labels(labels, mask, check_finite)
+    edges = bin_edges(bins, range)
+    idx = bin_index(labels, edges).reshape(-1)
+    if mask is not None:
+        idx = idx[mask.reshape(-1)]
+    return torch.bincount(idx, minlength=edges.shape[0] - 1).to(torch.float64)
+
+
+def _check_scheme(scheme: str, lds: bool, clip) -> None:
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if lds and scheme == "none":
+        raise ValueError("lds=True needs scheme='sqrt_inv' or 'inv' (LDS smooths the density that is "
+                         "inverted; with scheme='none' there is none), as the reference asserts")
+    if clip is not None:
+        try:
+            lo, hi = (float(v) for v in clip)
+        except (TypeError, ValueError):
+            raise TypeError(f"clip must be None or a pair (lo, hi), got {clip!r}") from None
+        if not (0 <= lo <= hi):
+            raise ValueError(f"clip must satisfy 0 <= lo <= hi, got {clip!r}")
+
+
+def _density_from_counts(counts, scheme, lds, kernel, ks, sigma, mode, clip):
+    counts = counts.to(torch.float64)
+    if scheme == "sqrt_inv":
+        value = counts.sqrt()
+    elif scheme == "inv":
+        value = counts if clip is None else counts.clamp(float(clip[0]), float(clip[1]))
+    else:
+        value = counts.clone()
+    if lds:
+        window = kernel_window(kernel, ks, sigma, normalize="max").to(counts.device)
+        value = smooth_counts(value, window, mode)
+    return value
+
+
+def label_density(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None, scheme: str = "sqrt_inv",
+                  lds: bool = True, kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
+                  mode: str = "constant", clip=(5, 1000), check_finite: bool = True) -> torch.Tensor:
+    """Effective label density ñ per bin, float64 ``[K]``: the weight of a label in bin b is ∝ 1/ñ_b.
+
+    ``scheme``: ``'sqrt_inv'`` (√n_b), ``'inv'`` (n_b clipped to ``clip``, default (5, 1000) as the
+    reference; ``clip=None`` for raw counts, as its depth code), ``'none'`` (raw counts). With ``lds``, the
+    result is smoothed with ``kernel_window(kernel, ks, sigma, 'max')`` by :func:`smooth_counts` with
+    boundary ``mode`` ('constant' for age/STS-B, 'reflect' for depth in the reference).
+    """
+    _check_scheme(scheme, False, clip)
+    counts = label_histogram(labels, bins, range, mask=mask, check_finite=check_finite)
+    return _density_from_counts(counts, scheme, lds, kernel, ks, sigma, mode, clip)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights
+# --------------------------------------------------------------------------------------------------
+
+
+class LabelWeights:
+    """Per-bin re-weighting fitted on training labels; ``weights(labels)`` is one bucketize + one gather.
+
+    Example (dense depth, 0.1 m bins over [0, 10) m, as the reference)::
+
+        lw = LabelWeights(100, range=(0.0, 10.0), scheme="inv", clip=None, mode="reflect").fit(train_depth, mask=valid)
+        w = lw.weights(depth_batch, mask=valid_batch)        # [B, 1, H, W], mean 1 over the training pixels
+
+    Fitted attributes (float64, on the fitting device): ``edges [K+1]``, ``counts [K]`` (training counts),
+    ``density [K]`` (ñ), ``bin_weights [K]`` = s/ñ_b with s such that the mean weight over the training
+    set is 1 (s = Σ n_b / Σ n_b/ñ_b). Bins with ñ_b = 0 (only possible for bins without training labels
+    and with 'sqrt_inv' or 'none') get weight 0 instead of inf: they hold no training label. With
+    ``scheme='none'`` every weight is 1.
+    """
+
+    def __init__(self, bins: BinsArg, range=None, *, scheme: str = "sqrt_inv", lds: bool = True,
+                 kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, mode: str = "constant",
+                 clip=(5, 1000)):
+        _check_scheme(scheme, lds, clip)
+        if lds:
+            kernel_window(kernel, ks, sigma)   # validates kernel, ks, sigma now rather than at fit time
+            if mode not in MODES:
+                raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.edges = bin_edges(bins, range)
+        self.scheme, self.lds, self.kernel, self.ks, self.sigma, self.mode = scheme, lds, kernel, ks, sigma, mode
+        self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
+        self.counts = self.density = self.bin_weights = None
+        self._cache: dict = {}
+
+    @property
+    def num_bins(self) -> int:
+        return self.edges.shape[0] - 1
+
+    def fit(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+            check_finite: bool = True) -> "LabelWeights":
+        """Count the training labels (kept ones when ``mask`` is given) and derive the bin weights."""
+        _check_labels(labels, mask, check_finite)
+        edges = self.edges.to(labels.device)
+        idx = bin_index(labels, edges).reshape(-1)
+        if mask is not None:
+            idx = idx[mask.reshape(-1)]
+        counts = torch.bincount(idx, minlength=self.num_bins).to(torch.float64)
+        return self.fit_counts(counts)
+
+    def fit_counts(self, counts: torch.Tensor) -> "LabelWeights":
+        """Derive the bin weights from training counts per bin ``[K]`` (e.g. summed :func:`label_histogram`)."""
+        counts = torch.as_tensor(counts)
+        if counts.shape != (self.num_bins,):
+            raise ValueError(f"counts must have shape [K] = [{self.num_bins}], got {tuple(counts.shape)}")
+        counts = counts.to(torch.float64)
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            raise ValueError("counts must be finite and >= 0")
+        total = counts.sum()
+        if not bool(total > 0):
+            raise ValueError("counts are all zero: no training label to fit the weights on")
+        self.edges = self.edges.to(counts.device)
+        density = _density_from_counts(counts, self.scheme, self.lds, self.kernel, self.ks, self.sigma,
+                                       self.mode, self.clip)
+        inv = torch.where(density > 0, 1.0 / torch.where(density > 0, density, 1.0), 0.0)
+        if self.scheme == "none":
+            inv = torch.ones_like(counts)
+        scaling = total / (counts * inv).sum()       # mean over the training set = 1
+        self.counts, self.density, self.bin_weights = counts, density, inv * scaling
+        self._cache = {}
+        return self
+
+    @classmethod
+    def from_counts(cls, counts: torch.Tensor, bins: BinsArg, range=None, **kwargs) -> "LabelWeights":
+        """``LabelWeights(bins, range, **kwargs).fit_counts(counts)``."""
+        return cls(bins, range, **kwargs).fit_counts(counts)
+
+    def _table(self, device, dtype):
+        key = (device, dtype)
+        if key not in self._cache:
+            self._cache[key] = (self.edges[1:-1].to(device), self.bin_weights.to(device=device, dtype=dtype))
+        return self._cache[key]
+
+    def weights(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
+                dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """Weight of each label, labels' shape, on their device; 0 where ``mask`` is False.
+
+        One ``bucketize`` against the bin edges and one gather from the bin-weight table. ``dtype``: of the
+        result; default the labels' dtype for fp32/fp64 labels, else fp32.
+        """
+        if self.bin_weights is None:
+            raise RuntimeError("LabelWeights.weights called before fit / fit_counts")
+        _check_labels(labels, mask, False)
+        if dtype is None:
+            dtype = labels.dtype if labels.dtype in (torch.float32, torch.float64) else torch.float32
+        inner, table = self._table(labels.device, dtype)
+        idx = torch.bucketize(labels.to(torch.float64), inner, right=True)
+        w = table[idx]
+        if mask is not None:
+            w = torch.where(mask, w, torch.zeros((), dtype=dtype, device=labels.device))
+        return w
+
+    __call__ = weights
+
+    def to(self, device) -> "LabelWeights":
+        """Move the fitted tables to ``device`` (weights() also moves them on demand, cached)."""
+        self.edges = self.edges.to(device)
+        if self.bin_weights is not None:
+            self.counts, self.density, self.bin_weights = (t.to(device) for t in
+                                                           (self.counts, self.density, self.bin_weights))
+        self._cache = {}
+        return self
+
+    def __repr__(self) -> str:
+        lds = f", lds={self.kernel}(ks={self.ks}, sigma={self.sigma}, mode={self.mode!r})" if self.lds else ""
+        return (f"LabelWeights(bins={self.num_bins}, range=[{float(self.edges[0]):.4g}, {float(self.edges[-1]):.4g}], "
+                f"scheme={self.scheme!r}{lds}, fitted={self.bin_weights is not None})")
+
+
+def sample_weights(labels: torch.Tensor, bins: BinsArg, scheme: str = "sqrt_inv", lds: bool = True, *,
+                   range=None, mask=None, kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
+                   mode: str = "constant", clip=(5, 1000), check_finite: bool = True) -> torch.Tensor:
+    """Per-sample weights of the training labels themselves, as the reference's ``_prepare_weights``:
+    w_i = s/ñ_{b(y_i)} with mean 1 over the (kept) labels; labels' shape, 0 where ``mask`` is False.
+    See :class:`LabelWeights` for the arguments; ``bins``: a number of bins with ``range``, or edges."""
+    lw = LabelWeights(bins, range, scheme=scheme, lds=lds, kernel=kernel, ks=ks, sigma=sigma, mode=mode, clip=clip)
+    return lw.fit(labels, mask, check_finite=check_finite).weights(labels, mask)

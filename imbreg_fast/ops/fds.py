@@ -1,0 +1,254 @@
+"""FDS (feature distribution smoothing, methods.md §3): backend implementations and the pieces shared by
+every backend (layout helpers, fake kernels, the recolouring autograd).
+
+Layout (the op contract, shared with the Triton kernels): features are seen as a strided 3-D tensor
+``[B, C, P]`` without a copy -- dense ``[B, C, H, W]`` -> ``x.flatten(2)``, rows ``[N, C]`` ->
+``x.t().unsqueeze(0)`` = ``[1, C, N]`` with strides ``(.., 1, C)``. ``bins`` is int64 ``[B, P]``
+contiguous: the bin of each pixel in ``[0, num_bins)``, or -1 for a pixel to skip (masked out).
+
+Public dispatch ops (``imbreg_fast._dispatch.register(op, backend)``):
+
+- ``"fds_accumulate"``: ``impl(features3, bins, num_bins, full) -> (count [nb], mean [nb, C], m2)``, all
+  float64; per-bin statistics of this batch, centred: ``mean`` = batch mean of the bin, ``m2`` =
+  ``sum (z - mean)(z - mean)^T`` ``[nb, C, C]`` (``full``) or its diagonal ``[nb, C]``. Empty bins: 0.
+  Not differentiable (the FDS module calls it under ``no_grad`` with detached features).
+- ``"fds_recolor"``: ``impl(features3, bins, transform, shift) -> out [B, C, P]`` contiguous, a new tensor:
+  ``out[b, :, p] = transform[k] @ z + shift[k]`` (diag: ``transform[k] * z + shift[k]``) with
+  ``k = bins[b, p]``; ``out = z`` where ``k = -1``. Gradient ``dz = transform[k]^T @ g`` (identity where
+  ``k = -1``), computed by the same op with the transform transposed and a zero shift; no gradient into
+  ``transform``/``shift`` (statistics). Features fp32/fp64 (half types: fp32 compute, output in the input
+  dtype); ``transform``/``shift`` in the compute dtype.
+
+Backends: ``torch`` (plain PyTorch, also the GPU fallback), ``cpp`` (ops ``imbreg_fast::fds_accumulate`` /
+``imbreg_fast::fds_recolor``, csrc/cpu/fds_kernel.cpp) and ``triton`` (``imbreg_fast::triton_fds_*``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _extension, lds
+from .._dispatch import register
+from .._validation import compute_dtype
+
+__all__ = ["accumulate_fake", "as_pixels", "bin_index", "recolor_fake", "register_recolor_autograd",
+           "restore_layout"]
+
+# --------------------------------------------------------------------------------------------------
+# Layout helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def as_pixels(features: torch.Tensor) -> torch.Tensor:
+    """View features ``[N, C]`` or ``[B, C, H, W]`` as ``[B, C, P]`` (``[1, C, N]`` for rows), no copy
+    unless H and W cannot be merged into one stride (then ``flatten`` copies once)."""
+    if features.dim() == 2:
+        return features.t().unsqueeze(0)
+    if features.dim() == 4:
+        return features.flatten(2)
+    raise ValueError(f"features must be [N, C] or [B, C, H, W], got shape {tuple(features.shape)}")
+
+
+def restore_layout(out3: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`as_pixels` for a ``[B, C, P]`` result: ``[N, C]`` (a transposed view of the
+    contiguous ``[1, C, N]``) or ``[B, C, H, W]`` (a view)."""
+    if like.dim() == 2:
+        return out3[0].t()
+    return out3.reshape(like.shape)
+
+
+def bin_index(labels: torch.Tensor, edges: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Bin of each label as :func:`imbreg_fast.lds.bin_index` (bin b is ``[e_b, e_{b+1})``; labels outside
+    the range fall into the edge bins, as the reference clamps), with -1 where ``mask`` is False.
+    ``labels`` (any shape, real) and ``mask`` (its shape, bool) -> int64 of the same shape."""
+    k = lds.bin_index(labels, edges)
+    if mask is not None:
+        k = k.masked_fill(~mask, -1)
+    return k
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake kernels and autograd, shared by the C++ and Triton ops.
+# --------------------------------------------------------------------------------------------------
+
+
+def accumulate_fake(features: torch.Tensor, bins: torch.Tensor, num_bins: int, full: bool):
+    """Output metadata of ``fds_accumulate``: (count [nb], mean [nb, C], m2 [nb, C, C] or [nb, C]), fp64."""
+    torch._check(features.dim() == 3, lambda: "features must be [B, C, P]")
+    torch._check(bins.dim() == 2, lambda: "bins must be [B, P]")
+    c = features.shape[1]
+    count = features.new_empty((num_bins,), dtype=torch.float64)
+    mean = features.new_empty((num_bins, c), dtype=torch.float64)
+    m2 = features.new_empty((num_bins, c, c) if full else (num_bins, c), dtype=torch.float64)
+    return count, mean, m2
+
+
+def recolor_fake(features: torch.Tensor, bins: torch.Tensor, transform: torch.Tensor, shift: torch.Tensor):
+    """Output metadata of ``fds_recolor``: a contiguous ``[B, C, P]`` tensor of the features' dtype."""
+    torch._check(features.dim() == 3, lambda: "features must be [B, C, P]")
+    torch._check(bins.dim() == 2, lambda: "bins must be [B, P]")
+    torch._check(transform.dim() in (2, 3), lambda: "transform must be [nb, C, C] or [nb, C]")
+    return features.new_empty(features.shape)
+
+
+def _op_from_name(op_name: str):
+    namespace, name = op_name.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+def _transpose_transform(transform: torch.Tensor) -> torch.Tensor:
+    return transform.mT.contiguous() if transform.dim() == 3 else transform
+
+
+def register_recolor_autograd(op_name: str) -> None:
+    """Register the backward of a recolouring op ``op_name`` (e.g. ``"imbreg_fast::fds_recolor"``).
+
+    out = A_k z + s_k is linear in z with A_k, s_k constant (statistics), so
+      d z = A_k^T g         (g where k = -1)
+    which is the same op applied to g with the transposed transform and a zero shift. No gradient
+    flows into transform or shift. Backward of the backward is the same op again (the op is linear).
+    """
+    op = _op_from_name(op_name)
+
+    def setup_context(ctx, inputs, output):
+        features, bins, transform, shift = inputs
+        ctx.save_for_backward(bins, transform)
+        ctx.features_dtype = features.dtype
+
+    def backward(ctx, grad_out):
+        bins, transform = ctx.saved_tensors
+        grad_features = None
+        if ctx.needs_input_grad[0]:
+            transform_t = _transpose_transform(transform)
+            zero_shift = transform.new_zeros((transform.shape[0], transform.shape[1]))
+            grad_features = op(grad_out.to(ctx.features_dtype), bins, transform_t, zero_shift)
+        return grad_features, None, None, None
+
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+
+
+def _cpp_has(name: str) -> bool:
+    if not _extension.cpp_available():
+        return False
+    try:
+        getattr(torch.ops.imbreg_fast, name)
+    except (AttributeError, RuntimeError):  # extension built before the FDS ops existed
+        return False
+    return True
+
+
+CPP_OPS = _cpp_has("fds_accumulate") and _cpp_has("fds_recolor")
+
+if CPP_OPS:
+    torch.library.register_fake("imbreg_fast::fds_accumulate")(accumulate_fake)
+    torch.library.register_fake("imbreg_fast::fds_recolor")(recolor_fake)
+    register_recolor_autograd("imbreg_fast::fds_recolor")
+
+# --------------------------------------------------------------------------------------------------
+# torch backend: plain PyTorch, sync-free (no boolean indexing, no .item()), chunked so that no
+# [N, C, C] tensor is ever materialised.
+# --------------------------------------------------------------------------------------------------
+
+_CHUNK_ELEMENTS = 1 << 22  # elements of the largest [rows, C, C] temporary of the torch backend
+
+
+def _chunk_rows(c: int) -> int:
+    return max(1, _CHUNK_ELEMENTS // (c * c))
+
+
+def _rows_and_bins(features: torch.Tensor, bins: torch.Tensor, num_bins: int):
+    """[B, C, P] -> rows [N, C] (copy) and bins [N] with skipped pixels sent to a spare bin num_bins."""
+    c = features.shape[1]
+    z = features.permute(0, 2, 1).reshape(-1, c)
+    k = bins.reshape(-1)
+    k = torch.where(k >= 0, k, torch.full_like(k, num_bins))
+    return z, k
+
+
+@register("fds_accumulate", "torch")
+def accumulate_torch(features, bins, num_bins, full):
+    c = features.shape[1]
+    z, k = _rows_and_bins(features, bins, num_bins)
+    z = z.to(torch.float64)
+    nb1 = num_bins + 1
+    count = z.new_zeros(nb1).index_add_(0, k, z.new_ones(k.shape[0]))
+    total = z.new_zeros(nb1, c).index_add_(0, k, z)
+    mean = total / count.clamp(min=1.0).unsqueeze(1)
+    centred = z - mean[k]                                                        # two-pass: no cancellation
+    if full:
+        m2 = z.new_zeros(nb1, c, c)
+        step = _chunk_rows(c)
+        for start in range(0, z.shape[0], step):
+            part = centred[start:start + step]
+            m2.index_add_(0, k[start:start + step], part.unsqueeze(2) * part.unsqueeze(1))
+    else:
+        m2 = z.new_zeros(nb1, c).index_add_(0, k, centred * centred)
+    return count[:num_bins], mean[:num_bins], m2[:num_bins]
+
+
+def _recolor_rows(z: torch.Tensor, k: torch.Tensor, transform: torch.Tensor, shift: torch.Tensor):
+    """Rows z [N, C] (compute dtype), bins k [N] with -1 kept as identity -> [N, C]."""
+    keep = (k >= 0).unsqueeze(1)
+    kc = k.clamp(min=0)
+    if transform.dim() == 2:
+        y = transform[kc] * z + shift[kc]
+    else:
+        step = _chunk_rows(z.shape[1])
+        parts = []
+        for start in range(0, z.shape[0], step):
+            kk = kc[start:start + step]
+            parts.append(torch.bmm(transform[kk], z[start:start + step].unsqueeze(2)).squeeze(2) + shift[kk])
+        y = torch.cat(parts) if parts else z.clone()
+    return torch.where(keep, y, z)
+
+
+def _recolor_torch_nograd(features, bins, transform, shift):
+    out_dtype = features.dtype
+    b, c, p = features.shape
+    dtype = compute_dtype(out_dtype)
+    z = features.to(dtype).permute(0, 2, 1).reshape(-1, c)
+    y = _recolor_rows(z, bins.reshape(-1), transform.to(dtype), shift.to(dtype))
+    return y.reshape(b, p, c).permute(0, 2, 1).contiguous().to(out_dtype)
+
+
+class _RecolorTorch(torch.autograd.Function):
+    """Gradient as in :func:`register_recolor_autograd`: the same computation with A^T and zero shift
+    (autograd through the chunked gather would keep every gathered [rows, C, C] block alive)."""
+
+    @staticmethod
+    def forward(features, bins, transform, shift):
+        return _recolor_torch_nograd(features, bins, transform, shift)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, bins, transform, _ = inputs
+        ctx.save_for_backward(bins, transform)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        bins, transform = ctx.saved_tensors
+        zero_shift = transform.new_zeros((transform.shape[0], transform.shape[1]))
+        return _RecolorTorch.apply(grad_out, bins, _transpose_transform(transform), zero_shift), None, None, None
+
+
+@register("fds_recolor", "torch")
+def recolor_torch(features, bins, transform, shift):
+    return _RecolorTorch.apply(features, bins, transform.detach(), shift.detach())
+
+
+# --------------------------------------------------------------------------------------------------
+# cpp backend (registered only when the built extension has the FDS ops)
+# --------------------------------------------------------------------------------------------------
+
+if CPP_OPS:
+
+    @register("fds_accumulate", "cpp")
+    def accumulate_cpp(features, bins, num_bins, full):
+        return torch.ops.imbreg_fast.fds_accumulate(features.detach(), bins, num_bins, full)
+
+    @register("fds_recolor", "cpp")
+    def recolor_cpp(features, bins, transform, shift):
+        return torch.ops.imbreg_fast.fds_recolor(features, bins, transform.detach().contiguous(),
+                                                 shift.detach().contiguous())
+
+# Triton backend (imbreg_fast::triton_fds_*); importing it does not import triton.
+from . import fds_triton  # noqa: E402,F401

@@ -1,0 +1,276 @@
+"""LDS windows, smoothing, histograms and label-density weights (imbreg_fast.lds) against independent
+references: scipy.ndimage.gaussian_filter1d / convolve1d, scipy.signal.windows.triang, and the reference's
+``_prepare_weights`` / ``_get_bucket_weights`` (YyzHarry/imbalanced-regression) rewritten here with numpy
+loops."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import convolve1d, gaussian_filter1d
+from scipy.signal.windows import triang
+
+from imbreg_fast import lds
+from imbreg_fast.lds import LabelWeights, kernel_window, label_density, sample_weights, smooth_counts
+
+
+# --------------------------------------------------------------------------------------------------
+# Independent references
+# --------------------------------------------------------------------------------------------------
+
+
+def ref_window(kind, ks, sigma, normalize="max"):
+    half = (ks - 1) // 2
+    if kind == "gaussian":
+        delta = [0.0] * half + [1.0] + [0.0] * half
+        w = gaussian_filter1d(delta, sigma=sigma)
+    elif kind == "sampled_gaussian":
+        w = np.array([math.exp(-x * x / (2 * sigma * sigma)) for x in range(-half, half + 1)])
+    elif kind == "triang":
+        w = triang(ks)
+    else:  # the reference's laplace: exp(-|x|/sigma) / (2 sigma)
+        w = np.array([math.exp(-abs(x) / sigma) / (2.0 * sigma) for x in range(-half, half + 1)])
+    w = np.asarray(w, dtype=np.float64)
+    return w / (w.max() if normalize == "max" else w.sum())
+
+
+def ref_prepare_weights(labels, reweight, max_target, lds_on, kernel, ks, sigma):
+    """The reference's AgeDB/IMDB-WIKI ``_prepare_weights`` (float64 instead of its float32 cast)."""
+    value = {x: 0 for x in range(max_target)}
+    for label in labels:
+        value[min(max_target - 1, int(label))] += 1
+    if reweight == "sqrt_inv":
+        value = {k: np.sqrt(v) for k, v in value.items()}
+    elif reweight == "inverse":
+        value = {k: np.clip(v, 5, 1000) for k, v in value.items()}
+    num_per_label = [value[min(max_target - 1, int(label))] for label in labels]
+    if reweight == "none":
+        return [1.0] * len(labels)
+    if lds_on:
+        window = ref_window(kernel, ks, sigma)
+        smoothed = convolve1d(np.asarray([v for _, v in value.items()], dtype=np.float64), weights=window,
+                              mode="constant")
+        num_per_label = [smoothed[min(max_target - 1, int(label))] for label in labels]
+    weights = [1.0 / x for x in num_per_label]
+    scaling = len(weights) / np.sum(weights)
+    return [scaling * x for x in weights]
+
+
+def ref_bucket_weights(counts, reweight, window, mode):
+    """The reference's NYUD2 ``_get_bucket_weights`` with LDS (bucket_start = 0)."""
+    counts = np.asarray(counts, dtype=np.float64)
+    value = np.sqrt(counts) if reweight == "sqrt_inv" else counts
+    smoothed = convolve1d(value, weights=window, mode=mode)
+    scaling = np.sum(counts) / np.sum(counts / smoothed)
+    return [scaling / smoothed[b] for b in range(len(counts))]
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows
+# --------------------------------------------------------------------------------------------------
+
+
+def test_gaussian_window_documented_values():
+    w = kernel_window("gaussian", 5, 2.0)
+    assert w.dtype == torch.float64 and w.shape == (5,)
+    np.testing.assert_allclose(w.numpy(), [0.858, 0.946, 1.0, 0.946, 0.858], atol=5e-4)
+    # not the sampled Gaussian
+    assert abs(float(w[0]) - math.exp(-4.0 / 8.0)) > 0.2
+
+
+@pytest.mark.parametrize("kind", lds.KERNELS)
+@pytest.mark.parametrize("ks", [1, 3, 5, 7, 9, 15, 31])
+@pytest.mark.parametrize("sigma", [0.3, 0.5, 1.0, 2.0, 3.7, 10.0])
+@pytest.mark.parametrize("normalize", ["max", "sum"])
+def test_window_matches_scipy(kind, ks, sigma, normalize):
+    got = kernel_window(kind, ks, sigma, normalize=normalize).numpy()
+    np.testing.assert_allclose(got, ref_window(kind, ks, sigma, normalize), rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("kwargs, exc, word", [
+    (dict(kind="gaussian", ks=4, sigma=1.0), ValueError, "ks"),
+    (dict(kind="gaussian", ks=0, sigma=1.0), ValueError, "ks"),
+    (dict(kind="gaussian", ks=-3, sigma=1.0), ValueError, "ks"),
+    (dict(kind="gaussian", ks=5.0, sigma=1.0), TypeError, "ks"),
+    (dict(kind="gaussian", ks=5, sigma=0.0), ValueError, "sigma"),
+    (dict(kind="laplace", ks=5, sigma=-1.0), ValueError, "sigma"),
+    (dict(kind="laplace", ks=5, sigma=float("nan")), ValueError, "sigma"),
+    (dict(kind="box", ks=5, sigma=1.0), ValueError, "kind"),
+    (dict(kind="triang", ks=5, sigma=1.0, normalize="l2"), ValueError, "normalize"),
+])
+def test_window_bad_arguments(kwargs, exc, word):
+    with pytest.raises(exc, match=word):
+        kernel_window(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# Smoothing
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", lds.MODES)
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 40])
+@pytest.mark.parametrize("ks", [1, 3, 5, 9, 21])
+def test_smooth_counts_matches_convolve1d(mode, n, ks):
+    rng = np.random.default_rng(n * 100 + ks)
+    counts = rng.integers(0, 50, n).astype(np.float64)
+    window = rng.random(ks)                           # asymmetric: checks the convolution direction
+    got = smooth_counts(torch.from_numpy(counts), torch.from_numpy(window), mode).numpy()
+    np.testing.assert_allclose(got, convolve1d(counts, window, mode=mode), rtol=1e-12, atol=1e-12)
+
+
+def test_smooth_counts_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        smooth_counts(torch.ones(4), torch.ones(3), "circular")
+    with pytest.raises(ValueError, match="window"):
+        smooth_counts(torch.ones(4), torch.ones(4))
+
+
+# --------------------------------------------------------------------------------------------------
+# Bins, histograms, weights
+# --------------------------------------------------------------------------------------------------
+
+
+def test_histogram_and_clamping():
+    labels = torch.tensor([-3.0, 0.0, 0.49, 0.5, 1.2, 2.99, 3.0, 7.5, 1e9])
+    counts = lds.label_histogram(labels, 6, range=(0.0, 3.0))
+    # bins of width 0.5: [0,.5) [.5,1) [1,1.5) [1.5,2) [2,2.5) [2.5,3]; below -> 0, at/above 3 -> last
+    expected = [0] * 6
+    for v in labels.tolist():
+        expected[min(max(int(math.floor(v / 0.5)), 0), 5)] += 1
+    assert counts.tolist() == expected
+    edges = torch.tensor([0.0, 1.0, 5.0, 6.0])            # 3 bins: [0,1) [1,5) [5,6]
+    assert lds.label_histogram(labels, edges).tolist() == [4, 3, 2]
+
+
+def test_histogram_mask_and_errors():
+    labels = torch.tensor([[0.1, float("nan")], [2.5, 0.2]])
+    mask = torch.tensor([[True, False], [True, True]])
+    assert lds.label_histogram(labels, 3, range=(0, 3), mask=mask).tolist() == [2, 0, 1]
+    with pytest.raises(ValueError, match="labels contain NaN"):
+        lds.label_histogram(labels, 3, range=(0, 3))
+    with pytest.raises(ValueError, match="range"):
+        lds.label_histogram(labels, 3, range=(3, 0), mask=mask)
+    with pytest.raises(ValueError, match="range"):
+        lds.label_histogram(labels, 3, mask=mask)
+    with pytest.raises(ValueError, match="bins"):
+        lds.label_histogram(labels, 0, range=(0, 3), mask=mask)
+    with pytest.raises(ValueError, match="increasing"):
+        lds.label_histogram(labels, torch.tensor([0.0, 2.0, 1.0]), mask=mask)
+    with pytest.raises(ValueError, match="mask"):
+        lds.label_histogram(labels, 3, range=(0, 3), mask=mask[0])
+
+
+AGE_CASES = [
+    ("sqrt_inv", True, "gaussian", 5, 2.0),
+    ("sqrt_inv", True, "triang", 9, 1.0),
+    ("sqrt_inv", True, "laplace", 5, 2.0),
+    ("inverse", True, "gaussian", 5, 2.0),
+    ("inverse", True, "gaussian", 3, 1.0),
+    ("sqrt_inv", False, "gaussian", 5, 2.0),
+    ("inverse", False, "gaussian", 5, 2.0),
+    ("none", False, "gaussian", 5, 2.0),
+]
+
+
+@pytest.mark.parametrize("reweight, lds_on, kernel, ks, sigma", AGE_CASES)
+def test_sample_weights_match_reference(reweight, lds_on, kernel, ks, sigma):
+    rng = np.random.default_rng(0)
+    # skewed ages in [0, 130): some above max_target-1 = 120 (clamped by the reference), many rare bins
+    ages = np.concatenate([rng.gamma(4.0, 8.0, 3000), rng.uniform(0, 130, 40)])
+    ages = np.clip(ages, 0, 129.99)
+    expected = ref_prepare_weights(ages.tolist(), reweight, 121, lds_on, kernel, ks, sigma)
+    scheme = {"inverse": "inv"}.get(reweight, reweight)
+    got = sample_weights(torch.tensor(ages), 121, scheme, lds_on, range=(0, 121), kernel=kernel, ks=ks, sigma=sigma)
+    assert got.dtype == torch.float64
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-12)
+    assert abs(float(got.mean()) - 1.0) < 1e-12
+    # float32 labels keep their dtype
+    got32 = sample_weights(torch.tensor(ages, dtype=torch.float32), 121, scheme, lds_on, range=(0, 121),
+                           kernel=kernel, ks=ks, sigma=sigma)
+    assert got32.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reweight", ["sqrt_inv", "inverse"])
+@pytest.mark.parametrize("kernel, ks, sigma", [("gaussian", 5, 2.0), ("triang", 7, 1.0)])
+def test_depth_bucket_weights_match_reference(reweight, kernel, ks, sigma):
+    rng = np.random.default_rng(1)
+    counts = rng.integers(1, 10_000_000, 100)
+    expected = ref_bucket_weights(counts, reweight, ref_window(kernel, ks, sigma), "reflect")
+    scheme = "sqrt_inv" if reweight == "sqrt_inv" else "inv"
+    lw = LabelWeights.from_counts(torch.tensor(counts), 100, range=(0.0, 10.0), scheme=scheme, clip=None,
+                                  kernel=kernel, ks=ks, sigma=sigma, mode="reflect")
+    np.testing.assert_allclose(lw.bin_weights.numpy(), expected, rtol=1e-12)
+    # per-pixel lookup of a dense batch == the reference's Python map over pixels
+    depth = torch.rand(2, 1, 9, 11, dtype=torch.float32) * 11.0
+    mask = torch.rand(2, 1, 9, 11) > 0.2
+    w = lw.weights(depth, mask)
+    assert w.shape == depth.shape and w.dtype == torch.float32
+    table = [np.float32(v) for v in expected]
+    ref = [table[min(int(v * np.float32(10)), 99)] if m else 0.0
+           for v, m in zip(depth.reshape(-1).numpy(), mask.reshape(-1).tolist())]
+    np.testing.assert_allclose(w.reshape(-1).numpy(), ref, rtol=1e-6)
+
+
+def test_label_weights_dense_fit_mask_and_mean_one():
+    labels = torch.rand(3, 1, 13, 17, dtype=torch.float64) ** 2 * 8.0
+    labels[0, 0, 0, :5] = float("nan")                 # holes, masked out
+    mask = torch.isfinite(labels) & (labels > 0.05)
+    lw = LabelWeights(40, range=(0.0, 8.0), scheme="sqrt_inv", ks=5, sigma=2.0, mode="reflect").fit(labels, mask)
+    w = lw.weights(labels, mask)
+    assert bool((w[~mask] == 0).all())
+    assert abs(float(w[mask].mean()) - 1.0) < 1e-12
+    # the gather equals a per-element loop over the fitted table
+    edges = lw.edges.tolist()
+    table = lw.bin_weights.tolist()
+    for v, m, got in zip(labels.reshape(-1).tolist(), mask.reshape(-1).tolist(), w.reshape(-1).tolist()):
+        if not m:
+            continue
+        b = sum(1 for e in edges[1:-1] if v >= e)
+        assert got == table[b]
+    # the same as label_density's density
+    dens = label_density(labels, 40, range=(0.0, 8.0), mask=mask, scheme="sqrt_inv", ks=5, sigma=2.0, mode="reflect")
+    torch.testing.assert_close(dens, lw.density)
+
+
+def test_label_weights_empty_bins_get_zero_weight():
+    train = torch.tensor([0.5, 0.6, 3.5])
+    lw = LabelWeights(10, range=(0.0, 10.0), scheme="sqrt_inv", lds=False).fit(train)
+    w = lw.weights(torch.tensor([0.55, 3.2, 7.0]))
+    assert float(w[2]) == 0.0 and bool(torch.isfinite(w).all())
+    assert float(w[0]) > 0 and float(w[1]) > 0
+    lw_inv = LabelWeights(10, range=(0.0, 10.0), scheme="inv", lds=False).fit(train)
+    assert float(lw_inv.weights(torch.tensor([7.0]))) > 0      # INV clips empty counts to 5
+
+
+def test_label_weights_scheme_none_and_errors():
+    lw = LabelWeights(5, range=(0, 5), scheme="none", lds=False).fit(torch.tensor([0.1, 0.2, 4.0]))
+    assert lw.weights(torch.tensor([0.0, 3.0])).tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="lds=True"):
+        LabelWeights(5, range=(0, 5), scheme="none", lds=True)
+    with pytest.raises(ValueError, match="scheme"):
+        LabelWeights(5, range=(0, 5), scheme="log")
+    with pytest.raises(ValueError, match="ks"):
+        LabelWeights(5, range=(0, 5), ks=4)
+    with pytest.raises(ValueError, match="mode"):
+        LabelWeights(5, range=(0, 5), mode="edge")
+    with pytest.raises(ValueError, match="clip"):
+        LabelWeights(5, range=(0, 5), scheme="inv", clip=(10, 1))
+    with pytest.raises(RuntimeError, match="before fit"):
+        LabelWeights(5, range=(0, 5)).weights(torch.zeros(3))
+    with pytest.raises(ValueError, match="counts"):
+        LabelWeights.from_counts(torch.ones(4), 5, range=(0, 5))
+    with pytest.raises(ValueError, match="counts"):
+        LabelWeights.from_counts(torch.zeros(5), 5, range=(0, 5))
+    with pytest.raises(ValueError, match="counts"):
+        LabelWeights.from_counts(-torch.ones(5), 5, range=(0, 5))
+
+
+def test_histograms_add_up_over_batches():
+    batches = [torch.rand(4, 1, 5, 6) * 3 for _ in range(3)]
+    total = sum(lds.label_histogram(b, 12, range=(0, 3)) for b in batches)
+    whole = lds.label_histogram(torch.cat(batches), 12, range=(0, 3))
+    assert total.tolist() == whole.tolist()
+    lw1 = LabelWeights.from_counts(total, 12, range=(0, 3))
+    lw2 = LabelWeights(12, range=(0, 3)).fit(torch.cat(batches))
+    torch.testing.assert_close(lw1.bin_weights, lw2.bin_weights, rtol=0, atol=0)

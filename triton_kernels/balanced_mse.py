@@ -1,0 +1,638 @@
+"""Triton kernels of the Balanced MSE family (methods.md §1): BMC, and GAI/BNI through one mixture kernel.
+
+Installed as ``imbreg_fast.triton_kernels.balanced_mse``; the registered ops that call the launchers
+(``bmc_fwd``, ``mixture_nll_fwd``) live in ``imbreg_fast/ops/balanced_mse_triton.py``. The launchers follow
+the contract of the C++ ops ``imbreg_fast::bmc_fwd`` / ``imbreg_fast::mixture_nll_fwd``
+(csrc/balanced_mse.cpp): they return ``(loss, grad_pred, grad_noise_var)``, the two gradients computed in
+the same pass as the loss (already scaled by the reduction weight), or empty ``[0]`` tensors when
+``compute_grad`` is false.
+
+Launches per call: a prologue kernel that lays out the candidates (BMC) or the component tables (GAI/BNI)
+planar, padded to whole tiles and pre-scaled (O(M) / O(K) work), the main kernel (one program per block
+of rows), and for 'mean' / 'sum' a one-program kernel that adds the per-program partial sums in a fixed
+order (deterministic: no atomics). The 'mean' weight 1/max(count, 1) is read from a device tensor
+(count = kept rows, ``mask.sum()`` on the device): nothing on the path synchronises with the host.
+
+Precision: inputs are loaded in their dtype and everything is computed in ``ACC`` (fp32 for fp32, fp16
+and bf16 inputs; fp64 for fp64 inputs); results are cast to the output dtype on store.
+
+Layout: the main kernels work on [BLOCK_CANDS or BLOCK_COMPS, BLOCK_ROWS] tiles with the rows on the fast
+axis. Triton's default layout then gives each thread whole columns (its rows x all candidates/components
+of the tile), so the per-row reductions of the online softmax stay in registers: no shuffles, no shared
+memory, and the candidate/component values are broadcast loads. (Rows on the slow axis made Triton
+spread a row over 32 lanes: over 20 shuffles per logit.) Block sizes are fixed, chosen from the sm_90 SASS
+(no autotuning: with the interpreter an autotuner of several configs cannot run, and the tests must
+exercise the configuration the GPU runs). The target dimension D <= 4 (``MAX_DIM``) is a compile-time
+constant with one register accumulator per dimension.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["MAX_DIM", "bmc_fwd", "mixture_nll_fwd"]
+
+MAX_DIM = 4
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+# Block sizes. Rows per program = 32 lanes x num_warps x rows per thread; a thread holds its rows x the
+# tile's candidates/components in registers. Chosen from the sm_90 SASS (ptxas, no GPU needed): the
+# largest tiles without register spills, e.g. BMC d = 1 fp32 [16 x 256]: 127 registers, main loop
+# 10.75 instructions per logit; mixture d = 1 fp32 [8 x 512]: 106 registers, 12 per logit.
+BMC_BLOCK_CANDS = 16
+BMC_NUM_WARPS = 4
+MIXTURE_BLOCK_COMPS = 8
+MIXTURE_NUM_WARPS = 4
+PROLOGUE_BLOCK = 1024
+FINALIZE_BLOCK = 1024
+
+
+def bmc_block_rows(d: int, dtype: torch.dtype) -> int:
+    return 128 if dtype == torch.float64 or d >= 3 else 256
+
+
+def mixture_block_rows(d: int, dtype: torch.dtype) -> int:
+    if dtype == torch.float64:
+        return 128 if d >= 3 else 256
+    return 256 if d >= 3 else 512
+
+
+@triton.jit
+def _load_dim(ptr, idx, k: tl.constexpr, D: tl.constexpr, valid, ACC: tl.constexpr):
+    """Column k of a row-major [*, D] array at rows ``idx``; 0 where not ``valid``."""
+    return tl.load(ptr + idx * D + k, mask=valid, other=0.0).to(ACC)
+
+
+@triton.jit
+def _reduction_weight(count_ptr, N, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr):
+    """Weight of a row in the reduced loss: 1/max(kept rows, 1) for 'mean', else 1."""
+    w = tl.full([], 1.0, ACC)
+    if REDUCTION == 1:
+        if HAS_MASK:
+            count = tl.load(count_ptr).to(ACC)
+        else:
+            count = tl.full([], N, ACC)
+        w = 1.0 / tl.maximum(count, 1.0)
+    return w
+
+
+@triton.jit
+def _store(ptr, offsets, ok, x):
+    tl.store(ptr + offsets, x.to(ptr.dtype.element_ty), mask=ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# BMC: row i against its candidates, streamed in tiles with an online softmax (the N x M logits never
+# exist in memory).
+#
+# With the positive shifted out, l'_ij = l_ij - l_ii = (|p_i - y_i|^2 - |p_i - c_j|^2) / (2 s2)
+#                                        = sum_k (c_jk - y_ik) (2 p_ik - y_ik - c_jk) / (2 s2),
+# a product of two well-conditioned factors (no cancellation of two huge distances when the prediction
+# is far from every target, or sigma is tiny); l'_ii = 0 exactly. Then, with s_ij = softmax_j(l'_ij):
+#   L_i        = 2 s2 (-l_ii + LSE_j l_ij)  = 2 s2 LSE_j l'_ij
+#   dL_i/dp_i  = 2 (sum_j s_ij c_j - y_i)   = 2 sum_j s_ij (c_j - y_i)
+#   dL_i/ds2   = 2 (l_ii - sum_j s_ij l_ij) = -2 sum_j s_ij l'_ij
+# (dl_ij/dp_i = -(p_i - c_j)/s2 and dl_ij/ds2 = -l_ij/s2, the 2 s2 factor being under stop-gradient.)
+# Logits are in base-2 units, t = l' log2(e) = sum_k (c_jk - y_ik) (a_ik - cs_jk) with
+# a_ik = (2 p_ik - y_ik) log2(e)/(2 s2) and cs_jk = c_jk log2(e)/(2 s2), so exp2 is the native instruction.
+# The running max starts at 0, the positive's t: default mode streams all kept targets (the positive
+# among them, t = 0, no diagonal test needed); with explicit candidates the positive is not streamed
+# and seeds the sums instead (sum e = 1, sum e t = 0, sum e (c - y_i) = 0).
+# Dropped candidates and the padding of the last tile are zero-valued with an additive bias of -inf
+# (one add per logit, and only in tiles that need it); sum e t and sum e dy use the unbiased t.
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bmc_candidates_kernel(
+    src_ptr,          # [M, D] candidates, or the targets (TARGETS_AS_CANDS)
+    mask_ptr,         # [M] bool: candidates kept (HAS_MASK)
+    noise_var_ptr,    # [] sigma^2
+    cand_ptr,         # [D, M_pad] out (ACC): candidates, planar; 0 where dropped or padding
+    cand_scaled_ptr,  # [D, M_pad] out (ACC): candidates * log2(e) / (2 sigma^2)
+    bias_ptr,         # [M_pad] out (ACC): 0 for kept candidates, -inf for dropped ones and padding
+    M, M_pad,
+    D: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_pad = idx < M_pad
+    kept = idx < M
+    if HAS_MASK:
+        kept = kept & (tl.load(mask_ptr + idx, mask=kept, other=0) != 0)
+    scale = LOG2E / (2.0 * tl.load(noise_var_ptr).to(ACC))
+    tl.store(bias_ptr + idx, tl.where(kept, 0.0, float("-inf")).to(ACC), mask=in_pad)
+    for k in tl.static_range(D):
+        c = _load_dim(src_ptr, idx, k, D, kept, ACC)
+        tl.store(cand_ptr + k * M_pad + idx, c, mask=in_pad)
+        tl.store(cand_scaled_ptr + k * M_pad + idx, c * scale, mask=in_pad)
+
+
+@triton.jit
+def _bmc_tile(start, cand_ptr, cand_scaled_ptr, bias_ptr, M_pad,
+              y0, y1, y2, y3, a0, a1, a2, a3,
+              m, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3,
+              D: tl.constexpr, BIAS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_CANDS: tl.constexpr):
+    """Online-softmax update of a block of rows with candidates [start, start + BLOCK_CANDS)."""
+    cols = start + tl.arange(0, BLOCK_CANDS)
+    c = tl.load(cand_ptr + cols)
+    dy0 = c[:, None] - y0[None, :]                                        # [BLOCK_CANDS, BLOCK_ROWS]
+    t = dy0 * (a0[None, :] - tl.load(cand_scaled_ptr + cols)[:, None])
+    if D > 1:
+        c = tl.load(cand_ptr + M_pad + cols)
+        dy1 = c[:, None] - y1[None, :]
+        t += dy1 * (a1[None, :] - tl.load(cand_scaled_ptr + M_pad + cols)[:, None])
+    if D > 2:
+        c = tl.load(cand_ptr + 2 * M_pad + cols)
+        dy2 = c[:, None] - y2[None, :]
+        t += dy2 * (a2[None, :] - tl.load(cand_scaled_ptr + 2 * M_pad + cols)[:, None])
+    if D > 3:
+        c = tl.load(cand_ptr + 3 * M_pad + cols)
+        dy3 = c[:, None] - y3[None, :]
+        t += dy3 * (a3[None, :] - tl.load(cand_scaled_ptr + 3 * M_pad + cols)[:, None])
+    t_kept = t
+    if BIAS:
+        t_kept = t + tl.load(bias_ptr + cols)[:, None]
+    m_new = tl.maximum(m, tl.max(t_kept, axis=0))
+    rescale = tl.exp2(m - m_new)
+    e = tl.exp2(t_kept - m_new[None, :])                                  # 0 on dropped candidates
+    sum_e = sum_e * rescale + tl.sum(e, axis=0)
+    sum_et = sum_et * rescale + tl.sum(e * t, axis=0)
+    if COMPUTE_GRAD:
+        sum_ed0 = sum_ed0 * rescale + tl.sum(e * dy0, axis=0)
+        if D > 1:
+            sum_ed1 = sum_ed1 * rescale + tl.sum(e * dy1, axis=0)
+        if D > 2:
+            sum_ed2 = sum_ed2 * rescale + tl.sum(e * dy2, axis=0)
+        if D > 3:
+            sum_ed3 = sum_ed3 * rescale + tl.sum(e * dy3, axis=0)
+    return m_new, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3
+
+
+@triton.jit
+def _bmc_fwd_kernel(
+    pred_ptr,         # [N, D] predictions
+    target_ptr,       # [N, D] targets (the positives)
+    cand_ptr,         # [D, M_pad] candidates, planar, from _bmc_candidates_kernel (ACC)
+    cand_scaled_ptr,  # [D, M_pad] candidates * log2(e) / (2 sigma^2) (ACC)
+    bias_ptr,         # [M_pad] 0 / -inf (ACC)
+    mask_ptr,         # [N] bool: rows kept (HAS_MASK)
+    count_ptr,        # [] int32: number of kept rows (read for 'mean' with a mask)
+    noise_var_ptr,    # [] sigma^2
+    loss_ptr,         # [N] row losses ('none') or [num_programs] partial sums (ACC)
+    grad_pred_ptr,    # [N, D] d loss / d pred, scaled by the reduction weight
+    grad_var_ptr,     # [N] row d loss / d sigma^2 ('none') or [num_programs] partial sums (ACC)
+    N, M_pad,
+    M_UNBIASED,       # candidates [0, M_UNBIASED) need no bias (whole tiles, none dropped)
+    D: tl.constexpr, TARGETS_AS_CANDS: tl.constexpr, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_CANDS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < N
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    s2 = tl.load(noise_var_ptr).to(ACC)
+    scale = LOG2E / (2.0 * s2)
+
+    # Row factors y_ik and a_ik (0 on dropped rows: their values may be NaN holes).
+    y0 = _load_dim(target_ptr, rows, 0, D, row_ok, ACC)
+    a0 = (2.0 * _load_dim(pred_ptr, rows, 0, D, row_ok, ACC) - y0) * scale
+    y1 = y0
+    y2 = y0
+    y3 = y0
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    if D > 1:
+        y1 = _load_dim(target_ptr, rows, 1, D, row_ok, ACC)
+        a1 = (2.0 * _load_dim(pred_ptr, rows, 1, D, row_ok, ACC) - y1) * scale
+    if D > 2:
+        y2 = _load_dim(target_ptr, rows, 2, D, row_ok, ACC)
+        a2 = (2.0 * _load_dim(pred_ptr, rows, 2, D, row_ok, ACC) - y2) * scale
+    if D > 3:
+        y3 = _load_dim(target_ptr, rows, 3, D, row_ok, ACC)
+        a3 = (2.0 * _load_dim(pred_ptr, rows, 3, D, row_ok, ACC) - y3) * scale
+
+    m = tl.zeros([BLOCK_ROWS], dtype=ACC)          # running max of t (the positive's t = 0)
+    sum_e = tl.zeros([BLOCK_ROWS], dtype=ACC)      # sum_j e_j,  e_j = 2^(t_j - m)
+    if not TARGETS_AS_CANDS:
+        sum_e += 1.0                               # the positive, not among the streamed candidates
+    sum_et = tl.zeros([BLOCK_ROWS], dtype=ACC)     # sum_j e_j t_j
+    sum_ed0 = tl.zeros([BLOCK_ROWS], dtype=ACC)    # sum_j e_j (c_jk - y_ik), k = 0..D-1
+    sum_ed1 = tl.zeros([BLOCK_ROWS], dtype=ACC)
+    sum_ed2 = tl.zeros([BLOCK_ROWS], dtype=ACC)
+    sum_ed3 = tl.zeros([BLOCK_ROWS], dtype=ACC)
+
+    for start in range(0, M_UNBIASED, BLOCK_CANDS):
+        m, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3 = _bmc_tile(
+            start, cand_ptr, cand_scaled_ptr, bias_ptr, M_pad, y0, y1, y2, y3, a0, a1, a2, a3,
+            m, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3, D, False, COMPUTE_GRAD, BLOCK_CANDS)
+    for start in range(M_UNBIASED, M_pad, BLOCK_CANDS):
+        m, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3 = _bmc_tile(
+            start, cand_ptr, cand_scaled_ptr, bias_ptr, M_pad, y0, y1, y2, y3, a0, a1, a2, a3,
+            m, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3, D, True, COMPUTE_GRAD, BLOCK_CANDS)
+
+    in_range = rows < N
+    sum_e = tl.where(row_ok, sum_e, 1.0)           # kept rows: >= 1 (the max term); dropped rows: unused
+    two_s2 = 2.0 * s2
+    loss = tl.where(row_ok, two_s2 * LN2 * (m + tl.log2(sum_e)), 0.0)   # 2 s2 LSE_j l'_ij
+    if REDUCTION == 0:
+        _store(loss_ptr, rows, in_range, loss)
+    else:
+        tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
+    if COMPUTE_GRAD:
+        inv_sum = tl.where(row_ok, 1.0 / sum_e, 0.0)
+        grad_var = -2.0 * LN2 * sum_et * inv_sum                          # -2 sum_j s_ij l'_ij
+        if REDUCTION == 0:
+            _store(grad_var_ptr, rows, in_range, grad_var)
+        else:
+            tl.store(grad_var_ptr + pid, tl.sum(grad_var, axis=0))
+        # dL_i/dp_ik = 2 sum_j s_ij (c_jk - y_ik), times the row's weight in the reduced loss.
+        w = 2.0 * _reduction_weight(count_ptr, N, HAS_MASK, REDUCTION, ACC) * inv_sum
+        _store(grad_pred_ptr, rows * D, in_range, w * sum_ed0)
+        if D > 1:
+            _store(grad_pred_ptr, rows * D + 1, in_range, w * sum_ed1)
+        if D > 2:
+            _store(grad_pred_ptr, rows * D + 2, in_range, w * sum_ed2)
+        if D > 3:
+            _store(grad_pred_ptr, rows * D + 3, in_range, w * sum_ed3)
+
+
+# --------------------------------------------------------------------------------------------------
+# GAI / BNI: one element-wise pass over the rows; each program streams the K components in tiles with
+# an online log-sum-exp. Per row (tables: see imbreg_fast.ops.balanced_mse.gai_tables / bni_tables),
+# with delta_k = p - mu_k, alpha_k = P_k delta_k, u = p - y, e = |u|^2, r_k = softmax_k(logit_k):
+#   logit_k  = a_k - 1/2 delta_k . alpha_k
+#   L        = 2 s2 [ e/(2 s2) + c (D/2) log s2 + LSE_k logit_k ]
+#   dL/dp    = 2 u - 2 s2 sum_k r_k alpha_k               (d logit_k/dp = -alpha_k, P_k symmetric)
+#   dL/ds2   = -e/s2 + c D + 2 s2 sum_k r_k (1/2 |alpha_k|^2 - b_k)
+# (d/ds2 of -1/2 delta^T P delta is 1/2 |P delta|^2 since dP/ds2 = -P^2; of a_k it is -b_k.)
+# In base 2 with beta_k = Q_k delta_k, Q_k = -1/2 log2(e) P_k (so alpha_k = -2 beta_k / log2(e)):
+#   logit_k log2(e) = a2_k + delta_k . beta_k,                   a2_k = a_k log2(e)
+#   dL/dp           = 2 u + 4 s2 / log2(e) sum_k r_k beta_k
+#   dL/ds2          = -e/s2 + c D + 4 s2 / log2(e)^2 sum_k r_k (|beta_k|^2 - b2_k),   b2_k = b_k log2(e)^2 / 2
+# The prologue writes a2, mu, Q, -b2 planar and padded to whole tiles (a2 = -inf on the padding, whose
+# beta = 0), so the main loop has no masks: (D + 2)^2 flops and one exp2 per (row, component).
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mixture_tables_kernel(
+    log_weight_ptr,    # [K] a_k
+    means_ptr,         # [K, D] mu_k
+    prec_ptr,          # [K, D, D] P_k
+    grad_var_bias_ptr, # [K] b_k
+    a2_ptr,            # [K_pad] out (ACC): a_k log2(e); -inf on the padding
+    mu_ptr,            # [D, K_pad] out (ACC): mu_k, planar; 0 on the padding
+    q_ptr,             # [D * D, K_pad] out (ACC): Q_k[j, l] = -1/2 log2(e) P_k[j, l]; 0 on the padding
+    nb2_ptr,           # [K_pad] out (ACC): -b_k log2(e)^2 / 2; 0 on the padding
+    K, K_pad,
+    D: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    in_pad = idx < K_pad
+    valid = idx < K
+    a = tl.load(log_weight_ptr + idx, mask=valid, other=0.0).to(ACC)
+    tl.store(a2_ptr + idx, tl.where(valid, a * LOG2E, float("-inf")), mask=in_pad)
+    b = tl.load(grad_var_bias_ptr + idx, mask=valid, other=0.0).to(ACC)
+    tl.store(nb2_ptr + idx, b * (-0.5 * LOG2E * LOG2E), mask=in_pad)
+    for j in tl.static_range(D):
+        tl.store(mu_ptr + j * K_pad + idx, _load_dim(means_ptr, idx, j, D, valid, ACC), mask=in_pad)
+    for jl in tl.static_range(D * D):
+        q = _load_dim(prec_ptr, idx, jl, D * D, valid, ACC) * (-0.5 * LOG2E)
+        tl.store(q_ptr + jl * K_pad + idx, q, mask=in_pad)
+
+
+@triton.jit
+def _beta_dim(j: tl.constexpr, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D: tl.constexpr):
+    """beta_kj = sum_l Q_k[j, l] delta_kl for a tile of components: [BLOCK_COMPS, BLOCK_ROWS]."""
+    beta = tl.load(q_ptr + (j * D) * K_pad + cols)[:, None] * delta0
+    if D > 1:
+        beta += tl.load(q_ptr + (j * D + 1) * K_pad + cols)[:, None] * delta1
+    if D > 2:
+        beta += tl.load(q_ptr + (j * D + 2) * K_pad + cols)[:, None] * delta2
+    if D > 3:
+        beta += tl.load(q_ptr + (j * D + 3) * K_pad + cols)[:, None] * delta3
+    return beta
+
+
+@triton.jit
+def _mixture_nll_fwd_kernel(
+    pred_ptr,          # [N, D] predictions
+    target_ptr,        # [N, D] targets
+    mask_ptr,          # [N] bool: rows kept (HAS_MASK)
+    count_ptr,         # [] int32: number of kept rows (read for 'mean' with a mask)
+    noise_var_ptr,     # [] sigma^2
+    a2_ptr,            # [K_pad] a_k log2(e)         (tables from _mixture_tables_kernel, ACC)
+    mu_ptr,            # [D, K_pad] mu_k
+    q_ptr,             # [D * D, K_pad] Q_k
+    nb2_ptr,           # [K_pad] -b2_k
+    loss_ptr,          # [N] row losses ('none') or [num_programs] partial sums (ACC)
+    grad_pred_ptr,     # [N, D] d loss / d pred, scaled by the reduction weight
+    grad_var_ptr,      # [N] row d loss / d sigma^2 ('none') or [num_programs] partial sums (ACC)
+    N, K_pad, log_noise_coef,
+    D: tl.constexpr, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COMPS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_ok = rows < N
+    if HAS_MASK:
+        row_ok = row_ok & (tl.load(mask_ptr + rows, mask=row_ok, other=0) != 0)
+    s2 = tl.load(noise_var_ptr).to(ACC)
+
+    # Dropped rows load 0 (their values may be NaN holes).
+    p0 = _load_dim(pred_ptr, rows, 0, D, row_ok, ACC)
+    p1 = p0
+    p2 = p0
+    p3 = p0
+    if D > 1:
+        p1 = _load_dim(pred_ptr, rows, 1, D, row_ok, ACC)
+    if D > 2:
+        p2 = _load_dim(pred_ptr, rows, 2, D, row_ok, ACC)
+    if D > 3:
+        p3 = _load_dim(pred_ptr, rows, 3, D, row_ok, ACC)
+
+    m = tl.full([BLOCK_ROWS], float("-inf"), ACC)  # running max of logit log2(e); finite after tile 0
+    sum_e = tl.zeros([BLOCK_ROWS], dtype=ACC)      # sum_k e_k,  e_k = 2^(logit_k log2(e) - m)
+    sum_eg = tl.zeros([BLOCK_ROWS], dtype=ACC)     # sum_k e_k (|beta_k|^2 - b2_k)
+    sum_eb0 = tl.zeros([BLOCK_ROWS], dtype=ACC)    # sum_k e_k beta_kj, j = 0..D-1
+    sum_eb1 = tl.zeros([BLOCK_ROWS], dtype=ACC)
+    sum_eb2 = tl.zeros([BLOCK_ROWS], dtype=ACC)
+    sum_eb3 = tl.zeros([BLOCK_ROWS], dtype=ACC)
+
+    for start in range(0, K_pad, BLOCK_COMPS):
+        cols = start + tl.arange(0, BLOCK_COMPS)
+        delta0 = p0[None, :] - tl.load(mu_ptr + cols)[:, None]            # [BLOCK_COMPS, BLOCK_ROWS]
+        delta1 = delta0
+        delta2 = delta0
+        delta3 = delta0
+        if D > 1:
+            delta1 = p1[None, :] - tl.load(mu_ptr + K_pad + cols)[:, None]
+        if D > 2:
+            delta2 = p2[None, :] - tl.load(mu_ptr + 2 * K_pad + cols)[:, None]
+        if D > 3:
+            delta3 = p3[None, :] - tl.load(mu_ptr + 3 * K_pad + cols)[:, None]
+        beta0 = _beta_dim(0, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+        logit = tl.load(a2_ptr + cols)[:, None] + delta0 * beta0
+        g = tl.load(nb2_ptr + cols)[:, None] + beta0 * beta0
+        if D > 1:
+            beta1 = _beta_dim(1, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+            logit += delta1 * beta1
+            g += beta1 * beta1
+        if D > 2:
+            beta2 = _beta_dim(2, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+            logit += delta2 * beta2
+            g += beta2 * beta2
+        if D > 3:
+            beta3 = _beta_dim(3, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+            logit += delta3 * beta3
+            g += beta3 * beta3
+        m_new = tl.maximum(m, tl.max(logit, axis=0))
+        rescale = tl.exp2(m - m_new)
+        e = tl.exp2(logit - m_new[None, :])                               # 0 on the padding
+        sum_e = sum_e * rescale + tl.sum(e, axis=0)
+        if COMPUTE_GRAD:
+            sum_eg = sum_eg * rescale + tl.sum(e * g, axis=0)
+            sum_eb0 = sum_eb0 * rescale + tl.sum(e * beta0, axis=0)
+            if D > 1:
+                sum_eb1 = sum_eb1 * rescale + tl.sum(e * beta1, axis=0)
+            if D > 2:
+                sum_eb2 = sum_eb2 * rescale + tl.sum(e * beta2, axis=0)
+            if D > 3:
+                sum_eb3 = sum_eb3 * rescale + tl.sum(e * beta3, axis=0)
+        m = m_new
+
+    u0 = p0 - _load_dim(target_ptr, rows, 0, D, row_ok, ACC)                 # u = p - y
+    sq_err = u0 * u0
+    if D > 1:
+        u1 = p1 - _load_dim(target_ptr, rows, 1, D, row_ok, ACC)
+        sq_err += u1 * u1
+    if D > 2:
+        u2 = p2 - _load_dim(target_ptr, rows, 2, D, row_ok, ACC)
+        sq_err += u2 * u2
+    if D > 3:
+        u3 = p3 - _load_dim(target_ptr, rows, 3, D, row_ok, ACC)
+        sq_err += u3 * u3
+
+    in_range = rows < N
+    two_s2 = 2.0 * s2
+    lse = LN2 * (m + tl.log2(sum_e))              # sum_e >= 1 (the max term), dropped rows included
+    # L = 2 s2 [e/(2 s2) + c (D/2) log s2 + LSE] = e + 2 s2 [c (D/2) log s2 + LSE]: no division per row.
+    loss = tl.where(row_ok, sq_err + two_s2 * (log_noise_coef * (0.5 * D) * tl.log(s2) + lse), 0.0)
+    if REDUCTION == 0:
+        _store(loss_ptr, rows, in_range, loss)
+    else:
+        tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
+    if COMPUTE_GRAD:
+        inv_sum = 1.0 / sum_e
+        grad_var = -sq_err * (1.0 / s2) + log_noise_coef * D + (2.0 * two_s2 * LN2 * LN2) * sum_eg * inv_sum
+        grad_var = tl.where(row_ok, grad_var, 0.0)
+        if REDUCTION == 0:
+            _store(grad_var_ptr, rows, in_range, grad_var)
+        else:
+            tl.store(grad_var_ptr + pid, tl.sum(grad_var, axis=0))
+        w = tl.where(row_ok, _reduction_weight(count_ptr, N, HAS_MASK, REDUCTION, ACC), 0.0)
+        coef = 2.0 * two_s2 * LN2 * inv_sum
+        _store(grad_pred_ptr, rows * D, in_range, w * (2.0 * u0 + coef * sum_eb0))
+        if D > 1:
+            _store(grad_pred_ptr, rows * D + 1, in_range, w * (2.0 * u1 + coef * sum_eb1))
+        if D > 2:
+            _store(grad_pred_ptr, rows * D + 2, in_range, w * (2.0 * u2 + coef * sum_eb2))
+        if D > 3:
+            _store(grad_pred_ptr, rows * D + 3, in_range, w * (2.0 * u3 + coef * sum_eb3))
+
+
+# --------------------------------------------------------------------------------------------------
+# Deterministic second stage of 'mean' / 'sum': one program adds the per-program partials in a fixed
+# order (BLOCK-wide strided accumulation, then one tree sum) and applies the 'mean' weight.
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _finalize_kernel(
+    partial_loss_ptr,   # [P] partial sums of row losses (ACC)
+    partial_var_ptr,    # [P] partial sums of d L_i / d sigma^2 (ACC)
+    count_ptr,          # [] int32 kept rows (read for 'mean' with a mask)
+    loss_ptr,           # [] reduced loss
+    grad_var_ptr,       # [] d loss / d sigma^2
+    P, N,
+    HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    acc_loss = tl.zeros([BLOCK], dtype=ACC)
+    acc_var = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, P, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc_loss += tl.load(partial_loss_ptr + idx, mask=idx < P, other=0.0)
+        if COMPUTE_GRAD:
+            acc_var += tl.load(partial_var_ptr + idx, mask=idx < P, other=0.0)
+    w = _reduction_weight(count_ptr, N, HAS_MASK, REDUCTION, ACC)
+    tl.store(loss_ptr, (w * tl.sum(acc_loss, axis=0)).to(loss_ptr.dtype.element_ty))
+    if COMPUTE_GRAD:
+        tl.store(grad_var_ptr, (w * tl.sum(acc_var, axis=0)).to(grad_var_ptr.dtype.element_ty))
+
+
+# --------------------------------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _outputs(pred, noise_var, reduction, compute_grad, num_programs):
+    """(loss, grad_pred, grad_var, row_or_partial_loss, row_or_partial_var) buffers."""
+    n = pred.shape[0]
+    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    grad_pred = torch.empty(pred.shape if compute_grad else (0,), dtype=pred.dtype, device=pred.device)
+    if reduction == 0:
+        loss = torch.empty(n, dtype=pred.dtype, device=pred.device)
+        grad_var = torch.empty(n if compute_grad else 0, dtype=noise_var.dtype, device=pred.device)
+        return loss, grad_pred, grad_var, loss, grad_var
+    loss = torch.empty((), dtype=pred.dtype, device=pred.device)
+    grad_var = torch.empty(() if compute_grad else (0,), dtype=noise_var.dtype, device=pred.device)
+    partial_loss = torch.empty(num_programs, dtype=acc, device=pred.device)
+    partial_var = torch.empty(num_programs if compute_grad else 0, dtype=acc, device=pred.device)
+    return loss, grad_pred, grad_var, partial_loss, partial_var
+
+
+def _kept_count(mask, reduction, fallback):
+    """[] int32 number of kept rows on the device (only 'mean' with a mask reads it)."""
+    if mask is not None and reduction == 1:
+        return mask.sum(dtype=torch.int32)
+    return fallback
+
+
+def _finalize(partial_loss, partial_var, count, loss, grad_var, n, has_mask, reduction, compute_grad, acc):
+    p = partial_loss.shape[0]
+    block = min(FINALIZE_BLOCK, triton.next_power_of_2(max(p, 1)))
+    _finalize_kernel[(1,)](
+        partial_loss, partial_var if compute_grad else partial_loss, count, loss,
+        grad_var if compute_grad else loss, p, n,
+        HAS_MASK=has_mask, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK=block,
+        num_warps=4)
+
+
+
+def _check_rows(pred, target, mask, noise_var, reduction):
+    if pred.dim() != 2 or target.shape != pred.shape:
+        raise ValueError(f"pred and target must both be [N, d], got {tuple(pred.shape)} and {tuple(target.shape)}")
+    if not 1 <= pred.shape[1] <= MAX_DIM:
+        raise ValueError(f"the Triton Balanced MSE kernels support target dimension 1 <= d <= {MAX_DIM}, got "
+                         f"d = {pred.shape[1]}; use backend='cpp' or backend='torch'")
+    if not pred.is_floating_point() or target.dtype != pred.dtype:
+        raise TypeError(f"pred and target must have the same floating dtype, got {pred.dtype} and {target.dtype}")
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != (pred.shape[0],)):
+        raise ValueError(f"mask must be a [N] = [{pred.shape[0]}] bool tensor, got {mask.dtype} {tuple(mask.shape)}")
+    if noise_var.numel() != 1 or not noise_var.is_floating_point():
+        raise ValueError(f"noise_var must be a floating scalar tensor, got {noise_var.dtype} {tuple(noise_var.shape)}")
+    devices = {t.device for t in (pred, target, mask, noise_var) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"pred, target, mask and noise_var must be on one device, got {sorted(map(str, devices))}")
+    if reduction not in (0, 1, 2):
+        raise ValueError(f"reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got {reduction}")
+
+
+def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_grad: bool, *,
+            block_rows: int | None = None, block_cands: int = BMC_BLOCK_CANDS):
+    """BMC loss and its gradients in one streaming pass (contract of ``imbreg_fast::bmc_fwd``).
+
+    pred, target [N, d]; candidates [M, d] or None (then the kept targets); mask [N] bool or None;
+    noise_var [] = sigma^2; reduction 0/1/2 = none/mean/sum. Returns (loss, grad_pred, grad_noise_var).
+    O(N + M) memory: the N x M logits are never stored.
+    """
+    _check_rows(pred, target, mask, noise_var, reduction)
+    n, d = pred.shape
+    targets_as_cands = candidates is None
+    if targets_as_cands:
+        candidates = target
+    elif (candidates.dim() != 2 or candidates.shape[1] != d or candidates.dtype != pred.dtype
+          or candidates.device != pred.device):
+        raise ValueError(f"candidates must be [M, {d}] of dtype {pred.dtype} on {pred.device}, got "
+                         f"{candidates.dtype} {tuple(candidates.shape)} on {candidates.device}")
+    pred, target, candidates = pred.contiguous(), target.contiguous(), candidates.contiguous()
+    noise_var = noise_var.reshape(())
+    cand_mask = mask if targets_as_cands else None
+    block_rows = block_rows or bmc_block_rows(d, pred.dtype)
+    m = candidates.shape[0]
+    m_pad = triton.cdiv(m, block_cands) * block_cands
+    m_unbiased = 0 if cand_mask is not None else (m // block_cands) * block_cands
+    acc_t = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(pred.dtype)
+    cand = torch.empty((d, m_pad), dtype=acc_t, device=pred.device)
+    cand_scaled = torch.empty_like(cand)
+    bias = torch.empty(m_pad, dtype=acc_t, device=pred.device)
+    num_programs = max(triton.cdiv(n, block_rows), 1)
+    loss, grad_pred, grad_var, loss_buf, var_buf = _outputs(pred, noise_var, reduction, compute_grad, num_programs)
+    count = _kept_count(mask, reduction, loss_buf)
+    with _device_guard(pred):
+        if m_pad > 0:
+            _bmc_candidates_kernel[(triton.cdiv(m_pad, PROLOGUE_BLOCK),)](
+                candidates, candidates if cand_mask is None else cand_mask, noise_var, cand, cand_scaled, bias,
+                m, m_pad, D=d, HAS_MASK=cand_mask is not None, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
+        _bmc_fwd_kernel[(num_programs,)](
+            pred, target, cand, cand_scaled, bias, pred if mask is None else mask, count, noise_var,
+            loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf,
+            n, m_pad, m_unbiased,
+            D=d, TARGETS_AS_CANDS=targets_as_cands, HAS_MASK=mask is not None, REDUCTION=reduction,
+            COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK_ROWS=block_rows, BLOCK_CANDS=block_cands,
+            num_warps=BMC_NUM_WARPS)
+        if reduction != 0:
+            _finalize(loss_buf, var_buf, count, loss, grad_var, n, mask is not None, reduction, compute_grad, acc)
+    return loss, grad_pred, grad_var
+
+
+def mixture_nll_fwd(pred, target, mask, noise_var, log_weight, means, precision, grad_var_bias,
+                    log_noise_coef: float, reduction: int, compute_grad: bool, *,
+                    block_rows: int | None = None, block_comps: int = MIXTURE_BLOCK_COMPS):
+    """GAI / BNI loss and gradients in one pass over the rows (contract of ``imbreg_fast::mixture_nll_fwd``).
+
+    Tables (from ``gai_tables`` / ``bni_tables``): log_weight [K], means [K, d], precision [K, d, d]
+    (symmetric), grad_var_bias [K]; log_noise_coef 1.0 (GAI) or 0.0 (BNI).
+    Returns (loss, grad_pred, grad_noise_var).
+    """
+    _check_rows(pred, target, mask, noise_var, reduction)
+    n, d = pred.shape
+    k = log_weight.shape[0] if log_weight.dim() == 1 else 0
+    if k < 1 or means.shape != (k, d) or precision.shape != (k, d, d) or grad_var_bias.shape != (k,):
+        raise ValueError(f"mixture tables must be log_weight [K], means [K, {d}], precision [K, {d}, {d}], "
+                         f"grad_var_bias [K] with K >= 1; got {tuple(log_weight.shape)}, {tuple(means.shape)}, "
+                         f"{tuple(precision.shape)}, {tuple(grad_var_bias.shape)}")
+    tables = [t.contiguous() for t in (log_weight, means, precision, grad_var_bias)]
+    if any(t.device != pred.device for t in tables):
+        raise ValueError(f"mixture tables must be on {pred.device}")
+    pred, target = pred.contiguous(), target.contiguous()
+    noise_var = noise_var.reshape(())
+    block_rows = block_rows or mixture_block_rows(d, pred.dtype)
+    k_pad = triton.cdiv(k, block_comps) * block_comps
+    acc_t = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    acc = _acc_dtype(pred.dtype)
+    a2 = torch.empty(k_pad, dtype=acc_t, device=pred.device)
+    mu = torch.empty((d, k_pad), dtype=acc_t, device=pred.device)
+    q = torch.empty((d * d, k_pad), dtype=acc_t, device=pred.device)
+    nb2 = torch.empty(k_pad, dtype=acc_t, device=pred.device)
+    num_programs = max(triton.cdiv(n, block_rows), 1)
+    loss, grad_pred, grad_var, loss_buf, var_buf = _outputs(pred, noise_var, reduction, compute_grad, num_programs)
+    count = _kept_count(mask, reduction, loss_buf)
+    with _device_guard(pred):
+        _mixture_tables_kernel[(triton.cdiv(k_pad, PROLOGUE_BLOCK),)](
+            *tables, a2, mu, q, nb2, k, k_pad, D=d, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
+        _mixture_nll_fwd_kernel[(num_programs,)](
+            pred, target, pred if mask is None else mask, count, noise_var, a2, mu, q, nb2,
+            loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf,
+            n, k_pad, float(log_noise_coef),
+            D=d, HAS_MASK=mask is not None, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, ACC=acc,
+            BLOCK_ROWS=block_rows, BLOCK_COMPS=block_comps, num_warps=MIXTURE_NUM_WARPS)
+        if reduction != 0:
+            _finalize(loss_buf, var_buf, count, loss, grad_var, n, mask is not None, reduction, compute_grad, acc)
+    return loss, grad_pred, grad_var

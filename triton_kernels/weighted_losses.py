@@ -1,0 +1,212 @@
+"""Triton kernel of the weighted regression losses (methods.md §2): MSE, L1, Huber, focal MSE, focal L1.
+
+Installed as ``imbreg_fast.triton_kernels.weighted_losses``; the registered op that calls the launcher
+(``imbreg_fast::triton_weighted_regression_fwd``) lives in ``imbreg_fast/ops/weighted_losses_triton.py``.
+The launcher follows the contract of the C++ op ``imbreg_fast::weighted_regression_fwd``
+(csrc/weighted_losses.cpp): it returns ``(loss, grad_pred)``, d loss / d pred computed in the same pass as
+the loss (already scaled by the reduction), or an empty ``[0]`` tensor when ``compute_grad`` is false.
+
+One element-wise kernel, the loss kind a ``tl.constexpr``. Reductions: every program writes the partial
+sum of its elements' w·l; one single-program kernel adds the partials in a fixed order (no atomics:
+deterministic run to run). The scale of 'mean' (1/kept count) and 'weighted_mean' (1/sum of kept weights)
+is needed by the gradient in the main pass: it is computed first on the device (a torch reduction) and read
+by the kernels from a pointer, so nothing synchronises with the host.
+
+Precision: loads in the input dtype, compute in ``ACC`` (fp64 for fp64 inputs, else fp32), cast on store.
+Focal factor: 2 sigmoid(x) - 1 = tanh(x/2), so both activations use s = tanh(kappa |e|) (kappa = beta/2 or
+beta), evaluated as -m / (2 + m) with m = expm1(-2 kappa |e|) (accurate near 0; expm1 by Kahan's
+``(u - 1) x / log u`` since libdevice's expm1 does not run under the interpreter).
+"""
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["weighted_regression_fwd"]
+
+BLOCK = 1024
+NUM_WARPS = 4
+FINALIZE_BLOCK = 1024
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 for x <= 0, accurate near 0 (Kahan): (u - 1) x / log(u), u = exp(x)."""
+    u = tl.exp(x)
+    safe_u = tl.where((u == 1.0) | (u == 0.0), 0.5, u)
+    return tl.where(u == 1.0, x, tl.where(u == 0.0, -1.0, (safe_u - 1.0) * x / tl.log(safe_u)))
+
+
+@triton.jit
+def _from_bits(bits, ACC: tl.constexpr):
+    """A float64 passed as its int64 bit pattern, in ACC (exact in fp64: a Python float argument would be
+    typed fp32 by the launcher and lose precision)."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)
+
+
+@triton.jit(do_not_specialize=["beta_bits", "kappa_bits", "gamma_bits"])
+def _weighted_regression_fwd_kernel(
+    pred_ptr,        # [N] predictions
+    target_ptr,      # [N] targets
+    weight_ptr,      # [N] weights (read when HAS_WEIGHT)
+    mask_ptr,        # [N] bool: elements kept (read when HAS_MASK)
+    denom_ptr,       # [] ACC: kept count ('mean' with mask) or sum of kept weights ('weighted_mean')
+    loss_ptr,        # [N] w l ('none') or [num_programs] partial sums (ACC)
+    grad_ptr,        # [N] d loss / d pred, scaled by the reduction
+    N, beta_bits, kappa_bits, gamma_bits,     # float64 bit patterns (see _from_bits)
+    LOSS: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
+    REDUCTION: tl.constexpr, READ_DENOM: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    if HAS_MASK:
+        ok = ok & (tl.load(mask_ptr + offs, mask=ok, other=0) != 0)
+    beta = _from_bits(beta_bits, ACC)
+    kappa = _from_bits(kappa_bits, ACC)
+    gamma = _from_bits(gamma_bits, ACC)
+    # Dropped elements load e = 0 and w = 0 (NaN holes never reach the sums); l(0) = 0 for every kind.
+    e = tl.load(pred_ptr + offs, mask=ok, other=0.0).to(ACC) - tl.load(target_ptr + offs, mask=ok, other=0.0).to(ACC)
+    if HAS_WEIGHT:
+        w = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(ACC)
+    else:
+        w = tl.where(ok, 1.0, 0.0).to(ACC)
+    a = tl.abs(e)
+    sign = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)).to(ACC)
+    if LOSS == 0 or LOSS == 3:
+        l = e * e                                  # dl/de = 2 e
+        dl = 2.0 * e
+    elif LOSS == 1 or LOSS == 4:
+        l = a                                      # dl/de = sign(e)
+        dl = sign
+    else:
+        # Huber: a < beta: a^2 / (2 beta), dl/de = e / beta;  else a - beta/2, dl/de = sign(e)
+        small = a < beta
+        l = tl.where(small, 0.5 * a * a / beta, a - 0.5 * beta)
+        dl = tl.where(small, e / beta, sign)
+    if LOSS == 3 or LOSS == 4:
+        # L = l f, f = s^gamma, s = tanh(kappa a), ds/da = kappa (1 - s^2):
+        #   dL/de = dl f + sign(e) gamma kappa (1 - s^2) f (l / s)     (l/s finite; the term is 0 at s = 0)
+        m = _expm1(-2.0 * kappa * a)
+        s = -m / (2.0 + m)
+        pos = s > 0
+        if GAMMA_CASE == 0:
+            f = tl.full([BLOCK], 1.0, ACC)
+        elif GAMMA_CASE == 1:
+            f = s
+        elif GAMMA_CASE == 2:
+            f = s * s
+        else:
+            f = tl.where(pos, tl.exp(gamma * tl.log(tl.where(pos, s, 1.0))), 0.0)
+        ratio = tl.where(pos, l / tl.where(pos, s, 1.0), 0.0)
+        dl = dl * f + sign * (gamma * kappa) * (1.0 - s * s) * f * ratio
+        l = l * f
+    wl = w * l
+    if REDUCTION == 0:
+        tl.store(loss_ptr + offs, wl.to(loss_ptr.dtype.element_ty), mask=offs < N)
+    else:
+        tl.store(loss_ptr + pid, tl.sum(wl, axis=0))
+    if COMPUTE_GRAD:
+        scale = tl.full([], 1.0, ACC)
+        if REDUCTION == 1 or REDUCTION == 3:
+            if READ_DENOM:
+                denom = tl.load(denom_ptr).to(ACC)
+            else:
+                denom = tl.full([], N, ACC)
+            scale = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
+        tl.store(grad_ptr + offs, (scale * w * dl).to(grad_ptr.dtype.element_ty), mask=offs < N)
+
+
+@triton.jit
+def _finalize_kernel(
+    partial_ptr,     # [P] partial sums of w l (ACC)
+    denom_ptr,       # [] ACC, read when READ_DENOM
+    loss_ptr,        # [] reduced loss
+    P, N,
+    REDUCTION: tl.constexpr, READ_DENOM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    acc = tl.zeros([BLOCK], dtype=ACC)
+    for start in range(0, P, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + idx, mask=idx < P, other=0.0)
+    total = tl.sum(acc, axis=0)
+    if REDUCTION == 1 or REDUCTION == 3:
+        if READ_DENOM:
+            denom = tl.load(denom_ptr).to(ACC)
+        else:
+            denom = tl.full([], N, ACC)
+        total = tl.where(denom > 0, total / tl.where(denom > 0, denom, 1.0), 0.0)
+    tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
+
+
+def _bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def _device_guard(t: torch.Tensor):
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, gamma: float, activation: int,
+                            reduction: int, compute_grad: bool, *, block: int = BLOCK):
+    """Weighted regression loss and d loss / d pred in one pass (contract of
+    ``imbreg_fast::weighted_regression_fwd``, csrc/weighted_losses.cpp). Returns (loss, grad_pred)."""
+    if target.shape != pred.shape or target.dtype != pred.dtype:
+        raise ValueError(f"target must have pred's shape and dtype, got {tuple(target.shape)} {target.dtype} "
+                         f"for pred {tuple(pred.shape)} {pred.dtype}")
+    if weight is not None and (weight.shape != pred.shape or not weight.is_floating_point()):
+        raise ValueError(f"weight must be a floating tensor of pred's shape {tuple(pred.shape)}, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != pred.shape):
+        raise ValueError(f"mask must be a bool tensor of pred's shape {tuple(pred.shape)}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
+    if loss not in range(5) or activation not in (0, 1) or reduction not in range(4):
+        raise ValueError(f"loss must be 0..4, activation 0/1, reduction 0..3; got {loss}, {activation}, {reduction}")
+    if loss >= 2 and not (beta > 0 and beta < float("inf")):
+        raise ValueError(f"beta must be finite and > 0, got {beta}")
+    if loss >= 3 and not (gamma >= 0 and gamma < float("inf")):
+        raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
+    acc_torch = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    acc = tl.float64 if acc_torch == torch.float64 else tl.float32
+    p, y = pred.contiguous().reshape(-1), target.contiguous().reshape(-1)
+    w = None if weight is None else weight.to(acc_torch).contiguous().reshape(-1)
+    m = None if mask is None else mask.contiguous().reshape(-1)
+    n = p.numel()
+    num_programs = max(triton.cdiv(n, block), 1)
+
+    # Denominator of 'mean' with a mask (kept count) or 'weighted_mean' (sum of kept weights), on the device.
+    read_denom = (reduction == 1 and m is not None) or (reduction == 3 and (m is not None or w is not None))
+    denom = p.new_empty((), dtype=acc_torch)
+    if read_denom:
+        if reduction == 3 and w is not None:
+            denom = (w if m is None else torch.where(m, w, torch.zeros((), dtype=acc_torch, device=w.device))).sum()
+        else:
+            denom = m.sum(dtype=acc_torch)
+
+    grad = torch.empty(pred.shape if compute_grad else (0,), dtype=pred.dtype, device=pred.device)
+    if reduction == 0:
+        out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
+        loss_buf = out
+    else:
+        out = torch.empty((), dtype=pred.dtype, device=pred.device)
+        loss_buf = torch.empty(num_programs, dtype=acc_torch, device=pred.device)
+    kappa = 0.5 * beta if activation == 0 else beta
+    gamma_case = 0 if gamma == 0 else 1 if gamma == 1 else 2 if gamma == 2 else 3
+    with _device_guard(pred):
+        if n > 0 or reduction != 0:
+            _weighted_regression_fwd_kernel[(num_programs,)](
+                p, y, p if w is None else w, p if m is None else m, denom, loss_buf, grad if compute_grad else loss_buf,
+                n, _bits(beta), _bits(kappa), _bits(gamma),
+                LOSS=loss, GAMMA_CASE=gamma_case, HAS_WEIGHT=w is not None, HAS_MASK=m is not None,
+                REDUCTION=reduction, READ_DENOM=read_denom, COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK=block,
+                num_warps=NUM_WARPS)
+        if reduction != 0:
+            fin_block = min(FINALIZE_BLOCK, triton.next_power_of_2(num_programs))
+            _finalize_kernel[(1,)](loss_buf, denom, out, num_programs, n, REDUCTION=reduction,
+                                   READ_DENOM=read_denom, ACC=acc, BLOCK=fin_block, num_warps=4)
+    return out, grad
