@@ -8,6 +8,8 @@ Every public op names its implementations per backend with :func:`register`; the
    ``RuntimeError`` with the reason; it is never replaced silently.
 2. ``'auto'``: CUDA tensors -> ``triton`` (when triton is importable and the op has a Triton kernel), else
    ``torch``; CPU tensors -> ``cpp`` (when the extension is built and the op has a C++ kernel), else ``torch``.
+   A backend whose kernel does not support this input (its ``supports`` predicate, e.g. Triton BMC for
+   d > 4) is passed over by ``'auto'``; asked for explicitly, it raises ``ValueError`` saying why.
    Under ``TRITON_INTERPRET=1`` Triton kernels also run on CPU tensors, but only when asked for explicitly.
 """
 from __future__ import annotations
@@ -24,15 +26,20 @@ __all__ = ["BACKENDS", "available_backends", "backend_info", "register", "resolv
 
 BACKENDS = ("torch", "cpp", "triton")
 _IMPLS: dict[str, dict[str, Callable]] = {}
+_SUPPORTS: dict[tuple[str, str], Callable] = {}
 
 
-def register(op: str, backend: str):
-    """Decorator: ``fn`` implements public op ``op`` on ``backend``."""
+def register(op: str, backend: str, supports: Callable | None = None):
+    """Decorator: ``fn`` implements public op ``op`` on ``backend``.
+
+    ``supports(tensor) -> None | str``: optional per-input check (None: supported, else why not)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}")
 
     def deco(fn):
         _IMPLS.setdefault(op, {})[backend] = fn
+        if supports is not None:
+            _SUPPORTS[(op, backend)] = supports
         return fn
 
     return deco
@@ -130,12 +137,20 @@ def resolve(op: str, tensor: torch.Tensor, backend: str = "auto") -> tuple[str, 
         reason = _reason(requested, device)
         if reason is not None:
             raise RuntimeError(f"imbreg_fast: backend {requested!r} requested for {op} but {reason}")
+        unsupported = _unsupported(op, requested, tensor)
+        if unsupported is not None:
+            raise ValueError(f"imbreg_fast: backend {requested!r} cannot run {op} on this input: {unsupported}")
         return requested, impls[requested]
     order = ("triton", "torch") if device.type == "cuda" else ("cpp", "torch")
     for name in order:
-        if name in impls and _reason(name, device) is None:
+        if name in impls and _reason(name, device) is None and _unsupported(op, name, tensor) is None:
             return name, impls[name]
     raise RuntimeError(f"imbreg_fast: no backend can run {op} on {device}")
+
+
+def _unsupported(op: str, backend: str, tensor: torch.Tensor) -> str | None:
+    supports = _SUPPORTS.get((op, backend))
+    return None if supports is None else supports(tensor)
 
 
 def selected_backend(tensor: torch.Tensor, op: str = "bmc_loss", backend: str = "auto") -> str:

@@ -1,6 +1,7 @@
 """Feature distribution smoothing (FDS; Yang et al., ICML 2021; methods.md §3) for row and dense features.
 
-Usage in a dense training loop (features at a lower resolution than the depth map)::
+Usage in a dense training loop (features at a lower resolution than the depth map;
+``F = torch.nn.functional``)::
 
     fds = imbreg_fast.FDS(feature_dim=256, bins=100, range=(0.0, 10.0)).to(device)  # 0.1 m bins
     for epoch in range(epochs):
@@ -24,6 +25,7 @@ variance rule is ``covariance='diag'``).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -47,6 +49,19 @@ def _reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
         return torch.zeros_like(idx)
     j = torch.remainder(idx, 2 * (n - 1))
     return torch.where(j >= n, 2 * (n - 1) - j, j)
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """Run CPU LAPACK on one thread: MKL's threaded syevd on small matrices (C <= a few hundred) is
+    10-100x slower than one thread as soon as the cores are shared (measured on the 2-core dev machine,
+    100 eigendecompositions of 128 x 128: 105 ms on one thread, 1.4-12 s on two under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -293,7 +308,10 @@ class FDS(nn.Module):
         _, impl = resolve("fds_accumulate", f3, self.backend)
         count, mean, m2 = impl(f3.detach(), bins, self.num_bins, self.full)
         if self.check_finite and not V.is_tracing():
-            if not bool(torch.isfinite(mean).all() & torch.isfinite(m2).all()):
+            # a NaN/inf kept feature makes its bin's mean non-finite; an overflow shows on the diagonal of
+            # m2, which bounds every entry (|m2_ij| <= sqrt(m2_ii m2_jj)): O(bins * C) instead of O(N * C)
+            spread = torch.diagonal(m2, dim1=-2, dim2=-1) if self.full else m2
+            if not bool(torch.isfinite(mean).all() & torch.isfinite(spread).all()):
                 raise ValueError("features contain NaN or inf at kept pixels (or overflow float64 statistics); "
                                  "the FDS statistics were left unchanged")
         # Chan et al.: merge (n_a, mean_a, M2_a) with the batch (n_b, mean_b, M2_b):
@@ -369,10 +387,11 @@ class FDS(nn.Module):
             a = eye.expand_as(cov).clone()
             # A = (S~ + eps I)^{1/2} (S + eps I)^{-1/2}, both roots from eigh: V f(lambda) V^T; eigenvalues
             # of a regularised PSD matrix are >= eps (clamped there against rounding).
-            lam, vec = torch.linalg.eigh(cov[idx] + self.eps * eye)
-            inv_root = (vec * lam.clamp(min=self.eps).rsqrt().unsqueeze(-2)) @ vec.mT
-            lam, vec = torch.linalg.eigh(smoothed_cov[idx] + self.eps * eye)
-            root = (vec * lam.clamp(min=self.eps).sqrt().unsqueeze(-2)) @ vec.mT
+            with _one_thread() if cov.device.type == "cpu" else contextlib.nullcontext():
+                lam, vec = torch.linalg.eigh(cov[idx] + self.eps * eye)
+                inv_root = (vec * lam.clamp(min=self.eps).rsqrt().unsqueeze(-2)) @ vec.mT
+                lam, vec = torch.linalg.eigh(smoothed_cov[idx] + self.eps * eye)
+                root = (vec * lam.clamp(min=self.eps).sqrt().unsqueeze(-2)) @ vec.mT
             a[idx] = root @ inv_root
             shift = smoothed_mean - (a @ mean.unsqueeze(2)).squeeze(2)
         else:

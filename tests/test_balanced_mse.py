@@ -631,11 +631,6 @@ def test_compile_fullgraph_training_step(op, backend, d, masked, request):
     Dynamo + AOTAutograd ('aot_eager': fake kernels, registered autograd, dynamic shapes); the inductor
     code generation is covered once per backend by test_compile_inductor_training_step.
     """
-    if backend == "torch" and masked:
-        request.applymarker(pytest.mark.xfail(
-            raises=torch._dynamo.exc.UserError, strict=True,
-            reason="torch backend drops masked rows by boolean indexing (data-dependent shape) which "
-                   "fullgraph compilation rejects"))
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, d))
     criterion = _make_criterion(op, d, backend)
     x, y = torch.randn(33, 4), torch.randn(33, d)

@@ -178,3 +178,18 @@ def test_cpp_and_torch_agree_through_auto():
     cpp = F.bmc_loss(pred, target, 0.5, backend="cpp")
     assert torch.equal(auto, cpp)
     torch.testing.assert_close(cpp, F.bmc_loss(pred, target, 0.5, backend="torch"))
+
+
+@pytest.mark.requires_cpp
+def test_auto_passes_over_a_backend_that_does_not_support_the_input(monkeypatch):
+    """A backend whose ``supports`` predicate rejects the input is skipped by 'auto' and raises a
+    ValueError with the reason when asked for explicitly (e.g. Triton BMC with d > 4 on CUDA)."""
+    monkeypatch.setattr(_dispatch, "_IMPLS", dict(_dispatch._IMPLS))
+    monkeypatch.setattr(_dispatch, "_SUPPORTS", dict(_dispatch._SUPPORTS))
+    monkeypatch.delenv("IMBREG_BACKEND", raising=False)
+    _dispatch.register("_probe_op", "torch")(lambda: "torch")
+    _dispatch.register("_probe_op", "cpp", supports=lambda t: None if t.shape[1] <= 4 else "d > 4")(lambda: "cpp")
+    assert _dispatch.selected_backend(torch.zeros(3, 4), "_probe_op") == "cpp"
+    assert _dispatch.selected_backend(torch.zeros(3, 5), "_probe_op") == "torch"
+    with pytest.raises(ValueError, match="d > 4"):
+        _dispatch.resolve("_probe_op", torch.zeros(3, 5), "cpp")

@@ -497,6 +497,35 @@ def test_torch_compile_fullgraph_training_step(backend, compiler):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_module_docstring_example_runs():
+    """The dense training loop of imbreg_fast.fds' docstring (copied to the README), executed as written."""
+    import textwrap
+
+    import imbreg_fast.fds as module
+
+    doc = module.__doc__
+    start = doc.index("::\n") + 3
+    code = textwrap.dedent(doc[start:doc.index("\n\n", doc.index("fds.update()"))])
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Conv2d(3, 256, 3, stride=2, padding=1)
+            self.decoder = torch.nn.Sequential(torch.nn.Conv2d(256, 1, 1), torch.nn.Upsample(scale_factor=2))
+
+    model = Model()
+    loader = [(torch.randn(2, 3, 8, 10), 10 * torch.rand(2, 1, 8, 10), torch.rand(2, 1, 8, 10) > 0.1)
+              for _ in range(2)]
+
+    def criterion(pred, depth, valid):
+        return ((pred - depth) ** 2)[valid].mean()
+
+    env = dict(imbreg_fast=imbreg_fast, torch=torch, F=torch.nn.functional, device="cpu", epochs=2, model=model,
+               loader=loader, criterion=criterion, optimizer=torch.optim.SGD(model.parameters(), lr=1e-3))
+    exec(code, env)
+    assert int(env["fds"].epoch) == 2 and (env["fds"].num_samples_tracked > 0).any()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------
@@ -539,6 +568,10 @@ def test_nan_features_rejected_without_corrupting_statistics(backend):
         bad[1, 2, 0, 1] = value
         with pytest.raises(ValueError, match="NaN or inf"):
             fds.accumulate(bad, y)
+    huge = x.double()
+    huge[0, 1, 2, 2] = 1e200                                # finite, but its square overflows float64
+    with pytest.raises(ValueError, match="overflow"):
+        fds.accumulate(huge, y)
     for name, v in fds.state_dict().items():
         assert torch.equal(v, before[name]), name
     mask = torch.ones(2, 1, 3, 3, dtype=torch.bool)

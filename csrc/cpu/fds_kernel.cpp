@@ -2,17 +2,20 @@
 //
 // Both ops group pixels by bin with a deterministic counting sort (per-block histograms + prefix sums:
 // the sorted order is (bin, pixel index), whatever the thread count), pack each pixel's C features into
-// a contiguous row of a sorted buffer X [M, C] (reading the strided input tile by tile, no permute copy
-// of the whole tensor), and do the C x C work as one BLAS GEMM per (bin, chunk of rows) through
-// at::mm_out:
-//   fds_recolor:    Y[rows of bin k] = X[rows] @ transform[k]^T, then out[b, :, p] = Y[row] + shift[k]
-//                   written back tile by tile (diag transforms: one elementwise pass, no sort).
+// a contiguous row of a sorted workspace X [M, C] (reading the strided input tile by tile through
+// register transposes, no permute copy of the whole tensor), and do the C x C work as one BLAS GEMM per
+// (bin, chunk of rows) through at::mm_out:
+//   fds_recolor:    X[rows of bin k] <- X[rows] @ transform[k]^T (in place, through a per-thread copy
+//                   of the chunk), then out[b, :, p] = X[row] + shift[k] written back tile by tile
+//                   (diag transforms: one elementwise pass, no sort).
 //   fds_accumulate: fp64 per-chunk sums -> per-bin means; rows centred in place; m2 partial
 //                   = Xc^T Xc per chunk, reduced per bin in fp64 in chunk order.
 // Tasks are pulled from an atomic counter by every thread of one parallel region; each task writes its
 // own output slice (recolor) or its own partial (accumulate, reduced in a fixed order), so results do not
 // depend on the thread count. The GEMMs always run inside the parallel region, where MKL/OpenBLAS use
-// one thread, and on fixed-size sub-blocks.
+// one thread, on fixed-size sub-blocks; problems below kBlasWork multiply-adds run inline as plain loops
+// (a parallel region and a BLAS call cost more than the work). Memory: X [M, C] and the per-chunk partials
+// (accumulate: [M / 512 + bins, C, C] in the compute dtype), i.e. O(N C + bins C^2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -35,8 +38,8 @@
 namespace imbreg_fast {
 namespace {
 
-constexpr int64_t kSortBlock = 8192;     // pixels per histogram block of the counting sort
-constexpr int64_t kSortGrain = 64;       // blocks per thread chunk: the sort runs inline below 512K pixels
+constexpr int64_t kSortBlock = 8192;     // pixels per histogram block of the counting sort (at least)
+constexpr int64_t kSortGrain = 64;       // blocks per thread chunk: the sort runs inline below ~512K pixels
 constexpr int64_t kTileElements = 8192; // values of the local [pixels, C] buffer of a pack / unpack tile
 constexpr int64_t kChannelBlock = 16;    // channel planes read / written together by a tile transpose
 constexpr int64_t kPrefetchRows = 8;     // sorted rows prefetched ahead of the pack / unpack row copies
@@ -82,14 +85,15 @@ struct BinOrder {
 
 // Stable counting sort of the pixels by bin; checks every bin id lies in [-1, nb).
 BinOrder sort_by_bin(const int64_t* bins, int64_t n, int64_t nb) {
-  const int64_t nblocks = (n + kSortBlock - 1) / kSortBlock;
+  const int64_t block = std::max(kSortBlock, 8 * nb);  // the histograms take at most n / 8 entries
+  const int64_t nblocks = (n + block - 1) / block;
   std::vector<int64_t> hist(nblocks * nb, 0);  // [nblocks, nb]
   std::atomic<bool> bad{false};
   at::parallel_for(0, nblocks, kSortGrain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t* h = hist.data() + blk * nb;
-      const int64_t i1 = std::min(n, (blk + 1) * kSortBlock);
-      for (int64_t i = blk * kSortBlock; i < i1; ++i) {
+      const int64_t i1 = std::min(n, (blk + 1) * block);
+      for (int64_t i = blk * block; i < i1; ++i) {
         const int64_t k = bins[i];
         if (k >= 0 && k < nb) {
           ++h[k];
@@ -115,8 +119,8 @@ BinOrder sort_by_bin(const int64_t* bins, int64_t n, int64_t nb) {
   at::parallel_for(0, nblocks, kSortGrain, [&](int64_t b0, int64_t b1) {
     for (int64_t blk = b0; blk < b1; ++blk) {
       int64_t* next = hist.data() + blk * nb;
-      const int64_t i1 = std::min(n, (blk + 1) * kSortBlock);
-      for (int64_t i = blk * kSortBlock; i < i1; ++i) {
+      const int64_t i1 = std::min(n, (blk + 1) * block);
+      for (int64_t i = blk * block; i < i1; ++i) {
         const int64_t k = bins[i];
         order.dest[i] = k >= 0 ? next[k]++ : -1;
       }
@@ -506,8 +510,12 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
     });
     return;
   }
-  at::Tensor gram = empty_workspace({ntasks, C, C}, acc_options);  // per-chunk Xc^T Xc in the compute dtype
+  // Per-chunk Gram matrices Xc^T Xc in the compute dtype. Symmetric: with h = C / 2 only the rows [0, h)
+  // (X1^T [X1 X2]) and the block [h, C) x [h, C) (X2^T X2) are computed (3/4 of the products); the
+  // block [h, C) x [0, h) is mirrored after the reduction.
+  at::Tensor gram = empty_workspace({ntasks, C, C}, acc_options);
   const bool blas = M * C * C >= kBlasWork;
+  const int64_t h = blas ? C / 2 : 0;
   run_tasks(ntasks, blas, [&](int64_t t, int64_t) {
     const Task& task = tasks[t];
     const double* mk = mean + task.bin * C;
@@ -518,7 +526,10 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
     if (blas) {
       at::Tensor xc = X.narrow(0, task.row0, task.row1 - task.row0);
       at::Tensor gt = gram.select(0, t);
-      at::mm_out(gt, xc.t(), xc);
+      at::Tensor top = gt.narrow(0, 0, h);                                   // [h, C]
+      at::Tensor corner = gt.narrow(0, h, C - h).narrow(1, h, C - h);        // [C - h, C - h], row stride C
+      at::mm_out(top, xc.narrow(1, 0, h).t(), xc);
+      at::mm_out(corner, xc.narrow(1, h, C - h).t(), xc.narrow(1, h, C - h));
       return;
     }
     acc_t* gt = gram.mutable_data_ptr<acc_t>() + t * C * C;
@@ -537,7 +548,16 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
       double* out = m2 + k * CC;
       for (int64_t t = task_start[k]; t < task_start[k + 1]; ++t) {
         const acc_t* gt = g + t * CC;
-        for (int64_t i = 0; i < CC; ++i) out[i] += static_cast<double>(gt[i]);
+        for (int64_t i = 0; i < h * C; ++i) out[i] += static_cast<double>(gt[i]);
+        for (int64_t i = h; i < C; ++i) {
+          for (int64_t j = h; j < C; ++j) out[i * C + j] += static_cast<double>(gt[i * C + j]);
+        }
+      }
+      if (h == 0) {
+        continue;
+      }
+      for (int64_t i = h; i < C; ++i) {
+        for (int64_t j = 0; j < h; ++j) out[i * C + j] = out[j * C + i];
       }
     }
   });

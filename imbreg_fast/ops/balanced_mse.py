@@ -155,20 +155,26 @@ def bni_tables(noise_var, bin_centers, bin_weights, dtype):
 # --------------------------------------------------------------------------------------------------
 
 
-def _reduce_rows(loss_rows: torch.Tensor, mask, n: int, reduction: int) -> torch.Tensor:
-    """loss_rows over the kept rows -> 'none' [N] (0 on dropped rows), 'mean' (0 if no row), 'sum'."""
+def _reduce_rows(loss_rows: torch.Tensor, mask, reduction: int) -> torch.Tensor:
+    """loss_rows [N] -> 'none' [N] (0 on dropped rows), 'mean' over kept rows (0 if none), 'sum'.
+
+    Rows are dropped with ``torch.where`` rather than boolean indexing, so the shapes do not depend on
+    the mask's values and ``torch.compile(fullgraph=True)`` traces the masked case too."""
+    if mask is not None:
+        loss_rows = torch.where(mask, loss_rows, 0.0)
     if reduction == 0:
-        if mask is None:
-            return loss_rows
-        return loss_rows.new_zeros(n).masked_scatter(mask, loss_rows)
+        return loss_rows
     total = loss_rows.sum()
     if reduction == 2:
         return total
-    return total / max(loss_rows.shape[0], 1)
+    count = loss_rows.new_tensor(loss_rows.shape[0]) if mask is None else mask.sum()
+    return total / count.clamp(min=1).to(total.dtype)
 
 
-def _kept(x: torch.Tensor, mask):
-    return x if mask is None else x[mask]
+def _kept(x: torch.Tensor, mask, dtype) -> torch.Tensor:
+    """x [N, d] in dtype with dropped rows zeroed (they may hold NaN; their gradient is 0)."""
+    x = x.to(dtype)
+    return x if mask is None else torch.where(mask.unsqueeze(1), x, 0.0)
 
 
 def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -179,16 +185,20 @@ def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @register("bmc_loss", "torch")
 def bmc_torch(pred, target, candidates, mask, noise_var, reduction):
     out_dtype, dtype = pred.dtype, compute_dtype(pred.dtype)
-    p, t = _kept(pred, mask).to(dtype), _kept(target, mask).to(dtype)
+    p, t = _kept(pred, mask, dtype), _kept(target, mask, dtype)
     s2 = noise_var.to(dtype)
     if candidates is None:
-        logits = -_sq_dist(p, t) / (2 * s2)                                  # [n, n], positive on the diagonal
+        logits = -_sq_dist(p, t) / (2 * s2)                                  # [N, N], positive on the diagonal
+        if mask is not None:
+            # dropped targets are no candidates; a dropped row keeps only its (finite) diagonal
+            eye = torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
+            logits = logits.masked_fill(~mask.unsqueeze(0) & ~eye, float("-inf"))
         positive = torch.diagonal(logits)
     else:
-        positive = -(p - t).pow(2).sum(-1) / (2 * s2)                        # [n]
+        positive = -(p - t).pow(2).sum(-1) / (2 * s2)                        # [N]
         logits = torch.cat([positive.unsqueeze(1), -_sq_dist(p, candidates.to(dtype)) / (2 * s2)], dim=1)
     loss_rows = (-positive + torch.logsumexp(logits, dim=1)) * (2 * s2).detach()
-    return _reduce_rows(loss_rows, mask, pred.shape[0], reduction).to(out_dtype)
+    return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
 def _mvn_log_prob(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
@@ -205,7 +215,7 @@ def _mvn_log_prob(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> tor
 @register("gai_loss", "torch")
 def gai_torch(pred, target, mask, noise_var, weights, means, covariances, reduction):
     out_dtype, dtype = pred.dtype, compute_dtype(pred.dtype)
-    p, t = _kept(pred, mask).to(dtype), _kept(target, mask).to(dtype)
+    p, t = _kept(pred, mask, dtype), _kept(target, mask, dtype)
     s2 = noise_var.to(dtype)
     weights, means, covariances = weights.to(dtype), means.to(dtype), covariances.to(dtype)
     d = p.shape[1]
@@ -220,19 +230,19 @@ def gai_torch(pred, target, mask, noise_var, weights, means, covariances, reduct
         mse = (p - t).pow(2).sum(-1) / (2 * s2) + 0.5 * d * torch.log(2 * math.pi * s2)
         logits = torch.log(weights) + _mvn_log_prob(p.unsqueeze(1), means, covariances + s2 * eye)
     loss_rows = (mse + torch.logsumexp(logits, dim=1)) * (2 * s2).detach()
-    return _reduce_rows(loss_rows, mask, pred.shape[0], reduction).to(out_dtype)
+    return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
 @register("bni_loss", "torch")
 def bni_torch(pred, target, mask, noise_var, bin_centers, bin_weights, reduction):
     out_dtype, dtype = pred.dtype, compute_dtype(pred.dtype)
-    p, t = _kept(pred, mask).to(dtype), _kept(target, mask).to(dtype)
+    p, t = _kept(pred, mask, dtype), _kept(target, mask, dtype)
     s2 = noise_var.to(dtype)
     # L = 2 s2 [ |p - y|^2/(2 s2) + LSE_k(log phi_k - |p - c_k|^2/(2 s2)) ]
     mse = (p - t).pow(2).sum(-1) / (2 * s2)
     logits = torch.log(bin_weights.to(dtype)) - _sq_dist(p, bin_centers.to(dtype)) / (2 * s2)
     loss_rows = (mse + torch.logsumexp(logits, dim=1)) * (2 * s2).detach()
-    return _reduce_rows(loss_rows, mask, pred.shape[0], reduction).to(out_dtype)
+    return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------

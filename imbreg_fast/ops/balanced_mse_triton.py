@@ -63,15 +63,14 @@ register_fused_autograd("imbreg_fast::triton_bmc_fwd", **BMC_ARGS)
 register_fused_autograd("imbreg_fast::triton_mixture_nll_fwd", **MIXTURE_ARGS)
 
 
-def _check_dim(pred: torch.Tensor) -> None:
+def _supports(pred: torch.Tensor) -> str | None:
     if pred.shape[1] > MAX_DIM:
-        raise ValueError(f"backend='triton' supports targets of dimension d <= {MAX_DIM}, got d = {pred.shape[1]}; "
-                         "use backend='cpp' or backend='torch'")
+        return f"the Triton kernels support targets of dimension d <= {MAX_DIM}, got d = {pred.shape[1]}"
+    return None
 
 
-@register("bmc_loss", "triton")
+@register("bmc_loss", "triton", supports=_supports)
 def bmc_triton(pred, target, candidates, mask, noise_var, reduction):
-    _check_dim(pred)
     grad = compute_grad_flag(pred, target, noise_var)
     pred, target, mask = _fused_inputs(pred, target, mask)
     cands = None if candidates is None else candidates.contiguous()
@@ -84,15 +83,13 @@ def mixture_triton(pred, target, mask, noise_var, tables, reduction):
     return torch.ops.imbreg_fast.triton_mixture_nll_fwd(pred, target, mask, noise_var, *tables, reduction, grad)[0]
 
 
-@register("gai_loss", "triton")
+@register("gai_loss", "triton", supports=_supports)
 def gai_triton(pred, target, mask, noise_var, weights, means, covariances, reduction):
-    _check_dim(pred)
     tables = gai_tables(noise_var, weights, means, covariances, compute_dtype(pred.dtype))
     return mixture_triton(pred, target, mask, noise_var, tables, reduction)
 
 
-@register("bni_loss", "triton")
+@register("bni_loss", "triton", supports=_supports)
 def bni_triton(pred, target, mask, noise_var, bin_centers, bin_weights, reduction):
-    _check_dim(pred)
     tables = bni_tables(noise_var, bin_centers, bin_weights, compute_dtype(pred.dtype))
     return mixture_triton(pred, target, mask, noise_var, tables, reduction)
