@@ -19,7 +19,7 @@ forward + backward >= 3x faster than (c), faster than (d) with its sort, within 
 accumulation >= 3x faster than the per-bin loop and >= 30x faster than the outer products; extra memory
 O(N C + bins C^2).
 
-Run (a quiet machine, the whole file takes a few minutes)::
+Run on a quiet machine (the full preset takes about 10 minutes: the slow formulations run >= 5 rounds)::
 
     .venv/bin/python -m pytest bench/bench_fds.py --benchmark-only
     IMBREG_BENCH_SIZES=smoke .venv/bin/python -m pytest bench/bench_fds.py --benchmark-only -q   # harness check

@@ -35,7 +35,6 @@ from . import _validation as V
 from ._dispatch import resolve
 from .lds import bin_edges, kernel_window
 from .ops import fds as _ops
-from .ops import fds_triton as _fds_triton  # noqa: F401  (registers the Triton backend; no triton import)
 
 __all__ = ["FDS"]
 
@@ -112,8 +111,11 @@ class FDS(nn.Module):
     otherwise and in eval mode.
 
     Statistics: :meth:`accumulate` adds each batch's per-bin count, mean and centred scatter
-    ``sum (z - mean)(z - mean)^T`` (computed by the kernel in one pass over the batch, fp64 output) into
-    float64 accumulators with Chan's parallel formula — no ``E[zz^T] - mu mu^T`` cancellation. :meth:`update`
+    ``sum (z - mean)(z - mean)^T`` into float64 accumulators with Chan's parallel formula — no
+    ``E[zz^T] - mu mu^T`` cancellation anywhere. The kernels centre each pixel on its bin's batch mean
+    (float64) before forming products; the C++ kernel forms them in the compute dtype (fp32 for fp32
+    features) over chunks of at most 512 rows and sums the chunks in float64 (relative error ~1e-6), the
+    torch backend works in float64 throughout. :meth:`update`
     turns them into the epoch's mean and unbiased covariance (``n_b - 1``; a bin with fewer than 2 samples
     in the epoch keeps its previous statistics), folds them into the running EMA, smooths, and recomputes
     every bin's transform with a batched float64 symmetric eigendecomposition (``torch.linalg.eigh``):

@@ -24,6 +24,8 @@ Backends: ``torch`` (plain PyTorch, also the GPU fallback), ``cpp`` (ops ``imbre
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .. import _extension, lds
@@ -144,15 +146,14 @@ if CPP_OPS:
     register_recolor_autograd("imbreg_fast::fds_recolor")
 
 # --------------------------------------------------------------------------------------------------
-# torch backend: plain PyTorch, sync-free (no boolean indexing, no .item()), chunked so that no
-# [N, C, C] tensor is ever materialised.
+# torch backend: plain PyTorch ops, sync-free (no boolean indexing, no .item(), static shapes, so it also
+# runs under torch.compile and on CUDA). The same plan as the C++ kernels: pixels sorted by bin (stable
+# argsort), each bin's rows cut into chunks of _CHUNK rows laid out in a zero-padded [G, _CHUNK, C]
+# buffer (G = N // _CHUNK + bins + 1 chunks at most, a static bound), then one batched matmul over the
+# chunks with each chunk's bin matrix. No [N, C, C] tensor: memory O(N C + bins _CHUNK C + G C^2).
 # --------------------------------------------------------------------------------------------------
 
-_CHUNK_ELEMENTS = 1 << 22  # elements of the largest [rows, C, C] temporary of the torch backend
-
-
-def _chunk_rows(c: int) -> int:
-    return max(1, _CHUNK_ELEMENTS // (c * c))
+_CHUNK = 256  # rows per chunk
 
 
 def _rows_and_bins(features: torch.Tensor, bins: torch.Tensor, num_bins: int):
@@ -162,6 +163,36 @@ def _rows_and_bins(features: torch.Tensor, bins: torch.Tensor, num_bins: int):
     k = bins.reshape(-1)
     k = torch.where(k >= 0, k, torch.full_like(k, num_bins))
     return z, k
+
+
+class _Chunks(NamedTuple):
+    order: torch.Tensor        # [N] pixel of each sorted position
+    slot: torch.Tensor         # [N] row of sorted position s in the padded [G * _CHUNK] buffer
+    chunk_bin: torch.Tensor    # [G] bin of each chunk (the spare bin for unused chunks)
+    num_chunks: int            # G
+
+
+def _chunk_layout(k: torch.Tensor, groups: int) -> _Chunks:
+    """Chunked sorted layout of rows with group ids k [N] in [0, groups)."""
+    n = k.shape[0]
+    order = torch.argsort(k, stable=True)
+    ks = k[order]
+    counts = torch.zeros(groups, dtype=torch.int64, device=k.device).index_add_(0, k, torch.ones_like(k))
+    first_row = torch.cumsum(counts, 0) - counts
+    chunks = (counts + _CHUNK - 1) // _CHUNK
+    chunk_end = torch.cumsum(chunks, 0)
+    rank = torch.arange(n, device=k.device) - first_row[ks]
+    slot = (chunk_end[ks] - chunks[ks] + rank // _CHUNK) * _CHUNK + rank % _CHUNK
+    num_chunks = n // _CHUNK + groups + 1                  # >= sum_b ceil(count_b / _CHUNK)
+    chunk_bin = torch.bucketize(torch.arange(num_chunks, device=k.device), chunk_end, right=True)
+    return _Chunks(order, slot, chunk_bin.clamp_(max=groups - 1), num_chunks)
+
+
+def _padded(rows: torch.Tensor, layout: _Chunks) -> torch.Tensor:
+    """[N, C] rows in pixel order -> [G, _CHUNK, C] sorted, zero-padded chunks."""
+    buf = rows.new_zeros(layout.num_chunks * _CHUNK, rows.shape[1])
+    buf.index_copy_(0, layout.slot, rows[layout.order])
+    return buf.view(layout.num_chunks, _CHUNK, rows.shape[1])
 
 
 @register("fds_accumulate", "torch")
@@ -175,11 +206,9 @@ def accumulate_torch(features, bins, num_bins, full):
     mean = total / count.clamp(min=1.0).unsqueeze(1)
     centred = z - mean[k]                                                        # two-pass: no cancellation
     if full:
-        m2 = z.new_zeros(nb1, c, c)
-        step = _chunk_rows(c)
-        for start in range(0, z.shape[0], step):
-            part = centred[start:start + step]
-            m2.index_add_(0, k[start:start + step], part.unsqueeze(2) * part.unsqueeze(1))
+        layout = _chunk_layout(k, nb1)
+        chunks = _padded(centred, layout)                                        # [G, _CHUNK, C]
+        m2 = z.new_zeros(nb1, c, c).index_add_(0, layout.chunk_bin, torch.bmm(chunks.mT, chunks))
     else:
         m2 = z.new_zeros(nb1, c).index_add_(0, k, centred * centred)
     return count[:num_bins], mean[:num_bins], m2[:num_bins]
@@ -188,17 +217,19 @@ def accumulate_torch(features, bins, num_bins, full):
 def _recolor_rows(z: torch.Tensor, k: torch.Tensor, transform: torch.Tensor, shift: torch.Tensor):
     """Rows z [N, C] (compute dtype), bins k [N] with -1 kept as identity -> [N, C]."""
     keep = (k >= 0).unsqueeze(1)
-    kc = k.clamp(min=0)
+    num_bins = transform.shape[0]
+    kc = torch.where(k >= 0, k, torch.full_like(k, num_bins))                   # skipped: spare bin
     if transform.dim() == 2:
-        y = transform[kc] * z + shift[kc]
-    else:
-        step = _chunk_rows(z.shape[1])
-        parts = []
-        for start in range(0, z.shape[0], step):
-            kk = kc[start:start + step]
-            parts.append(torch.bmm(transform[kk], z[start:start + step].unsqueeze(2)).squeeze(2) + shift[kk])
-        y = torch.cat(parts) if parts else z.clone()
-    return torch.where(keep, y, z)
+        y = transform[kc.clamp(max=num_bins - 1)] * z + shift[kc.clamp(max=num_bins - 1)]
+        return torch.where(keep, y, z)
+    layout = _chunk_layout(kc, num_bins + 1)
+    eye = torch.eye(z.shape[1], dtype=transform.dtype, device=transform.device).unsqueeze(0)
+    matrices = torch.cat([transform, eye])[layout.chunk_bin]                    # [G, C, C]
+    y_chunks = torch.bmm(_padded(z, layout), matrices.mT)                       # row z -> A_k z
+    y_sorted = y_chunks.view(-1, z.shape[1])[layout.slot]
+    y = torch.empty_like(z).index_copy_(0, layout.order, y_sorted)
+    shift_ext = torch.cat([shift, shift.new_zeros(1, shift.shape[1])])
+    return torch.where(keep, y + shift_ext[kc], z)
 
 
 def _recolor_torch_nograd(features, bins, transform, shift):
@@ -212,7 +243,7 @@ def _recolor_torch_nograd(features, bins, transform, shift):
 
 class _RecolorTorch(torch.autograd.Function):
     """Gradient as in :func:`register_recolor_autograd`: the same computation with A^T and zero shift
-    (autograd through the chunked gather would keep every gathered [rows, C, C] block alive)."""
+    (autograd through the chunked products would keep the [G, C, C] gathered matrices alive)."""
 
     @staticmethod
     def forward(features, bins, transform, shift):
