@@ -51,6 +51,18 @@ def check_all_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = Non
                          + " (pass check_finite=False to skip this check)")
 
 
+def check_labels_finite(labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    """Raise if floating ``labels`` hold NaN/inf where ``mask`` (the labels' shape) keeps them."""
+    if not labels.is_floating_point():
+        return
+    bad = ~torch.isfinite(labels)
+    if mask is not None:
+        bad = bad & mask
+    if bool(bad.any()):
+        raise ValueError("labels contain NaN or inf" + (" at kept positions" if mask is not None else "")
+                         + " (mask them out, or pass check_finite=False)")
+
+
 class Rows(NamedTuple):
     """pred/target flattened to rows: [N, d] tensors, mask [N] (bool) or None, and the shape of the
     'none'-reduced loss."""

@@ -269,13 +269,8 @@ class FDS(nn.Module):
     def _pixels_and_bins(self, features, labels, mask):
         """Validated features as [B, C, P] (no copy) and the int64 bins [B, P] (-1 where masked)."""
         features = self._check_inputs(features, labels, mask)
-        if self.check_finite and labels.is_floating_point() and not V.is_tracing():
-            bad = ~torch.isfinite(labels)
-            if mask is not None:
-                bad = bad & mask
-            if bool(bad.any()):
-                raise ValueError("labels contain NaN or inf" + (" at kept positions" if mask is not None else "")
-                                 + " (mask them out, or pass check_finite=False)")
+        if self.check_finite and not V.is_tracing():
+            V.check_labels_finite(labels, mask)
         f3 = _ops.as_pixels(features)
         b, p = f3.shape[0], f3.shape[2]
         bins = _ops.bin_index(labels.reshape(b, p), self.edges, None if mask is None else mask.reshape(b, p))

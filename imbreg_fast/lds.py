@@ -24,6 +24,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from ._validation import check_labels_finite
+
 __all__ = ["KERNELS", "SCHEMES", "LabelWeights", "bin_edges", "bin_index", "kernel_window", "label_density",
            "label_histogram", "sample_weights", "smooth_counts"]
 
@@ -196,13 +198,8 @@ def _check_labels(labels, mask, check_finite: bool):
             raise ValueError(f"mask must have the labels' shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
         if mask.device != labels.device:
             raise ValueError(f"mask is on {mask.device} but labels are on {labels.device}")
-    if check_finite and labels.is_floating_point() and not torch.compiler.is_compiling():
-        bad = ~torch.isfinite(labels)
-        if mask is not None:
-            bad = bad & mask
-        if bool(bad.any()):
-            raise ValueError("labels contain NaN or inf" + (" at kept positions" if mask is not None else "")
-                             + " (mask them out, or pass check_finite=False)")
+    if check_finite and not torch.compiler.is_compiling():
+        check_labels_finite(labels, mask)
 
 
 def label_histogram(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None,
