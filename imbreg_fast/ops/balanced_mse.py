@@ -254,18 +254,28 @@ def _fused_inputs(pred, target, mask):
     return pred.contiguous(), target.contiguous(), None if mask is None else mask.contiguous()
 
 
-@register("bmc_loss", "cpp")
-def bmc_cpp(pred, target, candidates, mask, noise_var, reduction):
+def call_bmc_op(op, pred, target, candidates, mask, noise_var, reduction):
+    """Loss from a fused BMC op (``bmc_fwd`` or ``triton_bmc_fwd``), gradients computed only if needed."""
     grad = compute_grad_flag(pred, target, noise_var)
     pred, target, mask = _fused_inputs(pred, target, mask)
     cands = None if candidates is None else candidates.contiguous()
-    return torch.ops.imbreg_fast.bmc_fwd(pred, target, cands, mask, noise_var, reduction, grad)[0]
+    return op(pred, target, cands, mask, noise_var, reduction, grad)[0]
+
+
+def call_mixture_op(op, pred, target, mask, noise_var, tables, reduction):
+    """Loss from a fused mixture op (``mixture_nll_fwd`` or ``triton_mixture_nll_fwd``)."""
+    grad = compute_grad_flag(pred, target, noise_var)
+    pred, target, mask = _fused_inputs(pred, target, mask)
+    return op(pred, target, mask, noise_var, *tables, reduction, grad)[0]
+
+
+@register("bmc_loss", "cpp")
+def bmc_cpp(pred, target, candidates, mask, noise_var, reduction):
+    return call_bmc_op(torch.ops.imbreg_fast.bmc_fwd, pred, target, candidates, mask, noise_var, reduction)
 
 
 def mixture_cpp(pred, target, mask, noise_var, tables, reduction):
-    grad = compute_grad_flag(pred, target, noise_var)
-    pred, target, mask = _fused_inputs(pred, target, mask)
-    return torch.ops.imbreg_fast.mixture_nll_fwd(pred, target, mask, noise_var, *tables, reduction, grad)[0]
+    return call_mixture_op(torch.ops.imbreg_fast.mixture_nll_fwd, pred, target, mask, noise_var, tables, reduction)
 
 
 @register("gai_loss", "cpp")

@@ -19,8 +19,8 @@ import torch
 
 from .._dispatch import register
 from .._validation import compute_dtype
-from .balanced_mse import (BMC_ARGS, MIXTURE_ARGS, _fused_inputs, bni_tables, compute_grad_flag,
-                           fused_loss_fake, gai_tables, register_fused_autograd)
+from .balanced_mse import (BMC_ARGS, MIXTURE_ARGS, bni_tables, call_bmc_op, call_mixture_op, fused_loss_fake,
+                           gai_tables, register_fused_autograd)
 
 MAX_DIM = 4  # = imbreg_fast.triton_kernels.balanced_mse.MAX_DIM (not imported here: it imports triton)
 
@@ -71,16 +71,12 @@ def _supports(pred: torch.Tensor) -> str | None:
 
 @register("bmc_loss", "triton", supports=_supports)
 def bmc_triton(pred, target, candidates, mask, noise_var, reduction):
-    grad = compute_grad_flag(pred, target, noise_var)
-    pred, target, mask = _fused_inputs(pred, target, mask)
-    cands = None if candidates is None else candidates.contiguous()
-    return torch.ops.imbreg_fast.triton_bmc_fwd(pred, target, cands, mask, noise_var, reduction, grad)[0]
+    return call_bmc_op(torch.ops.imbreg_fast.triton_bmc_fwd, pred, target, candidates, mask, noise_var, reduction)
 
 
 def mixture_triton(pred, target, mask, noise_var, tables, reduction):
-    grad = compute_grad_flag(pred, target, noise_var)
-    pred, target, mask = _fused_inputs(pred, target, mask)
-    return torch.ops.imbreg_fast.triton_mixture_nll_fwd(pred, target, mask, noise_var, *tables, reduction, grad)[0]
+    return call_mixture_op(torch.ops.imbreg_fast.triton_mixture_nll_fwd, pred, target, mask, noise_var, tables,
+                           reduction)
 
 
 @register("gai_loss", "triton", supports=_supports)
