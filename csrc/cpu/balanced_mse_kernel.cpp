@@ -15,6 +15,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu/common.h"
+
 #include "cpu/fast_exp.h"
 
 #include <algorithm>
@@ -30,9 +32,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionMean = 1;
-constexpr int64_t kReductionSum = 2;
+using cpu::compute_dtype;
+using cpu::hsum;
+using cpu::kReductionMean;
+using cpu::kReductionNone;
+using cpu::kReductionSum;
 
 // Rows per parallel block. Fixed (never derived from the thread count): the partial sums, hence the
 // results, do not depend on how blocks are spread over threads.
@@ -41,15 +45,6 @@ constexpr int64_t kMixtureBlockRows = 256;
 constexpr int64_t kExpBlock = 16384;
 // Minimum work (exps) a thread is given before a second one is woken up.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
-
-template <typename T>
-inline double hsum(const Vectorized<T>& v) {
-  __at_align__ T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  double s = 0.0;
-  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += lanes[l];
-  return s;
-}
 
 template <typename T>
 inline T hmin(const Vectorized<T>& v) {
@@ -65,10 +60,6 @@ inline T lane0(const Vectorized<T>& v) {
   __at_align__ T lanes[Vectorized<T>::size()];
   v.store(lanes);
   return lanes[0];
-}
-
-at::ScalarType compute_dtype(at::ScalarType t) {
-  return (t == at::kDouble) ? at::kDouble : at::kFloat;
 }
 
 // Shared argument checks of the fused loss ops; returns sigma^2 as a double.

@@ -1,27 +1,30 @@
 // CPU kernels of the FDS ops (schemas and layout: csrc/fds.cpp). Compiled once per CPU capability.
 //
 // Both ops group pixels by bin with a deterministic counting sort (per-block histograms + prefix sums:
-// the sorted order is (bin, pixel index), whatever the thread count), pack each pixel's C features into
+// the sorted order is (bin, pixel index), whatever the thread count) and pack each pixel's C features into
 // a contiguous row of a sorted workspace X [M, C] (reading the strided input tile by tile through
-// register transposes, no permute copy of the whole tensor), and do the C x C work as one BLAS GEMM per
-// (bin, chunk of rows) through at::mm_out:
-//   fds_recolor:    X[rows of bin k] <- X[rows] @ transform[k]^T (in place, through a per-thread copy
-//                   of the chunk), then out[b, :, p] = X[row] + shift[k] written back tile by tile
-//                   (diag transforms: one elementwise pass, no sort).
-//   fds_accumulate: fp64 per-chunk sums -> per-bin means; rows centred in place; m2 partial
-//                   = Xc^T Xc per chunk, reduced per bin in fp64 in chunk order.
+// register transposes, no permute copy of the whole tensor). Then:
+//   fds_recolor:    one BLAS GEMM per (bin, chunk of rows) through at::mm_out: X[rows of bin k] <- X[rows]
+//                   @ transform[k]^T (in place, through a per-thread copy of the chunk), then out[b, :, p] =
+//                   X[row] + shift[k] written back tile by tile (diag transforms: one elementwise pass, no sort).
+//   fds_accumulate: one task per bin (bins of more than M / kAccumSegments rows: per segment of that many
+//                   rows), one pass: per chunk of <= kAccumChunk rows, the rows minus a per-bin shift near the
+//                   mean go to a per-thread buffer, whose fp64 sums and Gram matrix (upper triangle, compute
+//                   dtype) are added into fp64 sums; the shift is corrected for at the end (accumulate_impl).
 // Tasks are pulled from an atomic counter by every thread of one parallel region; each task writes its
-// own output slice (recolor) or its own partial (accumulate, reduced in a fixed order), so results do not
-// depend on the thread count. The GEMMs always run inside the parallel region, where MKL/OpenBLAS use
-// one thread, on fixed-size sub-blocks; problems below kBlasWork multiply-adds run inline as plain loops
-// (a parallel region and a BLAS call cost more than the work). Memory: X [M, C] and the per-chunk partials
-// (accumulate: [M / 512 + bins, C, C] in the compute dtype), i.e. O(N C + bins C^2).
+// own output slice or its own partial (merged in a fixed order), and the task cuts depend only on the
+// sizes, so results do not depend on the thread count. The GEMMs run inside the parallel region, where
+// MKL/OpenBLAS use one thread; problems below kBlasWork multiply-adds run inline (a parallel region and a
+// BLAS call cost more than the work). Memory: X [M, C], per-thread chunk buffers, and for fds_accumulate
+// the fp64 sums of at most kAccumSegments extra segments, i.e. O(N C + bins C^2).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
+
+#include "cpu/common.h"
 
 #include <algorithm>
 #include <atomic>
@@ -46,6 +49,8 @@ constexpr int64_t kPrefetchRows = 8;     // sorted rows prefetched ahead of the 
 constexpr int64_t kRecolorChunk = 1024;  // rows per GEMM task of fds_recolor
 constexpr int64_t kAccumChunk = 512;     // rows per task of fds_accumulate: an fp32 GEMM sums <= this many
                                          // products before the fp64 reduction
+constexpr int64_t kAccumSegments = 32;   // fds_accumulate cuts bins of more than M / 32 rows into segments
+constexpr int64_t kShiftRows = 16;       // rows averaged into each bin's shift by fds_accumulate
 constexpr int64_t kParallelGrain = 1 << 15;  // values per thread chunk of the elementwise passes (smaller
                                              // problems run inline: a parallel region costs more)
 constexpr int64_t kBlasWork = 1 << 18;   // multiply-adds below which the per-bin products run serially as
@@ -133,19 +138,15 @@ struct Task {
   int64_t bin, row0, row1;
 };
 
-// Each bin's sorted rows cut into chunks of at most `chunk` rows, in bin order; task_start[k] = first
-// task of bin k.
-std::vector<Task> make_tasks(const std::vector<int64_t>& start, int64_t chunk, std::vector<int64_t>* task_start) {
+// Each bin's sorted rows cut into chunks of at most `chunk` rows, in bin order.
+std::vector<Task> make_tasks(const std::vector<int64_t>& start, int64_t chunk) {
   const int64_t nb = static_cast<int64_t>(start.size()) - 1;
   std::vector<Task> tasks;
-  if (task_start) task_start->assign(nb + 1, 0);
   for (int64_t k = 0; k < nb; ++k) {
-    if (task_start) (*task_start)[k] = static_cast<int64_t>(tasks.size());
     for (int64_t r = start[k]; r < start[k + 1]; r += chunk) {
       tasks.push_back({k, r, std::min(r + chunk, start[k + 1])});
     }
   }
-  if (task_start) (*task_start)[nb] = static_cast<int64_t>(tasks.size());
   return tasks;
 }
 
@@ -347,7 +348,7 @@ void recolor_full(const at::Tensor& features, const int64_t* bins, const at::Ten
   const auto acc_options = transform.options();
   at::Tensor X = empty_workspace({M, C}, acc_options);
   pack_rows<scalar_t, acc_t>(z, d, order.dest.data(), X.mutable_data_ptr<acc_t>());
-  const std::vector<Task> tasks = make_tasks(order.start, kRecolorChunk, nullptr);
+  const std::vector<Task> tasks = make_tasks(order.start, kRecolorChunk);
   const bool blas = M * C * C >= kBlasWork;
   // X <- X @ transform[k]^T chunk by chunk, in place: each chunk is first copied to its worker's scratch
   const int64_t chunk_rows = std::min(kRecolorChunk, M);
@@ -408,15 +409,11 @@ void check_bins(const at::Tensor& features, const at::Tensor& bins, const char* 
               ": bins must be [B, P] = [", features.size(0), ", ", features.size(2), "], got ", bins.sizes());
 }
 
-at::ScalarType compute_type(at::ScalarType t) {
-  return t == at::kDouble ? at::kDouble : at::kFloat;
-}
-
 at::Tensor fds_recolor_cpu(const at::Tensor& features, const at::Tensor& bins_in, const at::Tensor& transform_in,
                            const at::Tensor& shift_in) {
   check_bins(features, bins_in, "fds_recolor");
   const int64_t C = features.size(1);
-  const at::ScalarType acc = compute_type(features.scalar_type());
+  const at::ScalarType acc = cpu::compute_dtype(features.scalar_type());
   const bool full = transform_in.dim() == 3;
   TORCH_CHECK(transform_in.dim() == 3 || transform_in.dim() == 2,
               "fds_recolor: transform must be [nb, C, C] or [nb, C], got ", transform_in.sizes());
@@ -449,118 +446,160 @@ at::Tensor fds_recolor_cpu(const at::Tensor& features, const at::Tensor& bins_in
   return out;
 }
 
+// Interim (replaced by gram.h): g[i, j] = sum_r x[r, i] x[r, j] for i <= j; g [C, C] row stride ldo.
+template <typename T>
+void gram_upper(const T* x, int64_t rows, int64_t C, int64_t ldx, T* out, int64_t ldo) {
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor xc = at::from_blob(const_cast<T*>(x), {rows, C}, {ldx, 1}, opt);
+  at::Tensor g = at::from_blob(out, {C, C}, {ldo, 1}, opt);
+  const int64_t h = C / 2;
+  at::Tensor top = g.narrow(0, 0, h);
+  at::Tensor corner = g.narrow(0, h, C - h).narrow(1, h, C - h);
+  if (h > 0) at::mm_out(top, xc.narrow(1, 0, h).t(), xc);
+  at::mm_out(corner, xc.narrow(1, h, C - h).t(), xc.narrow(1, h, C - h));
+}
+
+// A task of fds_accumulate: rows [row0, row1) of one bin (the whole bin unless it is large). id: its index in
+// (bin, row) order; part: -1 for the bin's first segment (accumulates into the outputs), else its partial.
+struct Segment {
+  int64_t bin, row0, row1, id, part;
+};
+
+// s[c] = mean of kShiftRows of the bin's n sorted rows (x: its first row), spread evenly over them (not
+// the first ones: neighbouring pixels are alike), in the compute dtype; tmp: C doubles.
+template <typename acc_t>
+void bin_shift(const acc_t* x, int64_t n, int64_t C, double* tmp, acc_t* s) {
+  const int64_t rows = std::min(n, kShiftRows);
+  std::fill(tmp, tmp + C, 0.0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const acc_t* row = x + (i * n / rows) * C;
+    for (int64_t c = 0; c < C; ++c) tmp[c] += static_cast<double>(row[c]);
+  }
+  for (int64_t c = 0; c < C; ++c) s[c] = static_cast<acc_t>(tmp[c] / static_cast<double>(rows));
+}
+
+// Statistics of one bin from the shifted sums (see accumulate_impl): mean = s + S1 / n; m2 (full: upper
+// triangle of S2 on entry, the whole matrix on exit; diag: S2) -= S1 S1^T / n.
+template <typename acc_t>
+void finish_bin(const acc_t* s, const double* s1, double n, int64_t C, bool full, double* mean, double* m2) {
+  for (int64_t c = 0; c < C; ++c) mean[c] = static_cast<double>(s[c]) + s1[c] / n;
+  if (!full) {
+    for (int64_t c = 0; c < C; ++c) m2[c] -= s1[c] * s1[c] / n;
+    return;
+  }
+  for (int64_t i = 0; i < C; ++i) {
+    const double a = s1[i] / n;
+    for (int64_t j = i; j < C; ++j) m2[i * C + j] -= a * s1[j];
+    for (int64_t j = 0; j < i; ++j) m2[i * C + j] = m2[j * C + i];
+  }
+}
+
+// count, mean, m2: float64 outputs (uninitialised on entry).
 template <typename scalar_t, typename acc_t>
 void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb, bool full, double* count,
                      double* mean, double* m2) {
   const Strided3 d = dims_of(features);
-  const int64_t C = d.C;
+  const int64_t C = d.C, CC = C * C, m2_size = full ? CC : C;
   const BinOrder order = sort_by_bin(bins, d.B * d.P, nb);
   const int64_t M = order.start[nb];
-  for (int64_t k = 0; k < nb; ++k) count[k] = static_cast<double>(order.start[k + 1] - order.start[k]);
+  for (int64_t k = 0; k < nb; ++k) {
+    count[k] = static_cast<double>(order.start[k + 1] - order.start[k]);
+    if (count[k] == 0) {
+      std::fill(mean + k * C, mean + (k + 1) * C, 0.0);
+      std::fill(m2 + k * m2_size, m2 + (k + 1) * m2_size, 0.0);
+    }
+  }
   if (M == 0) return;
   const auto acc_options = features.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
   at::Tensor X = empty_workspace({M, C}, acc_options);
-  acc_t* x = X.mutable_data_ptr<acc_t>();
-  pack_rows<scalar_t, acc_t>(features.const_data_ptr<scalar_t>(), d, order.dest.data(), x);
-  std::vector<int64_t> task_start;
-  const std::vector<Task> tasks = make_tasks(order.start, kAccumChunk, &task_start);
-  const int64_t ntasks = static_cast<int64_t>(tasks.size());
+  const acc_t* x = X.mutable_data_ptr<acc_t>();
+  pack_rows<scalar_t, acc_t>(features.const_data_ptr<scalar_t>(), d, order.dest.data(), X.mutable_data_ptr<acc_t>());
 
-  // Pass 1: fp64 sums per chunk, reduced per bin in chunk order -> batch mean of each bin.
-  std::vector<double> partial(ntasks * C, 0.0);  // [ntasks, C]
-  const bool parallel = M * C >= kParallelGrain;
-  run_tasks(ntasks, parallel, [&](int64_t t, int64_t) {
-    double* s = partial.data() + t * C;
-    for (int64_t r = tasks[t].row0; r < tasks[t].row1; ++r) {
-      const acc_t* row = x + r * C;
-      for (int64_t c = 0; c < C; ++c) s[c] += static_cast<double>(row[c]);
-    }
-  });
+  // Shifted sums, one pass: with s the bin's shift (bin_shift: within about sd / sqrt(kShiftRows) of its
+  // mean), u = z - s rounded to the compute dtype, n = count, S1 = sum u (fp64) and S2 = sum u u^T (compute
+  // dtype over <= kAccumChunk rows, then fp64):  mean = s + S1 / n,  m2 = S2 - S1 S1^T / n, where
+  // S1 S1^T / n is ~ m2 / kShiftRows: no cancellation (the raw E[z z^T] - mean mean^T form loses every digit
+  // when |mean| >> sd). Each bin's segments are cut from M and the bin sizes only, so the sums do not
+  // depend on the thread count.
+  const int64_t seg_rows = std::max(kAccumChunk, (M + kAccumSegments * kAccumChunk - 1) /
+                                                     (kAccumSegments * kAccumChunk) * kAccumChunk);
+  std::vector<Segment> segs;
+  int64_t nparts = 0;
   for (int64_t k = 0; k < nb; ++k) {
-    if (count[k] == 0) continue;
-    double* mk = mean + k * C;
-    for (int64_t t = task_start[k]; t < task_start[k + 1]; ++t) {
-      for (int64_t c = 0; c < C; ++c) mk[c] += partial[t * C + c];
+    for (int64_t r = order.start[k]; r < order.start[k + 1]; r += seg_rows) {
+      const int64_t id = static_cast<int64_t>(segs.size());
+      segs.push_back({k, r, std::min(r + seg_rows, order.start[k + 1]), id, r == order.start[k] ? -1 : nparts++});
     }
-    for (int64_t c = 0; c < C; ++c) mk[c] /= count[k];
   }
-
-  // Pass 2: m2 = sum over the bin's rows of (z - mean)(z - mean)^T, centred before multiplying (no
-  // E[zz^T] - mean mean^T cancellation).
-  if (!full) {
-    std::fill(partial.begin(), partial.end(), 0.0);
-    run_tasks(ntasks, parallel, [&](int64_t t, int64_t) {
-      double* s = partial.data() + t * C;
-      const double* mk = mean + tasks[t].bin * C;
-      for (int64_t r = tasks[t].row0; r < tasks[t].row1; ++r) {
-        const acc_t* row = x + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          const double e = static_cast<double>(row[c]) - mk[c];
-          s[c] += e * e;
+  const int64_t nsegs = static_cast<int64_t>(segs.size());
+  std::vector<Segment> queue = segs;  // largest first: dynamic scheduling then balances the workers
+  std::stable_sort(queue.begin(), queue.end(),
+                   [](const Segment& a, const Segment& b) { return a.row1 - a.row0 > b.row1 - b.row0; });
+  std::vector<double> seg_s1(nsegs * C);            // [nsegs, C]
+  std::vector<double> part_m2(nparts * m2_size);    // [nparts, m2_size]: sums of the non-first segments
+  const bool parallel = M * (full ? CC : C) >= (full ? kBlasWork : kParallelGrain);
+  const int64_t workers = task_workers(parallel);
+  const int64_t chunk = std::min(kAccumChunk, seg_rows);
+  std::vector<acc_t> scratch(workers * (chunk * C + (full ? CC : 0) + C));  // per worker: u, gram, shift
+  run_tasks(nsegs, parallel, [&](int64_t t, int64_t w) {
+    const Segment& sg = queue[t];
+    const int64_t k = sg.bin, n = order.start[k + 1] - order.start[k];
+    acc_t* u = scratch.data() + w * (chunk * C + (full ? CC : 0) + C);
+    acc_t* g = u + chunk * C;
+    acc_t* s = g + (full ? CC : 0);
+    double* s1 = seg_s1.data() + sg.id * C;
+    double* out = sg.part < 0 ? m2 + k * m2_size : part_m2.data() + sg.part * m2_size;
+    bin_shift(x + order.start[k] * C, n, C, s1, s);
+    std::fill(s1, s1 + C, 0.0);
+    std::fill(out, out + m2_size, 0.0);
+    for (int64_t r0 = sg.row0; r0 < sg.row1; r0 += chunk) {
+      const int64_t rows = std::min(chunk, sg.row1 - r0);
+      if (!full) {
+        for (int64_t r = r0; r < r0 + rows; ++r) {
+          for (int64_t c = 0; c < C; ++c) {
+            const double v = static_cast<double>(static_cast<acc_t>(x[r * C + c] - s[c]));
+            s1[c] += v;
+            out[c] += v * v;
+          }
         }
-      }
-    });
-    at::parallel_for(0, nb, std::max<int64_t>(1, kParallelGrain / C), [&](int64_t k0, int64_t k1) {
-      for (int64_t k = k0; k < k1; ++k) {
-        double* out = m2 + k * C;
-        for (int64_t t = task_start[k]; t < task_start[k + 1]; ++t) {
-          for (int64_t c = 0; c < C; ++c) out[c] += partial[t * C + c];
-        }
-      }
-    });
-    return;
-  }
-  // Per-chunk Gram matrices Xc^T Xc in the compute dtype. Symmetric: with h = C / 2 only the rows [0, h)
-  // (X1^T [X1 X2]) and the block [h, C) x [h, C) (X2^T X2) are computed (3/4 of the products); the
-  // block [h, C) x [0, h) is mirrored after the reduction.
-  at::Tensor gram = empty_workspace({ntasks, C, C}, acc_options);
-  const bool blas = M * C * C >= kBlasWork;
-  const int64_t h = blas ? C / 2 : 0;
-  run_tasks(ntasks, blas, [&](int64_t t, int64_t) {
-    const Task& task = tasks[t];
-    const double* mk = mean + task.bin * C;
-    for (int64_t r = task.row0; r < task.row1; ++r) {
-      acc_t* row = x + r * C;
-      for (int64_t c = 0; c < C; ++c) row[c] = static_cast<acc_t>(static_cast<double>(row[c]) - mk[c]);
-    }
-    if (blas) {
-      at::Tensor xc = X.narrow(0, task.row0, task.row1 - task.row0);
-      at::Tensor gt = gram.select(0, t);
-      at::Tensor top = gt.narrow(0, 0, h);                                   // [h, C]
-      at::Tensor corner = gt.narrow(0, h, C - h).narrow(1, h, C - h);        // [C - h, C - h], row stride C
-      at::mm_out(top, xc.narrow(1, 0, h).t(), xc);
-      at::mm_out(corner, xc.narrow(1, h, C - h).t(), xc.narrow(1, h, C - h));
-      return;
-    }
-    acc_t* gt = gram.mutable_data_ptr<acc_t>() + t * C * C;
-    std::fill(gt, gt + C * C, acc_t(0));
-    for (int64_t r = task.row0; r < task.row1; ++r) {
-      const acc_t* row = x + r * C;
-      for (int64_t i = 0; i < C; ++i) {
-        for (int64_t j = 0; j < C; ++j) gt[i * C + j] += row[i] * row[j];
-      }
-    }
-  });
-  const acc_t* g = gram.const_data_ptr<acc_t>();
-  const int64_t CC = C * C;
-  at::parallel_for(0, nb, std::max<int64_t>(1, kParallelGrain / CC), [&](int64_t k0, int64_t k1) {
-    for (int64_t k = k0; k < k1; ++k) {
-      double* out = m2 + k * CC;
-      for (int64_t t = task_start[k]; t < task_start[k + 1]; ++t) {
-        const acc_t* gt = g + t * CC;
-        for (int64_t i = 0; i < h * C; ++i) out[i] += static_cast<double>(gt[i]);
-        for (int64_t i = h; i < C; ++i) {
-          for (int64_t j = h; j < C; ++j) out[i * C + j] += static_cast<double>(gt[i * C + j]);
-        }
-      }
-      if (h == 0) {
         continue;
       }
-      for (int64_t i = h; i < C; ++i) {
-        for (int64_t j = 0; j < h; ++j) out[i * C + j] = out[j * C + i];
+      for (int64_t r = 0; r < rows; ++r) {
+        const acc_t* row = x + (r0 + r) * C;
+        acc_t* ur = u + r * C;
+        for (int64_t c = 0; c < C; ++c) {
+          ur[c] = row[c] - s[c];
+          s1[c] += static_cast<double>(ur[c]);
+        }
+      }
+      gram_upper<acc_t>(u, rows, C, C, g, C);
+      for (int64_t i = 0; i < C; ++i) {
+        for (int64_t j = i; j < C; ++j) out[i * C + j] += static_cast<double>(g[i * C + j]);
       }
     }
+    if (sg.row1 - sg.row0 == n) finish_bin(s, s1, static_cast<double>(n), C, full, mean + k * C, out);
   });
+
+  // bins cut into several segments: merge their sums in row order, then finish
+  std::vector<double> s1(C);
+  std::vector<acc_t> s(C);
+  for (int64_t i = 0; i < nsegs;) {
+    const int64_t k = segs[i].bin;
+    int64_t j = i + 1;
+    while (j < nsegs && segs[j].bin == k) ++j;
+    if (j - i > 1) {
+      std::copy(seg_s1.begin() + i * C, seg_s1.begin() + (i + 1) * C, s1.begin());
+      double* out = m2 + k * m2_size;
+      for (int64_t q = i + 1; q < j; ++q) {
+        for (int64_t c = 0; c < C; ++c) s1[c] += seg_s1[q * C + c];
+        const double* p = part_m2.data() + segs[q].part * m2_size;
+        for (int64_t e = 0; e < m2_size; ++e) out[e] += p[e];
+      }
+      bin_shift(x + order.start[k] * C, static_cast<int64_t>(count[k]), C, seg_s1.data() + i * C, s.data());
+      finish_bin(s.data(), s1.data(), count[k], C, full, mean + k * C, out);
+    }
+    i = j;
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fds_accumulate_cpu(const at::Tensor& features, const at::Tensor& bins_in,
@@ -569,10 +608,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fds_accumulate_cpu(const at::Tens
   TORCH_CHECK(num_bins >= 1, "fds_accumulate: num_bins must be >= 1, got ", num_bins);
   const int64_t C = features.size(1);
   const auto f64 = features.options().dtype(at::kDouble);
-  at::Tensor count = at::zeros({num_bins}, f64);
-  at::Tensor mean = at::zeros({num_bins, C}, f64);
-  at::Tensor m2 = full ? at::zeros({num_bins, C, C}, f64) : at::zeros({num_bins, C}, f64);
-  if (features.size(0) * features.size(2) == 0 || C == 0) return {count, mean, m2};
+  at::Tensor count = at::empty({num_bins}, f64);
+  at::Tensor mean = at::empty({num_bins, C}, f64);
+  at::Tensor m2 = full ? at::empty({num_bins, C, C}, f64) : at::empty({num_bins, C}, f64);
   const at::Tensor bins = bins_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(), "fds_accumulate", [&] {
     using acc_t = at::opmath_type<scalar_t>;

@@ -15,6 +15,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "cpu/common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,10 +31,11 @@ namespace {
 
 using at::vec::Vectorized;
 
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionMean = 1;
-constexpr int64_t kReductionSum = 2;
-constexpr int64_t kReductionWeightedMean = 3;
+using cpu::hsum;
+using cpu::kReductionMean;
+using cpu::kReductionNone;
+using cpu::kReductionSum;
+using cpu::kReductionWeightedMean;
 
 constexpr int64_t kMSE = 0;
 constexpr int64_t kL1 = 1;
@@ -57,15 +60,6 @@ struct Coeffs {
   T gamma;       // focal exponent
   int gamma_case;  // 0: gamma == 0, 1: gamma == 1, 2: gamma == 2, 3: other (pow)
 };
-
-template <typename T>
-inline double hsum(const Vectorized<T>& v) {
-  __at_align__ T lanes[Vectorized<T>::size()];
-  v.store(lanes);
-  double s = 0.0;
-  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += lanes[l];
-  return s;
-}
 
 // All-ones lanes where mask[i + l] is true (l < count), zero lanes elsewhere (a blendv mask). Full vectors on
 // AVX2 / AVX-512: zero-extend the bytes and compare in registers (building the lanes in memory and
@@ -272,7 +266,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
     TORCH_CHECK(std::isfinite(gamma) && gamma >= 0.0, op, ": gamma must be finite and >= 0, got ", gamma);
   }
 
-  const auto cdt = dt == at::kDouble ? at::kDouble : at::kFloat;   // half types computed in fp32
+  const auto cdt = cpu::compute_dtype(dt);
   const at::Tensor p = pred.to(cdt).contiguous();
   const at::Tensor y = target.to(cdt).contiguous();
   at::Tensor w, m;
