@@ -25,7 +25,6 @@ variance rule is ``covariance='diag'``).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -48,19 +47,6 @@ def _reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
         return torch.zeros_like(idx)
     j = torch.remainder(idx, 2 * (n - 1))
     return torch.where(j >= n, 2 * (n - 1) - j, j)
-
-
-@contextlib.contextmanager
-def _one_thread():
-    """Run CPU LAPACK on one thread: MKL's threaded syevd on small matrices (C <= a few hundred) is
-    10-100x slower than one thread as soon as the cores are shared (measured on the 2-core dev machine,
-    100 eigendecompositions of 128 x 128: 105 ms on one thread, 1.4-12 s on two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -384,11 +370,10 @@ class FDS(nn.Module):
             a = eye.expand_as(cov).clone()
             # A = (S~ + eps I)^{1/2} (S + eps I)^{-1/2}, both roots from eigh: V f(lambda) V^T; eigenvalues
             # of a regularised PSD matrix are >= eps (clamped there against rounding).
-            with _one_thread() if cov.device.type == "cpu" else contextlib.nullcontext():
-                lam, vec = torch.linalg.eigh(cov[idx] + self.eps * eye)
-                inv_root = (vec * lam.clamp(min=self.eps).rsqrt().unsqueeze(-2)) @ vec.mT
-                lam, vec = torch.linalg.eigh(smoothed_cov[idx] + self.eps * eye)
-                root = (vec * lam.clamp(min=self.eps).sqrt().unsqueeze(-2)) @ vec.mT
+            lam, vec = torch.linalg.eigh(cov[idx] + self.eps * eye)
+            inv_root = (vec * lam.clamp(min=self.eps).rsqrt().unsqueeze(-2)) @ vec.mT
+            lam, vec = torch.linalg.eigh(smoothed_cov[idx] + self.eps * eye)
+            root = (vec * lam.clamp(min=self.eps).sqrt().unsqueeze(-2)) @ vec.mT
             a[idx] = root @ inv_root
             shift = smoothed_mean - (a @ mean.unsqueeze(2)).squeeze(2)
         else:
