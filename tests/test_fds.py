@@ -124,10 +124,10 @@ def test_accumulate_all_skipped_and_empty(backend):
 
 @pytest.mark.requires_cpp
 @pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
-@pytest.mark.parametrize("c", [7, 24])
+@pytest.mark.parametrize("c", [7, 24, 130])
 def test_accumulate_cpp_matches_torch_backend_many_bins(full, c):
-    """Several sort blocks, several GEMM chunks per bin (the BLAS path, with the symmetric Gram split at
-    an odd C too), one dominant bin (as in depth maps)."""
+    """Several sort blocks, several chunks and segments per bin (the parallel path; C below one vector,
+    between vector widths, and above 128 with partial tiles), one dominant bin (as in depth maps)."""
     x, f3 = make_features("dense", b=2, c=c, h=60, w=80)
     bins = torch.randint(0, 40, (2, 4800))
     bins[:, ::3] = 7

@@ -25,6 +25,7 @@
 #include <torch/library.h>
 
 #include "cpu/common.h"
+#include "cpu/gram.h"
 
 #include <algorithm>
 #include <atomic>
@@ -446,19 +447,6 @@ at::Tensor fds_recolor_cpu(const at::Tensor& features, const at::Tensor& bins_in
   return out;
 }
 
-// Interim (replaced by gram.h): g[i, j] = sum_r x[r, i] x[r, j] for i <= j; g [C, C] row stride ldo.
-template <typename T>
-void gram_upper(const T* x, int64_t rows, int64_t C, int64_t ldx, T* out, int64_t ldo) {
-  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  at::Tensor xc = at::from_blob(const_cast<T*>(x), {rows, C}, {ldx, 1}, opt);
-  at::Tensor g = at::from_blob(out, {C, C}, {ldo, 1}, opt);
-  const int64_t h = C / 2;
-  at::Tensor top = g.narrow(0, 0, h);
-  at::Tensor corner = g.narrow(0, h, C - h).narrow(1, h, C - h);
-  if (h > 0) at::mm_out(top, xc.narrow(1, 0, h).t(), xc);
-  at::mm_out(corner, xc.narrow(1, h, C - h).t(), xc.narrow(1, h, C - h));
-}
-
 // A task of fds_accumulate: rows [row0, row1) of one bin (the whole bin unless it is large). id: its index in
 // (bin, row) order; part: -1 for the bin's first segment (accumulates into the outputs), else its partial.
 struct Segment {
@@ -572,7 +560,7 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
           s1[c] += static_cast<double>(ur[c]);
         }
       }
-      gram_upper<acc_t>(u, rows, C, C, g, C);
+      gram::gram_upper<acc_t>(u, rows, C, C, g, C);
       for (int64_t i = 0; i < C; ++i) {
         for (int64_t j = i; j < C; ++j) out[i * C + j] += static_cast<double>(g[i * C + j]);
       }
