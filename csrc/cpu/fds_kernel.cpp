@@ -466,6 +466,43 @@ void bin_shift(const acc_t* x, int64_t n, int64_t C, double* tmp, acc_t* s) {
   for (int64_t c = 0; c < C; ++c) s[c] = static_cast<acc_t>(tmp[c] / static_cast<double>(rows));
 }
 
+// u[r, c] = x[r, c] - s[c] in the compute dtype, sum[c] += u[r, c] in fp64 and, unless sq is null,
+// sq[c] += u[r, c]^2 (u then not written).
+template <typename acc_t>
+void shift_rows(const acc_t* __restrict x, int64_t rows, int64_t C, const acc_t* __restrict s, acc_t* __restrict u,
+                double* __restrict sum, double* __restrict sq) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const acc_t* xr = x + r * C;
+    if (sq) {
+      for (int64_t c = 0; c < C; ++c) {
+        const double v = static_cast<double>(static_cast<acc_t>(xr[c] - s[c]));
+        sum[c] += v;
+        sq[c] += v * v;
+      }
+      continue;
+    }
+    acc_t* ur = u + r * C;
+    for (int64_t c = 0; c < C; ++c) {
+      ur[c] = xr[c] - s[c];
+      sum[c] += static_cast<double>(ur[c]);
+    }
+  }
+}
+
+// out[i, j] (+)= g[i, j] in fp64 for i <= j (assigned when first); g, out: [C, C].
+template <typename acc_t>
+void add_upper(const acc_t* __restrict g, int64_t C, bool first, double* __restrict out) {
+  for (int64_t i = 0; i < C; ++i) {
+    const acc_t* gi = g + i * C;
+    double* oi = out + i * C;
+    if (first) {
+      for (int64_t j = i; j < C; ++j) oi[j] = static_cast<double>(gi[j]);
+    } else {
+      for (int64_t j = i; j < C; ++j) oi[j] += static_cast<double>(gi[j]);
+    }
+  }
+}
+
 // Statistics of one bin from the shifted sums (see accumulate_impl): mean = s + S1 / n; m2 (full: upper
 // triangle of S2 on entry, the whole matrix on exit; diag: S2) -= S1 S1^T / n.
 template <typename acc_t>
@@ -524,7 +561,7 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
   std::stable_sort(queue.begin(), queue.end(),
                    [](const Segment& a, const Segment& b) { return a.row1 - a.row0 > b.row1 - b.row0; });
   std::vector<double> seg_s1(nsegs * C);            // [nsegs, C]
-  std::vector<double> part_m2(nparts * m2_size);    // [nparts, m2_size]: sums of the non-first segments
+  std::vector<double> part_m2(nparts * m2_size);    // [nparts, m2_size]: sums of the later segments
   const bool parallel = M * (full ? CC : C) >= (full ? kBlasWork : kParallelGrain);
   const int64_t workers = task_workers(parallel);
   const int64_t chunk = std::min(kAccumChunk, seg_rows);
@@ -539,30 +576,13 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
     double* out = sg.part < 0 ? m2 + k * m2_size : part_m2.data() + sg.part * m2_size;
     bin_shift(x + order.start[k] * C, n, C, s1, s);
     std::fill(s1, s1 + C, 0.0);
-    std::fill(out, out + m2_size, 0.0);
+    if (!full) std::fill(out, out + C, 0.0);
     for (int64_t r0 = sg.row0; r0 < sg.row1; r0 += chunk) {
       const int64_t rows = std::min(chunk, sg.row1 - r0);
-      if (!full) {
-        for (int64_t r = r0; r < r0 + rows; ++r) {
-          for (int64_t c = 0; c < C; ++c) {
-            const double v = static_cast<double>(static_cast<acc_t>(x[r * C + c] - s[c]));
-            s1[c] += v;
-            out[c] += v * v;
-          }
-        }
-        continue;
-      }
-      for (int64_t r = 0; r < rows; ++r) {
-        const acc_t* row = x + (r0 + r) * C;
-        acc_t* ur = u + r * C;
-        for (int64_t c = 0; c < C; ++c) {
-          ur[c] = row[c] - s[c];
-          s1[c] += static_cast<double>(ur[c]);
-        }
-      }
-      gram::gram_upper<acc_t>(u, rows, C, C, g, C);
-      for (int64_t i = 0; i < C; ++i) {
-        for (int64_t j = i; j < C; ++j) out[i * C + j] += static_cast<double>(g[i * C + j]);
+      shift_rows<acc_t>(x + r0 * C, rows, C, s, u, s1, full ? nullptr : out);
+      if (full) {
+        gram::gram_upper<acc_t>(u, rows, C, C, g, C);
+        add_upper<acc_t>(g, C, r0 == sg.row0, out);
       }
     }
     if (sg.row1 - sg.row0 == n) finish_bin(s, s1, static_cast<double>(n), C, full, mean + k * C, out);
@@ -581,7 +601,9 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
       for (int64_t q = i + 1; q < j; ++q) {
         for (int64_t c = 0; c < C; ++c) s1[c] += seg_s1[q * C + c];
         const double* p = part_m2.data() + segs[q].part * m2_size;
-        for (int64_t e = 0; e < m2_size; ++e) out[e] += p[e];
+        for (int64_t e = 0; e < m2_size; ++e) {
+          if (!full || e % C >= e / C) out[e] += p[e];  // full: the upper triangle only is set
+        }
       }
       bin_shift(x + order.start[k] * C, static_cast<int64_t>(count[k]), C, seg_s1.data() + i * C, s.data());
       finish_bin(s.data(), s1.data(), count[k], C, full, mean + k * C, out);
