@@ -98,10 +98,11 @@ class FDS(nn.Module):
 
     Statistics: :meth:`accumulate` adds each batch's per-bin count, mean and centred scatter
     ``sum (z - mean)(z - mean)^T`` into float64 accumulators with Chan's parallel formula — no
-    ``E[zz^T] - mu mu^T`` cancellation anywhere. The kernels centre each pixel on its bin's batch mean
-    (float64) before forming products; the C++ kernel forms them in the compute dtype (fp32 for fp32
-    features) over chunks of at most 512 rows and sums the chunks in float64 (relative error ~1e-6), the
-    torch backend works in float64 throughout. :meth:`update`
+    ``E[zz^T] - mu mu^T`` cancellation anywhere. The kernels form products of features minus a per-bin
+    reference point close to the bin's batch mean (C++: the mean of 16 of the bin's pixels; Triton: each
+    sub-block's own mean, merged with Chan's formula) and correct for it in float64; the C++ and Triton
+    kernels form the products in the compute dtype (fp32 for fp32 features) over blocks of at most 512
+    rows summed in float64 (relative error ~1e-6), the torch backend works in float64 throughout. :meth:`update`
     turns them into the epoch's mean and unbiased covariance (``n_b - 1``; a bin with fewer than 2 samples
     in the epoch keeps its previous statistics), folds them into the running EMA, smooths, and recomputes
     every bin's transform with a batched float64 symmetric eigendecomposition (``torch.linalg.eigh``):
