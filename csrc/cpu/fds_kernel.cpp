@@ -515,7 +515,16 @@ void finish_bin(const acc_t* s, const double* s1, double n, int64_t C, bool full
   for (int64_t i = 0; i < C; ++i) {
     const double a = s1[i] / n;
     for (int64_t j = i; j < C; ++j) m2[i * C + j] -= a * s1[j];
-    for (int64_t j = 0; j < i; ++j) m2[i * C + j] = m2[j * C + i];
+  }
+  constexpr int64_t kB = 8;  // mirrored in kB x kB blocks: each line read serves kB entries
+  for (int64_t i0 = 0; i0 < C; i0 += kB) {
+    const int64_t i1 = std::min(C, i0 + kB);
+    for (int64_t j0 = 0; j0 <= i0; j0 += kB) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t j1 = std::min(i, j0 + kB);
+        for (int64_t j = j0; j < j1; ++j) m2[i * C + j] = m2[j * C + i];
+      }
+    }
   }
 }
 
