@@ -197,10 +197,12 @@ def test_recolor_does_not_touch_inputs(backend):
 
 @pytest.mark.requires_cpp
 @pytest.mark.parametrize("full", [True, False], ids=["full", "diag"])
-def test_recolor_cpp_matches_torch_backend_large(full):
-    x, f3 = make_features("dense", b=2, c=32, h=30, w=50)
+@pytest.mark.parametrize("c", [5, 32, 130])
+def test_recolor_cpp_matches_torch_backend_large(full, c):
+    """The parallel path; C below one vector, a multiple of every width, above 128 with partial tiles."""
+    x, f3 = make_features("dense", b=2, c=c, h=30, w=50)
     bins = make_bins(f3, 50, empty=(3,))
-    transform, shift = make_tables(50, 32, torch.float32, full)
+    transform, shift = make_tables(50, c, torch.float32, full)
     got = torch.ops.imbreg_fast.fds_recolor(f3, bins, transform, shift)
     want = ops.recolor_torch(f3, bins, transform, shift)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -14,46 +14,14 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
-#if defined(__SSE2__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-#include <emmintrin.h>
-#endif
+
+#include "cpu/simd.h"
 
 namespace imbreg_fast {
 namespace gram {
 
-#if defined(__SSE2__) && !defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-// DEFAULT build on x86-64: the generic Vectorized (arrays of 8 float / 4 double) compiles to scalar code and
-// shuffles in these loops, so the tiles use SSE2 (the x86-64 baseline) directly; fma is a multiply and an add.
-template <typename T> struct Sse2;
-template <> struct Sse2<float> {
-  __m128 v;
-  static constexpr int64_t size() { return 4; }
-  Sse2() = default;
-  Sse2(__m128 w) : v(w) {}
-  explicit Sse2(float a) : v(_mm_set1_ps(a)) {}
-  static Sse2 loadu(const float* p) { return _mm_loadu_ps(p); }
-  void store(float* p) const { _mm_storeu_ps(p, v); }
-};
-template <> struct Sse2<double> {
-  __m128d v;
-  static constexpr int64_t size() { return 2; }
-  Sse2() = default;
-  Sse2(__m128d w) : v(w) {}
-  explicit Sse2(double a) : v(_mm_set1_pd(a)) {}
-  static Sse2 loadu(const double* p) { return _mm_loadu_pd(p); }
-  void store(double* p) const { _mm_storeu_pd(p, v); }
-};
-inline Sse2<float> fmadd(const Sse2<float>& a, const Sse2<float>& b, const Sse2<float>& c) {
-  return _mm_add_ps(_mm_mul_ps(a.v, b.v), c.v);
-}
-inline Sse2<double> fmadd(const Sse2<double>& a, const Sse2<double>& b, const Sse2<double>& c) {
-  return _mm_add_pd(_mm_mul_pd(a.v, b.v), c.v);
-}
-template <typename T> using Vec = Sse2<T>;
-#else
-template <typename T> using Vec = at::vec::Vectorized<T>;
-using at::vec::fmadd;
-#endif
+using simd::fmadd;
+using simd::Vec;
 
 // G[i0 : i0 + MR, j[v] : j[v] + VL] (+)= sum_r x[r, i0 + m] x[r, j[v] : j[v] + VL] for v < NV.
 //   x: [rows, *] row stride ldx; out: G with row stride ldo, read first when accumulate.
