@@ -270,16 +270,21 @@ def recolor_torch(features, bins, transform, shift):
 # cpp backend (registered only when the built extension has the FDS ops)
 # --------------------------------------------------------------------------------------------------
 
+def register_fused_backend(backend: str, accumulate_op, recolor_op) -> None:
+    """Register a backend whose FDS ops are fused kernels (cpp, triton): no gradient into the statistics,
+    transforms passed contiguous."""
+
+    @register("fds_accumulate", backend)
+    def accumulate(features, bins, num_bins, full):
+        return accumulate_op(features.detach(), bins, num_bins, full)
+
+    @register("fds_recolor", backend)
+    def recolor(features, bins, transform, shift):
+        return recolor_op(features, bins, transform.detach().contiguous(), shift.detach().contiguous())
+
+
 if CPP_OPS:
-
-    @register("fds_accumulate", "cpp")
-    def accumulate_cpp(features, bins, num_bins, full):
-        return torch.ops.imbreg_fast.fds_accumulate(features.detach(), bins, num_bins, full)
-
-    @register("fds_recolor", "cpp")
-    def recolor_cpp(features, bins, transform, shift):
-        return torch.ops.imbreg_fast.fds_recolor(features, bins, transform.detach().contiguous(),
-                                                 shift.detach().contiguous())
+    register_fused_backend("cpp", torch.ops.imbreg_fast.fds_accumulate, torch.ops.imbreg_fast.fds_recolor)
 
 # Triton backend (imbreg_fast::triton_fds_*); importing it does not import triton.
 from . import fds_triton  # noqa: E402,F401

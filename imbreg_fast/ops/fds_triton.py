@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .._dispatch import register
-from .fds import accumulate_fake, recolor_fake, register_recolor_autograd
+from .fds import accumulate_fake, recolor_fake, register_fused_backend, register_recolor_autograd
 
 __all__ = ["triton_fds_accumulate", "triton_fds_recolor"]
 
@@ -38,12 +37,4 @@ triton_fds_recolor.register_fake(recolor_fake)
 register_recolor_autograd("imbreg_fast::triton_fds_recolor")
 
 
-@register("fds_accumulate", "triton")
-def accumulate_triton(features, bins, num_bins, full):
-    return torch.ops.imbreg_fast.triton_fds_accumulate(features.detach(), bins, num_bins, full)
-
-
-@register("fds_recolor", "triton")
-def recolor_triton(features, bins, transform, shift):
-    return torch.ops.imbreg_fast.triton_fds_recolor(features, bins, transform.detach().contiguous(),
-                                                    shift.detach().contiguous())
+register_fused_backend("triton", torch.ops.imbreg_fast.triton_fds_accumulate, torch.ops.imbreg_fast.triton_fds_recolor)
