@@ -208,6 +208,24 @@ def test_recolor_cpp_matches_torch_backend_large(full, c):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.requires_cpp
+def test_cpp_workspace_reuse_across_calls():
+    """The kernels keep one freed workspace (>= 2 MB) per thread for the next call: calls with larger,
+    smaller and other-dtype workspaces, with results held or dropped, stay correct."""
+    held = []
+    for c, h, dtype in [(64, 80, torch.float32), (96, 100, torch.float32), (40, 60, torch.float64),
+                        (96, 100, torch.float32), (130, 70, torch.float64)]:
+        x, f3 = make_features("dense", b=2, c=c, h=h, w=64, dtype=dtype)
+        bins = make_bins(f3, 9)
+        transform, shift = make_tables(9, c, dtype, True)
+        got = torch.ops.imbreg_fast.fds_recolor(f3, bins, transform, shift)
+        torch.testing.assert_close(got, ops.recolor_torch(f3, bins, transform, shift), rtol=1e-5, atol=1e-5)
+        got_stats = torch.ops.imbreg_fast.fds_accumulate(f3, bins, 9, True)
+        for g, w in zip(got_stats, ops.accumulate_torch(f3, bins, 9, True)):
+            torch.testing.assert_close(g, w, rtol=2e-5, atol=2e-5 * w.abs().max().item())
+        held.append(got)
+
+
 # ----------------------------------------------------------------------------------------------------
 # C++ op registration: opcheck, determinism across thread counts, argument checks
 # ----------------------------------------------------------------------------------------------------
