@@ -105,11 +105,11 @@ class FDS(nn.Module):
     rows summed in float64 (relative error ~1e-6), the torch backend works in float64 throughout. The C++
     kernels sort the features into a workspace of N * C floats and keep one freed workspace of at most
     64 MB per calling thread for the next call (no first-touch page faults every step). :meth:`update`
-    turns the accumulated statistics into the epoch's mean and unbiased covariance (``n_b - 1``; a bin with fewer than 2 samples
-    in the epoch keeps its previous statistics), folds them into the running EMA, smooths, and recomputes
-    every bin's transform with a batched float64 symmetric eigendecomposition (``torch.linalg.eigh``):
-    accurate on singular and ill-conditioned covariances (bins with fewer samples than C), where an fp32
-    Newton-Schulz iteration is not. Bins never seen keep the identity transform.
+    turns the accumulated statistics into the epoch's mean and unbiased covariance (``n_b - 1``; a bin with
+    fewer than 2 samples in the epoch keeps its previous statistics), folds them into the running EMA,
+    smooths, and recomputes every bin's transform with a batched float64 symmetric eigendecomposition
+    (``torch.linalg.eigh``): accurate on singular and ill-conditioned covariances (bins with fewer samples
+    than C), where an fp32 Newton-Schulz iteration is not. Bins never seen keep the identity transform.
 
     All state is in buffers (float64, except the ``int64`` epoch), so ``state_dict`` round-trips exactly and
     resumed training is bit-identical; dtype casts of the module (``.half()``, ``.double()``) leave them in
