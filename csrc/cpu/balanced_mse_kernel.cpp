@@ -129,26 +129,18 @@ RowOutputs make_row_outputs(int64_t n, int64_t d, int64_t n_blocks, at::ScalarTy
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_outputs(RowOutputs& out, const at::Tensor& pred,
                                                               const at::Tensor& noise_var, int64_t reduction,
                                                               bool compute_grad, double scale) {
-  at::Tensor loss, grad_pred, grad_var;
-  if (reduction == kReductionNone) {
-    loss = out.loss_rows.to(pred.scalar_type());
-  } else {
+  // 'none': the per-row values; else the block partials added in block order, times scale.
+  const auto reduced = [&](const at::Tensor& rows, const std::vector<double>& blocks, const at::Tensor& like) {
+    if (reduction == kReductionNone) return rows.to(like.scalar_type());
     double total = 0.0;
-    for (double v : out.block_loss) total += v;
-    loss = at::scalar_tensor(total * scale, pred.options());
-  }
+    for (double v : blocks) total += v;
+    return at::scalar_tensor(total * scale, like.options());
+  };
+  at::Tensor loss = reduced(out.loss_rows, out.block_loss, pred);
   if (!compute_grad) {
     return {loss, at::empty({0}, pred.options()), at::empty({0}, noise_var.options())};
   }
-  grad_pred = out.grad_pred.to(pred.scalar_type());
-  if (reduction == kReductionNone) {
-    grad_var = out.grad_rows.to(noise_var.scalar_type());
-  } else {
-    double total = 0.0;
-    for (double v : out.block_grad) total += v;
-    grad_var = at::scalar_tensor(total * scale, noise_var.options());
-  }
-  return {loss, grad_pred, grad_var};
+  return {loss, out.grad_pred.to(pred.scalar_type()), reduced(out.grad_rows, out.block_grad, noise_var)};
 }
 
 // --------------------------------------------------------------------------------------------------
