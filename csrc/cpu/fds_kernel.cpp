@@ -617,7 +617,7 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
   });
 
   // bins cut into several segments: merge their sums in row order, then finish
-  std::vector<double> s1(C);
+  std::vector<double> s1(C), tmp(C);
   std::vector<acc_t> s(C);
   for (int64_t i = 0; i < nsegs;) {
     const int64_t k = segs[i].bin;
@@ -633,7 +633,7 @@ void accumulate_impl(const at::Tensor& features, const int64_t* bins, int64_t nb
           if (!full || e % C >= e / C) out[e] += p[e];  // full: the upper triangle only is set
         }
       }
-      bin_shift(x + order.start[k] * C, static_cast<int64_t>(count[k]), C, seg_s1.data() + i * C, s.data());
+      bin_shift(x + order.start[k] * C, static_cast<int64_t>(count[k]), C, tmp.data(), s.data());
       finish_bin(s.data(), s1.data(), count[k], C, full, mean + k * C, out);
     }
     i = j;
