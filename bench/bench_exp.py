@@ -1,6 +1,7 @@
 """Vectorised exp throughput: the practical limit the Balanced MSE kernels' exp/s are compared against.
 
-``torch.ops.imbreg_fast.exp_throughput(x, variant, repeats)`` (csrc/cpu/balanced_mse_kernel.cpp) applies
+``torch.ops.imbreg_fast_bench.exp_throughput(x, variant, repeats)`` (a benchmark-only op: schema
+csrc/bench_probes.cpp, kernel csrc/cpu/bench_probes_kernel.cpp, loaded with the C++ extension) applies
 exp to every element of ``x`` ``repeats`` times with the kernels' vector code: variant 0 = Sleef exp
 (1 ulp, what ``at::vec::Vectorized::exp`` uses), 1 = ``exp_u20`` (the kernels' exp). ``torch.exp`` (out=,
 same element count) is measured alongside. On 1 and 2 threads; x has 16M floats (DRAM-sized, as the
@@ -27,7 +28,7 @@ EXPS_PER_CALL = {"full": 2 ** 28, "quick": 2 ** 27, "smoke": 2 ** 20}[preset()]
 
 def _exp_kernel_registered() -> bool:
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key("imbreg_fast::exp_throughput", "CPU")
+        return torch._C._dispatch_has_kernel_for_dispatch_key("imbreg_fast_bench::exp_throughput", "CPU")
     except RuntimeError:
         return False
 
@@ -43,8 +44,8 @@ def test_exp_throughput(benchmark, n, impl, threads):
         if not _extension.cpp_available():
             pytest.skip(f"cpp backend unavailable: {_extension.cpp_error()}")
         if not _exp_kernel_registered():
-            pytest.skip("imbreg_fast::exp_throughput has no CPU kernel registered in this build "
-                        "(csrc/cpu/balanced_mse_kernel.cpp)")
+            pytest.skip("imbreg_fast_bench::exp_throughput has no CPU kernel registered in this build "
+                        "(csrc/cpu/bench_probes_kernel.cpp)")
     repeats = max(1, EXPS_PER_CALL // n)
     x = torch.empty(n).uniform_(-20.0, 0.0, generator=torch.Generator().manual_seed(0))
     out = torch.empty_like(x)
@@ -55,7 +56,7 @@ def test_exp_throughput(benchmark, n, impl, threads):
                 torch.exp(x, out=out)
     else:
         def step():
-            return torch.ops.imbreg_fast.exp_throughput(x, variant, repeats)
+            return torch.ops.imbreg_fast_bench.exp_throughput(x, variant, repeats)
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)

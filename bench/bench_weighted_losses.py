@@ -1,4 +1,4 @@
-"""Weighted regression losses (methods.md §2: MSE, Huber, Focal-R) with per-pixel LDS weights and a
+"""Weighted regression losses (docs/methods.md §2: MSE, Huber, Focal-R) with per-pixel LDS weights and a
 validity mask, at dense-depth size: time and peak extra memory, forward and forward + backward.
 
 Providers, side by side in one run: the published formulation (tests/naive_weighted_losses.py,

@@ -284,8 +284,8 @@ def render(data: dict | None, cases: list[str]) -> tuple[str, list[str], bool]:
         for case in op_cases:
             out += case_table(case, providers, data, limits)
     out += ["### Vectorised exp throughput (the practical limit)", "",
-            "`torch.ops.imbreg_fast.exp_throughput(x, variant, repeats)`: the kernels' vector exp applied to x "
-            "(values in [-20, 0]) `repeats` times; `sleef_u10` = Sleef exp (1 ulp), `exp_u20` = the kernels' exp; "
+            "`torch.ops.imbreg_fast_bench.exp_throughput(x, variant, repeats)` (benchmark-only op): the kernels' "
+            "vector exp applied to x (values in [-20, 0]) `repeats` times; `sleef_u10` = Sleef exp (1 ulp), `exp_u20` = the kernels' exp; "
             "`torch.exp(x, out=y)` for comparison. 2^18 floats stay in L2 (compute limit); 2^24 floats stream from DRAM.", ""]
     out += exp_table(data)
     if data:

@@ -5,7 +5,8 @@
 // Conventions shared by every op of the family:
 //   pred, target [N, d] contiguous, same floating dtype; mask [N] bool or None (rows kept);
 //   noise_var [] (0-dim, any floating dtype) = sigma^2 > 0;
-//   reduction 0 = 'none', 1 = 'mean' (over kept rows; 0 when no row is kept), 2 = 'sum';
+//   reduction: torch's numbering (at::Reduction, torch.nn._reduction.get_enum): 0 = 'none',
+//     1 = 'mean' (over kept rows; 0 when no row is kept), 2 = 'sum';
 //   returns (loss, grad_pred, grad_noise_var): loss [] (mean/sum) or [N] ('none', 0 on masked rows),
 //   grad_pred [N, d] = d loss / d pred, grad_noise_var [] (mean/sum) or [N] ('none') = d loss / d sigma^2;
 //   with compute_grad=false the two gradients are empty tensors of shape [0].
@@ -19,13 +20,11 @@ TORCH_LIBRARY_FRAGMENT(imbreg_fast, m) {
       "int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor)");
   // GAI and BNI through one mixture kernel; the component tables are precomputed at the current
   // noise_var by imbreg_fast.ops.balanced_mse (see there for their definition):
-  //   log_weight [K], means [K, d], precision [K, d, d] (inverse of Sigma_k + sigma^2 I, or I/sigma^2),
-  //   grad_var_bias [K] (1/2 tr precision_k for GAI, 0 for BNI), log_noise_coef 1.0 (GAI) or 0.0 (BNI).
+  //   log_weight [K] (log of the normalised weights), log_norm [K] (log sum of the weights
+  //   - 1/2 logdet(I + Sigma_k/sigma^2)), means [K, d], precision [K, d, d] (inverse of Sigma_k + sigma^2 I,
+  //   or I/sigma^2), grad_var_bias [K] (d log_norm_k / d sigma^2: 1/2 tr(precision_k Sigma_k)/sigma^2, 0 for BNI).
   m.def(
       "mixture_nll_fwd(Tensor pred, Tensor target, Tensor? mask, Tensor noise_var, Tensor log_weight, "
-      "Tensor means, Tensor precision, Tensor grad_var_bias, float log_noise_coef, int reduction, "
+      "Tensor log_norm, Tensor means, Tensor precision, Tensor grad_var_bias, int reduction, "
       "bool compute_grad) -> (Tensor, Tensor, Tensor)");
-  // Vectorised-exp throughput probe for benchmarks: y = exp(x), variant 0 = Sleef exp (1 ulp),
-  // 1 = exp_u20 (the kernels' exp), repeated `repeats` times. Returns the sum of the last pass.
-  m.def("exp_throughput(Tensor x, int variant, int repeats) -> Tensor");
 }

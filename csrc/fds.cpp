@@ -1,4 +1,4 @@
-// Operator schemas of FDS (feature distribution smoothing, methods.md §3). Kernels: csrc/cpu/fds_kernel.cpp
+// Operator schemas of FDS (feature distribution smoothing, docs/methods.md §3). Kernels: csrc/cpu/fds_kernel.cpp
 // (CPU, one build per CPU capability), triton_kernels/ (GPU, ops imbreg_fast::triton_fds_*). Fake kernels
 // and the recolouring autograd are registered from Python (imbreg_fast/ops/fds.py).
 //

@@ -6,15 +6,26 @@
 - priors (:mod:`imbreg_fast.priors`): ``fit_gmm`` (GAI), ``bin_prior`` (BNI)
 - :mod:`imbreg_fast.lds`: label-density smoothing and re-weighting (``kernel_window``, ``label_density``,
   ``sample_weights``, ``LabelWeights``); weighted / Focal-R losses in :mod:`imbreg_fast.functional`
-- backends: ``available_backends()``, ``selected_backend(tensor, op)``, ``backend_info()``
+- :mod:`imbreg_fast.metrics`: the DIR evaluation protocol (``DIRMetrics``, a torchmetrics metric; ``shot_metrics``)
+- :mod:`imbreg_fast.reg_cls`: classification-aided regression with balanced classes (``ClassBins``,
+  ``balanced_class_mask``, ``RegClsLoss``)
+- :mod:`imbreg_fast.optim`: ``BSAM`` (SAM/ASAM around any torch optimiser) and ``bsam_step`` (one BSAM step
+  with ascent/descent label weights)
+- backends: ``available_backends()``, ``selected_backend(tensor, op)``, ``backend_info()``,
+  ``cpu_capability()`` (importing imbreg_fast loads the C++ extension once: :mod:`imbreg_fast._extension`)
+
+The maths, gradients and the published code's quirks: docs/methods.md.
 """
-from . import functional, lds, nn
+from . import functional, lds, metrics, nn, optim, reg_cls
 from ._dispatch import BACKENDS, available_backends, backend_info, selected_backend
 from ._extension import cpu_capability
 from .fds import FDS
+from .optim import BSAM, bsam_step
 from .priors import GMM, bin_prior, fit_gmm
+from .reg_cls import ClassBins, RegClsLoss
 
 __version__ = "0.1.0"
 
-__all__ = ["BACKENDS", "FDS", "GMM", "available_backends", "backend_info", "bin_prior", "cpu_capability", "fit_gmm",
-           "functional", "lds", "nn", "selected_backend"]
+__all__ = ["BACKENDS", "BSAM", "ClassBins", "FDS", "GMM", "RegClsLoss", "available_backends", "backend_info",
+           "bin_prior", "bsam_step", "cpu_capability", "fit_gmm", "functional", "lds", "metrics", "nn", "optim",
+           "reg_cls", "selected_backend"]

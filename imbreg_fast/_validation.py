@@ -1,27 +1,105 @@
-"""Argument checks shared by every public op: clear ``TypeError``/``ValueError`` naming the argument.
+"""Argument checks of every public entry point: a clear ``TypeError``/``ValueError`` naming the argument.
 
-Value checks (finiteness, positivity, normalisation) read tensor values and so synchronise with the
-device; they run when ``check_finite=True`` (the default of every public entry point) and are skipped
-while ``torch.compile`` traces (they would break the graph). Shape, dtype and device checks are free and
-always run.
+Shape, dtype and device checks are free and always run. Value checks (finiteness, positivity,
+normalisation) read tensor values, so they synchronise with the device; they run when
+``check_finite=True`` (the default of every public entry point; see :func:`value_checks`), are skipped
+while ``torch.compile`` traces (they would break the graph), and under ``torch.vmap`` they raise a
+``ValueError`` asking for ``check_finite=False`` (vmap cannot read values).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+from ._reduction import LOSS_REDUCTIONS, reduction_code
+
+__all__ = ["Rows", "any_true", "as_rows", "check_all_finite", "check_choice", "check_float_tensor", "check_int",
+           "check_labels", "check_mask", "check_noise_var_value", "check_nonnegative", "check_pair",
+           "check_positive", "check_prior_weights", "check_real", "check_real_tensor", "check_reduction",
+           "check_same_device", "check_target_constant", "compute_dtype", "is_tracing", "noise_var_tensor",
+           "value_checks"]
 
 
 def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def check_reduction(reduction: str) -> int:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {sorted(REDUCTIONS)}, got {reduction!r}")
-    return REDUCTIONS[reduction]
+def value_checks(check_finite: bool) -> bool:
+    """Whether the value checks run: asked for, and not while ``torch.compile`` traces."""
+    return bool(check_finite) and not is_tracing()
+
+
+def any_true(flags: torch.Tensor) -> bool:
+    """``bool(flags.any())`` — the one host read of every value check. Under ``torch.vmap`` (which cannot
+    read values) it raises a ValueError that names the fix."""
+    try:
+        return bool(flags.any())
+    except RuntimeError as exc:
+        if "vmap" not in str(exc) and "data-dependent" not in str(exc):
+            raise
+        raise ValueError("check_finite=True reads tensor values, which torch.vmap does not allow: pass "
+                         "check_finite=False under vmap (and validate the inputs outside it)") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# Scalars and choices
+# --------------------------------------------------------------------------------------------------
+
+
+def check_int(name: str, value, minimum: int | None = None) -> int:
+    """``value`` is a Python int (not a bool), >= ``minimum`` when given."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_real(name: str, value) -> float:
+    """``value`` is a finite real number (int or float, not a bool) -> float."""
+    value = _number(name, value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    value = _number(name, value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be finite and > 0, got {value}")
+    return value
+
+
+def check_nonnegative(name: str, value) -> float:
+    value = _number(name, value)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be finite and >= 0, got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices):
+    """``value`` is one of ``choices`` (a sequence, or a dict whose keys are the choices)."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+    return value
+
+
+def check_reduction(reduction, choices: dict = LOSS_REDUCTIONS) -> int:
+    """The reduction's code (``imbreg_fast._reduction``)."""
+    return reduction_code(reduction, choices)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensors
+# --------------------------------------------------------------------------------------------------
 
 
 def check_float_tensor(name: str, x) -> torch.Tensor:
@@ -29,6 +107,15 @@ def check_float_tensor(name: str, x) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name} must have a floating dtype, got {x.dtype}")
+    return x
+
+
+def check_real_tensor(name: str, x) -> torch.Tensor:
+    """A tensor of real numbers: floating or integer dtype (not bool, not complex)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_complex():
+        raise TypeError(f"{name} must hold real numbers (a floating or integer dtype), got {x.dtype}")
     return x
 
 
@@ -41,26 +128,88 @@ def check_same_device(**tensors) -> None:
                              "move them to the same device")
 
 
+def check_mask(mask, shape: tuple, like: torch.Tensor, like_name: str, shape_name: str | None = None
+               ) -> torch.Tensor | None:
+    """``mask`` is None or a bool tensor of ``shape`` on ``like``'s device (errors name ``like_name``, or
+    ``shape_name`` for the shape)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+    if tuple(mask.shape) != tuple(shape):
+        raise ValueError(f"mask must have shape {tuple(shape)} for {shape_name or like_name} of shape {tuple(like.shape)}, "
+                         f"got {tuple(mask.shape)}")
+    check_same_device(**{like_name: like, "mask": mask})
+    return mask
+
+
+def check_pair(pred, target) -> tuple[torch.Tensor, torch.Tensor]:
+    """pred and target: floating tensors of the same shape, dtype and device."""
+    pred = check_float_tensor("pred", pred)
+    target = check_float_tensor("target", target)
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got pred {tuple(pred.shape)} "
+                         f"and target {tuple(target.shape)}")
+    if pred.dtype != target.dtype:
+        raise TypeError(f"pred and target must have the same dtype, got {pred.dtype} and {target.dtype}")
+    check_same_device(pred=pred, target=target)
+    return pred, target
+
+
+def check_target_constant(**tensors) -> None:
+    """The Balanced MSE losses treat targets (and candidate targets) as data: a tensor that requires grad
+    while grad mode is on is refused, on every backend, rather than silently not differentiated."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.requires_grad:
+            raise ValueError(f"{name} requires grad, but the Balanced MSE losses do not differentiate their "
+                             f"{name} (labels are data): pass {name}.detach()")
+
+
 def check_all_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
     """Raise if ``x`` (restricted to rows kept by ``mask`` [N] when given, x being [N, ...]) has NaN/inf."""
     bad = ~torch.isfinite(x)
     if mask is not None:
         bad = bad.reshape(mask.shape[0], -1) & mask.reshape(-1, 1)
-    if bool(bad.any()):
+    if any_true(bad):
         raise ValueError(f"{name} contains NaN or inf" + (" at kept positions" if mask is not None else "")
                          + " (pass check_finite=False to skip this check)")
 
 
-def check_labels_finite(labels: torch.Tensor, mask: torch.Tensor | None = None) -> None:
-    """Raise if floating ``labels`` hold NaN/inf where ``mask`` (the labels' shape) keeps them."""
-    if not labels.is_floating_point():
-        return
-    bad = ~torch.isfinite(labels)
-    if mask is not None:
-        bad = bad & mask
-    if bool(bad.any()):
-        raise ValueError("labels contain NaN or inf" + (" at kept positions" if mask is not None else "")
-                         + " (mask them out, or pass check_finite=False)")
+def check_labels(labels, mask=None, *, check_finite: bool = True, name: str = "labels") -> torch.Tensor:
+    """Real-valued labels (floating or integer), an optional bool mask of their shape and device, and
+    (``check_finite``) no NaN/inf where the mask keeps them."""
+    labels = check_real_tensor(name, labels)
+    check_mask(mask, tuple(labels.shape), labels, name)
+    if value_checks(check_finite) and labels.is_floating_point():
+        bad = ~torch.isfinite(labels)
+        if mask is not None:
+            bad = bad & mask
+        if any_true(bad):
+            raise ValueError(f"{name} contain NaN or inf" + (" at kept positions" if mask is not None else "")
+                             + " (mask them out, or pass check_finite=False)")
+    return labels
+
+
+def check_prior_weights(name: str, w: torch.Tensor) -> None:
+    """Mixture / bin weights: finite, > 0, summing to 1 up to the rounding of their dtype (a bf16 prior
+    sums to 1 only within ~2^-8)."""
+    w64 = w.double()
+    if not bool(torch.isfinite(w64).all()) or bool((w64 <= 0).any()):
+        raise ValueError(f"{name} must be finite and > 0 (drop empty components/bins)")
+    total = float(w64.sum())
+    # each weight rounded to w's dtype is off by at most eps/2 relative, so the sum by eps/2 of the total
+    tolerance = max(1e-4, torch.finfo(w.dtype).eps)
+    if abs(total - 1.0) > tolerance:
+        raise ValueError(f"{name} must sum to 1, got {total:.6g}; normalise them (w / w.sum())")
+
+
+# --------------------------------------------------------------------------------------------------
+# Balanced MSE rows
+# --------------------------------------------------------------------------------------------------
 
 
 class Rows(NamedTuple):
@@ -78,14 +227,7 @@ def as_rows(pred, target, mask=None) -> Rows:
     Accepted layouts: [N] (d = 1), [N, d], dense [B, 1, H, W] (N = B*H*W pixels, d = 1). The mask has
     the target's shape, except for [N, d] targets where it is per row, [N].
     """
-    pred = check_float_tensor("pred", pred)
-    target = check_float_tensor("target", target)
-    if pred.shape != target.shape:
-        raise ValueError(f"pred and target must have the same shape, got pred {tuple(pred.shape)} "
-                         f"and target {tuple(target.shape)}")
-    if pred.dtype != target.dtype:
-        raise TypeError(f"pred and target must have the same dtype, got {pred.dtype} and {target.dtype}")
-    check_same_device(pred=pred, target=target)
+    pred, target = check_pair(pred, target)
     if pred.dim() == 1:
         n, d, row_shape = pred.shape[0], 1, tuple(pred.shape)
     elif pred.dim() == 2:
@@ -97,15 +239,8 @@ def as_rows(pred, target, mask=None) -> Rows:
                          f"{tuple(pred.shape)}")
     if d < 1:
         raise ValueError(f"pred must have a target dimension d >= 1, got shape {tuple(pred.shape)}")
+    mask = check_mask(mask, row_shape, pred, "pred", shape_name="pred/target")
     if mask is not None:
-        if not isinstance(mask, torch.Tensor):
-            raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
-        if mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
-        check_same_device(pred=pred, mask=mask)
-        if tuple(mask.shape) != row_shape:
-            raise ValueError(f"mask must have shape {row_shape} for pred/target of shape "
-                             f"{tuple(pred.shape)}, got {tuple(mask.shape)}")
         mask = mask.reshape(n)
     return Rows(pred.reshape(n, d), target.reshape(n, d), mask, row_shape)
 
@@ -123,13 +258,12 @@ def noise_var_tensor(noise_var, ref: torch.Tensor) -> torch.Tensor:
         return noise_var.reshape(())
     if isinstance(noise_var, bool) or not isinstance(noise_var, (int, float)):
         raise TypeError(f"noise_var must be a float or a scalar tensor, got {type(noise_var).__name__}")
-    dtype = ref.dtype if ref.dtype in (torch.float32, torch.float64) else torch.float32
-    return torch.tensor(float(noise_var), dtype=dtype, device=ref.device)
+    return torch.tensor(float(noise_var), dtype=compute_dtype(ref.dtype), device=ref.device)
 
 
 def check_noise_var_value(noise_var: torch.Tensor) -> None:
     v = noise_var.detach()
-    if not bool(torch.isfinite(v)) or not bool(v > 0):
+    if any_true(~(torch.isfinite(v) & (v > 0))):
         raise ValueError(f"noise_var must be finite and > 0, got {float(v)}")
 
 

@@ -1,4 +1,4 @@
-"""Feature distribution smoothing (FDS; Yang et al., ICML 2021; methods.md §3) for row and dense features.
+"""Feature distribution smoothing (FDS; Yang et al., ICML 2021; docs/methods.md §3) for row and dense features.
 
 Usage in a dense training loop (features at a lower resolution than the depth map;
 ``F = torch.nn.functional``)::
@@ -16,7 +16,7 @@ Usage in a dense training loop (features at a lower resolution than the depth ma
             optimizer.zero_grad(); loss.backward(); optimizer.step()
         fds.update()                                           # end of epoch: EMA, smoothing, transforms
 
-Differences from the published code (methods.md §3): statistics come from the raw features passed to
+Differences from the published code (docs/methods.md §3): statistics come from the raw features passed to
 :meth:`FDS.accumulate` (never from calibrated ones), the raw and smoothed statistics of a transform are
 from the same epoch (no aliasing of ``running_mean_last_epoch``), the calibrated features are a new
 tensor (never written in place), bins never seen do not leak their initial values into their neighbours,
@@ -24,8 +24,6 @@ and ``covariance='full'`` implements the paper's whitening / re-colouring (the c
 variance rule is ``covariance='diag'``).
 """
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -47,23 +45,6 @@ def _reflect_index(idx: torch.Tensor, n: int) -> torch.Tensor:
         return torch.zeros_like(idx)
     j = torch.remainder(idx, 2 * (n - 1))
     return torch.where(j >= n, 2 * (n - 1) - j, j)
-
-
-def _check_int(name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
-
-
-def _check_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 class FDS(nn.Module):
@@ -123,16 +104,14 @@ class FDS(nn.Module):
                  eps: float = 1e-5, clip=(0.1, 10.0), start_update: int = 0, start_smooth: int = 1,
                  backend: str = "auto", check_finite: bool = True):
         super().__init__()
-        self.feature_dim = _check_int("feature_dim", feature_dim, 1)
-        if covariance not in COVARIANCES:
-            raise ValueError(f"covariance must be one of {COVARIANCES}, got {covariance!r}")
-        self.covariance = covariance
+        self.feature_dim = V.check_int("feature_dim", feature_dim, 1)
+        self.covariance = V.check_choice("covariance", covariance, COVARIANCES)
         if momentum is not None:
-            momentum = _check_real("momentum", momentum)
+            momentum = V.check_real("momentum", momentum)
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
         self.momentum = momentum
-        self.eps = _check_real("eps", eps)
+        self.eps = V.check_real("eps", eps)
         if covariance == "full" and not self.eps > 0:
             raise ValueError(f"eps must be > 0 with covariance='full' (it regularises singular covariances), "
                              f"got {self.eps}")
@@ -142,12 +121,12 @@ class FDS(nn.Module):
             lo, hi = clip
         except (TypeError, ValueError):
             raise TypeError(f"clip must be a pair (lo, hi), got {clip!r}") from None
-        lo, hi = _check_real("clip[0]", lo), _check_real("clip[1]", hi)
+        lo, hi = V.check_real("clip[0]", lo), V.check_real("clip[1]", hi)
         if not 0 < lo <= hi:
             raise ValueError(f"clip must satisfy 0 < lo <= hi, got ({lo}, {hi})")
         self.clip = (lo, hi)
-        self.start_update = _check_int("start_update", start_update, 0)
-        self.start_smooth = _check_int("start_smooth", start_smooth, 0)
+        self.start_update = V.check_int("start_update", start_update, 0)
+        self.start_smooth = V.check_int("start_smooth", start_smooth, 0)
         self.kernel, self.ks, self.sigma = kernel, ks, sigma
         self.backend = backend
         self.check_finite = bool(check_finite)
@@ -235,20 +214,12 @@ class FDS(nn.Module):
         if features.shape[1] != self.feature_dim:
             raise ValueError(f"features have C = {features.shape[1]} channels (shape {tuple(features.shape)}) "
                              f"but this FDS has feature_dim = {self.feature_dim}")
-        if not isinstance(labels, torch.Tensor):
-            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-        if labels.dtype == torch.bool or labels.is_complex():
-            raise TypeError(f"labels must be real-valued, got {labels.dtype}")
+        V.check_real_tensor("labels", labels)
         if tuple(labels.shape) not in label_shapes:
             raise ValueError(f"labels must have shape {' or '.join(map(str, label_shapes))} (one label per "
                              f"{'row' if features.dim() == 2 else 'pixel, at the feature resolution'}) for "
                              f"features of shape {tuple(features.shape)}, got {tuple(labels.shape)}")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-                raise TypeError(f"mask must be a bool tensor or None, got "
-                                f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-            if mask.shape != labels.shape:
-                raise ValueError(f"mask must have the labels' shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
+        V.check_mask(mask, tuple(labels.shape), labels, "labels")
         V.check_same_device(features=features, labels=labels, mask=mask)
         if features.device != self.edges.device:
             raise ValueError(f"features are on {features.device} but the FDS statistics are on "
@@ -258,8 +229,7 @@ class FDS(nn.Module):
     def _pixels_and_bins(self, features, labels, mask):
         """Validated features as [B, C, P] (no copy) and the int64 bins [B, P] (-1 where masked)."""
         features = self._check_inputs(features, labels, mask)
-        if self.check_finite and not V.is_tracing():
-            V.check_labels_finite(labels, mask)
+        V.check_labels(labels, mask, check_finite=self.check_finite)
         f3 = _ops.as_pixels(features)
         b, p = f3.shape[0], f3.shape[2]
         bins = _ops.bin_index(labels.reshape(b, p), self.edges, None if mask is None else mask.reshape(b, p))
@@ -293,11 +263,11 @@ class FDS(nn.Module):
             return
         _, impl = resolve("fds_accumulate", f3, self.backend)
         count, mean, m2 = impl(f3.detach(), bins, self.num_bins, self.full)
-        if self.check_finite and not V.is_tracing():
+        if V.value_checks(self.check_finite):
             # a NaN/inf kept feature makes its bin's mean non-finite; an overflow shows on the diagonal of
             # m2, which bounds every entry (|m2_ij| <= sqrt(m2_ii m2_jj)): O(bins * C) instead of O(N * C)
             spread = torch.diagonal(m2, dim1=-2, dim2=-1) if self.full else m2
-            if not bool(torch.isfinite(mean).all() & torch.isfinite(spread).all()):
+            if V.any_true(~torch.isfinite(mean).all() | ~torch.isfinite(spread).all()):
                 raise ValueError("features contain NaN or inf at kept pixels (or overflow float64 statistics); "
                                  "the FDS statistics were left unchanged")
         # Chan et al.: merge (n_a, mean_a, M2_a) with the batch (n_b, mean_b, M2_b):

@@ -1,29 +1,54 @@
-"""Functional API of imbreg_fast (torch-style: ``imbreg_fast.functional.bmc_loss(pred, target, ...)``).
+"""Functional API of imbreg_fast, torch-style: ``imbreg_fast.functional.bmc_loss(pred, target, ...)``.
 
-Common arguments of the Balanced MSE losses (methods.md §1):
+Balanced MSE (docs/methods.md §1): :func:`bmc_loss`, :func:`gai_loss`, :func:`bni_loss`. Common arguments:
 
-- ``pred``, ``target``: ``[N]``, ``[N, d]`` or dense ``[B, 1, H, W]``, same shape and floating dtype.
+- ``pred``, ``target``: ``[N]``, ``[N, d]`` or dense ``[B, 1, H, W]``, same shape and floating dtype. The
+  target (and BMC's ``candidates``) are data, never differentiated: one that requires grad raises
+  ``ValueError`` on every backend (detach it).
 - ``noise_var``: sigma^2 > 0, a float or a scalar tensor (differentiable: pass ``sigma ** 2`` of a
   learnable sigma, as :class:`imbreg_fast.nn.BMCLoss` does).
 - ``mask``: optional bool tensor of the target's shape (per row, ``[N]``, for ``[N, d]``); dropped rows
   contribute nothing (BMC also drops them from the candidates).
 - ``reduction``: ``'mean'`` over kept rows (0.0 when no row is kept, never NaN), ``'sum'``, or ``'none'``
   (the input's row shape, 0 on dropped rows).
-- ``backend``: ``'auto'`` | ``'torch'`` | ``'cpp'`` | ``'triton'`` (see :mod:`imbreg_fast._dispatch`).
-- ``check_finite``: validate values (no NaN/inf in pred/target at kept rows, sigma^2 > 0 and finite,
-  GMM/bin parameters well formed). This reads tensor values (a device sync); pass ``False`` in a hot GPU
-  loop once inputs are known good. Skipped while ``torch.compile`` traces.
 
-Each loss is multiplied by ``sg(2 sigma^2)`` as in the reference, so it has the scale of the MSE.
+Weighted regression losses (LDS re-weighting, Focal-R; docs/methods.md §2): :func:`weighted_mse_loss`,
+:func:`weighted_l1_loss`, :func:`weighted_huber_loss`, :func:`weighted_focal_mse_loss`,
+:func:`weighted_focal_l1_loss`. Common arguments:
+
+- ``pred``, ``target``: same shape (any: ``[N]``, ``[N, 1]``, dense ``[B, 1, H, W]``, ...) and floating dtype;
+  the loss is element-wise, e = pred - target. The target may require grad: it gets -d loss / d pred, on
+  every backend.
+- ``weight``: per-element weights (e.g. from :class:`imbreg_fast.lds.LabelWeights`), any shape that
+  ``expand_as(target)`` accepts (``[B, 1]`` for ``[B, 1]`` targets, ``[B, 1, 1, 1]`` or ``[B, 1, H, W]`` for
+  dense maps), >= 0; None means all ones. Weights are constants: detached, no gradient flows into them.
+- ``mask``: optional bool tensor of the target's shape; dropped elements contribute nothing (NaN holes
+  allowed there).
+- ``reduction``: ``'mean'`` (default, as the reference: sum of w·l over the kept elements divided by their
+  count — ``torch.mean(w * l)`` without a mask), ``'weighted_mean'`` (sum w·l / sum w over the kept elements,
+  the convention of torch's own weighted losses; 0 when the weights sum to 0), ``'sum'``, ``'none'``
+  (w·l per element, target's shape, 0 on dropped elements). With no kept element 'mean' is 0, never NaN.
+
+Every op also takes:
+
+- ``backend``: ``'auto'`` | ``'torch'`` | ``'cpp'`` | ``'triton'`` (the one rule: :mod:`imbreg_fast._dispatch`).
+- ``check_finite``: validate values (no NaN/inf in the inputs at kept positions, sigma^2 > 0, weights >= 0,
+  GMM/bin parameters well formed). This reads tensor values (a device sync); pass ``False`` in a hot GPU
+  loop once inputs are known good, and under ``torch.vmap``. Skipped while ``torch.compile`` traces.
+
+The fused backends (cpp, triton) compute the gradient in the forward pass, so they support first
+derivatives only: differentiating a gradient of these losses (``create_graph=True``, a gradient penalty,
+nested ``torch.func.grad``) raises ``RuntimeError`` — use ``backend='torch'`` for that. ``torch.func``
+transforms (``grad``, ``vmap`` with ``check_finite=False``, ``jacrev``) work on every backend.
 """
 from __future__ import annotations
 
 import torch
 
+from . import _reduction
 from . import _validation as V
 from ._dispatch import resolve
-from .ops import balanced_mse as _bmse  # noqa: F401  (registers the backends)
-from .ops import balanced_mse_triton as _bmse_triton  # noqa: F401  (registers the triton backend)
+from .ops import weighted_losses as _wl   # importing imbreg_fast.ops registers every backend
 
 __all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1_loss", "weighted_huber_loss",
            "weighted_focal_mse_loss", "weighted_focal_l1_loss"]
@@ -31,9 +56,10 @@ __all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1
 
 def _prepare(pred, target, noise_var, mask, reduction, check_finite):
     rows = V.as_rows(pred, target, mask)
+    V.check_target_constant(target=target)
     red = V.check_reduction(reduction)
     nv = V.noise_var_tensor(noise_var, rows.pred)
-    check_values = check_finite and not V.is_tracing()
+    check_values = V.value_checks(check_finite)
     if check_values:
         V.check_noise_var_value(nv)
         V.check_all_finite("pred", rows.pred, rows.mask)
@@ -42,7 +68,7 @@ def _prepare(pred, target, noise_var, mask, reduction, check_finite):
 
 
 def _finish(loss: torch.Tensor, rows: V.Rows, reduction: int) -> torch.Tensor:
-    return loss.reshape(rows.loss_shape) if reduction == 0 else loss
+    return loss.reshape(rows.loss_shape) if reduction == _reduction.NONE else loss
 
 
 def bmc_loss(pred, target, noise_var, *, candidates=None, mask=None, reduction="mean", backend="auto",
@@ -54,7 +80,7 @@ def bmc_loss(pred, target, noise_var, *, candidates=None, mask=None, reduction="
     (default; the positive is its own target), or ``{target_i} U candidates`` when ``candidates`` is given
     (``[M, d]``, or ``[M]`` for d = 1: e.g. M pixels sampled from a dense batch, or targets gathered from
     all ranks). The fused backends stream over the candidates (online softmax): O(N + M) memory, and the
-    backward pass is O(N). With one row the loss is 0. The target is not differentiated.
+    backward pass is O(N). With one row the loss is 0.
     """
     rows, red, nv, check_values = _prepare(pred, target, noise_var, mask, reduction, check_finite)
     if candidates is not None:
@@ -68,6 +94,7 @@ def bmc_loss(pred, target, noise_var, *, candidates=None, mask=None, reduction="
         if candidates.dtype != rows.pred.dtype:
             raise TypeError(f"candidates must have pred's dtype {rows.pred.dtype}, got {candidates.dtype}")
         V.check_same_device(pred=rows.pred, candidates=candidates)
+        V.check_target_constant(candidates=candidates)
         if check_values:
             V.check_all_finite("candidates", candidates)
     _, impl = resolve("bmc_loss", rows.pred, backend)
@@ -97,7 +124,7 @@ def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):
         raise ValueError(f"gmm covariances must be [K, d, d] = [{k}, {d}, {d}], got {tuple(covariances.shape)}")
     weights, means, covariances = weights.detach(), means.detach(), covariances.detach()
     if check_values:
-        _check_weights("gmm weights", weights)
+        V.check_prior_weights("gmm weights", weights)
         if not bool(torch.isfinite(means).all()):
             raise ValueError("gmm means contain NaN or inf")
         cov64 = covariances.double()
@@ -108,15 +135,6 @@ def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):
             bad = int(torch.nonzero(info)[0])
             raise ValueError(f"gmm covariances must be symmetric positive definite; component {bad} is not")
     return weights, means, covariances
-
-
-def _check_weights(name: str, w: torch.Tensor) -> None:
-    w64 = w.double()
-    if not bool(torch.isfinite(w64).all()) or bool((w64 <= 0).any()):
-        raise ValueError(f"{name} must be finite and > 0 (drop empty components/bins)")
-    total = float(w64.sum())
-    if abs(total - 1.0) > 1e-4:
-        raise ValueError(f"{name} must sum to 1, got {total:.6g}; normalise them (w / w.sum())")
 
 
 def gai_loss(pred, target, noise_var, gmm, *, mask=None, reduction="mean", backend="auto", check_finite=True):
@@ -159,12 +177,118 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
                          + f", got {tuple(bin_centers.shape)}")
     bin_centers, bin_weights = bin_centers.detach(), bin_weights.detach()
     if check_values:
-        _check_weights("bin_weights", bin_weights)
+        V.check_prior_weights("bin_weights", bin_weights)
         if not bool(torch.isfinite(bin_centers).all()):
             raise ValueError("bin_centers contain NaN or inf")
     _, impl = resolve("bni_loss", rows.pred, backend)
     return _finish(impl(rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red), rows, red)
 
 
-from .weighted_losses import (weighted_focal_l1_loss, weighted_focal_mse_loss, weighted_huber_loss,  # noqa: E402,F401
-                              weighted_l1_loss, weighted_mse_loss)
+# --------------------------------------------------------------------------------------------------
+# Weighted regression losses (LDS re-weighting, Focal-R)
+# --------------------------------------------------------------------------------------------------
+
+
+def _as_weight(weight, target: torch.Tensor) -> torch.Tensor | None:
+    if weight is None:
+        return None
+    V.check_float_tensor("weight", weight)
+    if weight.device != target.device:
+        raise ValueError(f"weight is on {weight.device} but target is on {target.device}")
+    try:
+        ok = weight.dim() <= target.dim() and torch.broadcast_shapes(weight.shape, target.shape) == target.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} cannot be expanded to the target's shape "
+                         f"{tuple(target.shape)} (weight.expand_as(target) must work)")
+    return weight.detach().to(V.compute_dtype(target.dtype)).expand_as(target).reshape(-1)
+
+
+def _check_values(p, y, w, m) -> None:
+    """pred/target finite and weight finite and >= 0 at kept elements; one host sync when they are.
+
+    Fast path: the sums of pred, target and weight are finite and min(weight) >= 0 (a NaN/inf anywhere
+    makes a sum non-finite; NaN fails the comparison). Otherwise (a bad value, a masked-out hole, or a
+    sum overflowing) the exact element-wise checks decide and name the argument.
+    """
+    if p.numel() == 0:
+        return
+    acc = V.compute_dtype(p.dtype)
+    sums = [p.sum(dtype=acc), y.sum(dtype=acc)] + ([] if w is None else [w.sum(dtype=acc)])
+    ok = torch.isfinite(torch.stack(sums)).all()
+    if w is not None:
+        ok = ok & (w.min() >= 0)
+    if not V.any_true(~ok):
+        return
+    V.check_all_finite("pred", p, m)
+    V.check_all_finite("target", y, m)
+    if w is not None:
+        V.check_all_finite("weight", w, m)
+        negative = w < 0 if m is None else (w < 0) & m
+        if V.any_true(negative):
+            raise ValueError("weight must be >= 0" + (" at kept elements" if m is not None else ""))
+
+
+def _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite, kind, beta=1.0, gamma=1.0,
+                   activation="sigmoid"):
+    pred, target = V.check_pair(pred, target)
+    red = V.check_reduction(reduction, _reduction.WEIGHTED_LOSS_REDUCTIONS)
+    V.check_mask(mask, tuple(target.shape), target, "target")
+    shape = pred.shape
+    w = _as_weight(weight, target)
+    p, y = pred.reshape(-1), target.reshape(-1)
+    m = None if mask is None else mask.reshape(-1)
+    if V.value_checks(check_finite):
+        _check_values(p, y, w, m)
+    _, impl = resolve(_wl.OP, p, backend)
+    loss = impl(p, y, w, m, kind, beta, gamma, _wl.ACTIVATIONS[activation], red)
+    return loss.reshape(shape) if red == _reduction.NONE else loss
+
+
+def weighted_mse_loss(pred, target, weight=None, *, mask=None, reduction="mean", backend="auto",
+                      check_finite=True):
+    """Weighted MSE: element loss ``w (pred - target)^2`` (reference ``weighted_mse_loss``).
+
+    See the module docstring for the common arguments.
+    """
+    return _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite, _wl.MSE)
+
+
+def weighted_l1_loss(pred, target, weight=None, *, mask=None, reduction="mean", backend="auto", check_finite=True):
+    """Weighted L1: element loss ``w |pred - target|`` (reference ``weighted_l1_loss``); its gradient is
+    sign(e), 0 at e = 0."""
+    return _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite, _wl.L1)
+
+
+def weighted_huber_loss(pred, target, weight=None, *, beta=1.0, mask=None, reduction="mean", backend="auto",
+                        check_finite=True):
+    """Weighted Huber (reference ``weighted_huber_loss``): with a = |pred - target|, element loss
+    ``w a^2 / (2 beta)`` if a < beta else ``w (a - beta / 2)`` (torch's smooth-L1 form); ``beta`` > 0, default 1.
+    """
+    beta = V.check_positive("beta", beta)
+    return _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite, _wl.HUBER, beta=beta)
+
+
+def weighted_focal_mse_loss(pred, target, weight=None, *, activation="sigmoid", beta=0.2, gamma=1.0, mask=None,
+                            reduction="mean", backend="auto", check_finite=True):
+    """Weighted Focal-R MSE (reference ``weighted_focal_mse_loss``): element loss ``w e^2 f(|e|)`` with
+    ``f(a) = (2 sigmoid(beta a) - 1)^gamma`` (``activation='sigmoid'``, default) or ``tanh(beta a)^gamma``
+    (``'tanh'``); ``beta`` > 0 (default 0.2), ``gamma`` >= 0 (default 1). The gradient includes the
+    factor's own dependence on e (exactly, as autograd through the reference).
+    """
+    beta, gamma = V.check_positive("beta", beta), V.check_nonnegative("gamma", gamma)
+    act = V.check_choice("activation", activation, _wl.ACTIVATIONS)
+    return _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite, _wl.FOCAL_MSE, beta=beta,
+                          gamma=gamma, activation=act)
+
+
+def weighted_focal_l1_loss(pred, target, weight=None, *, activation="sigmoid", beta=0.2, gamma=1.0, mask=None,
+                           reduction="mean", backend="auto", check_finite=True):
+    """Weighted Focal-R L1 (reference ``weighted_focal_l1_loss``): element loss ``w |e| f(|e|)``, with the
+    focal factor ``f`` of :func:`weighted_focal_mse_loss`.
+    """
+    beta, gamma = V.check_positive("beta", beta), V.check_nonnegative("gamma", gamma)
+    act = V.check_choice("activation", activation, _wl.ACTIVATIONS)
+    return _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite, _wl.FOCAL_L1, beta=beta,
+                          gamma=gamma, activation=act)

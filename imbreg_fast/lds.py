@@ -1,4 +1,4 @@
-"""Label distribution smoothing (LDS) and label-density re-weighting (methods.md §2).
+"""Label distribution smoothing (LDS) and label-density re-weighting (docs/methods.md §2).
 
 Reference: Yang et al., ICML 2021, code YyzHarry/imbalanced-regression (``get_lds_kernel_window``,
 ``_prepare_weights``). Everything here is computed with torch (no scipy at runtime):
@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from ._validation import check_labels_finite
+from . import _validation as V
 
 __all__ = ["KERNELS", "SCHEMES", "LabelWeights", "bin_edges", "bin_index", "kernel_window", "label_density",
            "label_histogram", "sample_weights", "smooth_counts"]
@@ -59,20 +59,10 @@ def _extend_index(idx: torch.Tensor, n: int, mode: str) -> torch.Tensor:
 
 
 def _check_ks(ks) -> int:
-    if isinstance(ks, bool) or not isinstance(ks, int):
-        raise TypeError(f"ks must be an int, got {type(ks).__name__}")
-    if ks < 1 or ks % 2 == 0:
+    ks = V.check_int("ks", ks, 1)
+    if ks % 2 == 0:
         raise ValueError(f"ks must be an odd integer >= 1, got {ks}")
     return ks
-
-
-def _check_sigma(sigma) -> float:
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)):
-        raise TypeError(f"sigma must be a number, got {type(sigma).__name__}")
-    sigma = float(sigma)
-    if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
-    return sigma
 
 
 def kernel_window(kind: str, ks: int, sigma: float, normalize: str = "max") -> torch.Tensor:
@@ -92,20 +82,14 @@ def kernel_window(kind: str, ks: int, sigma: float, normalize: str = "max") -> t
     if kind not in KERNELS:
         raise ValueError(f"kind must be one of {KERNELS}, got {kind!r}")
     ks = _check_ks(ks)
-    sigma = _check_sigma(sigma)
+    sigma = V.check_positive("sigma", sigma)
     if normalize not in ("max", "sum"):
         raise ValueError(f"normalize must be 'max' or 'sum', got {normalize!r}")
     half = (ks - 1) // 2
     x = torch.arange(-half, half + 1, dtype=torch.float64)
     if kind == "gaussian":
-        # correlate1d(delta, g, mode='reflect'): out[i] = sum_k g[k] delta[reflect(i + k)], k = -r..r,
-        # where delta is 1 at the centre only; g = exp(-k^2 / (2 sigma^2)) normalised to sum 1.
-        radius = int(GAUSSIAN_TRUNCATE * sigma + 0.5)
-        k = torch.arange(-radius, radius + 1)
-        g = torch.exp(-0.5 / (sigma * sigma) * k.to(torch.float64) ** 2)
-        g = g / g.sum()
-        src = _extend_index(torch.arange(ks).unsqueeze(1) + k.unsqueeze(0), ks, "reflect")   # [ks, 2r+1]
-        window = torch.where(src == half, g.unsqueeze(0), torch.zeros((), dtype=torch.float64)).sum(1)
+        # correlate1d(delta, g, mode='reflect') of the centred delta, O(ks) for any sigma (see below)
+        window = _reflected_gaussian(ks, sigma)
     elif kind == "sampled_gaussian":
         window = torch.exp(-x * x / (2.0 * sigma * sigma))
     elif kind == "triang":
@@ -114,6 +98,88 @@ def kernel_window(kind: str, ks: int, sigma: float, normalize: str = "max") -> t
     else:
         window = torch.exp(-x.abs() / sigma)
     return window / (window.max() if normalize == "max" else window.sum())
+
+
+# The 'gaussian' window without the [ks, 2r+1] table. scipy computes out[i] = sum_k g_k delta[reflect(i + k)],
+# k = -r..r, r = int(4 sigma + 0.5), g_k proportional to exp(-k^2 / (2 sigma^2)). With N = ks (odd) and centre
+# c = (N - 1) / 2, reflect (period 2N) sends j to c exactly when j = c or j = N + c (mod 2N), i.e. when j = c
+# (mod N). So out[i] = S((c - i) mod N), where S(a) is the sum of the taps over the progression k = a (mod N),
+# |k| <= r; S(a) = S(-a). The common factor 1 / sum(g) cancels in kernel_window's normalisation.
+_GAUSS_DIRECT_RADIUS = 4096     # r <= max(4096, 64 N): add the taps (O(r) = O(N) time and memory);
+_GAUSS_DIRECT_PER_BIN = 64      # otherwise sigma > 16 N - 1/8 and the closed form is accurate to float64 rounding
+# B_2j / (2j)!, j = 1..8: the Euler-Maclaurin coefficients
+_EULER_MACLAURIN = (1 / 12, -1 / 720, 1 / 30240, -1 / 1209600, 1 / 47900160, -691 / 1307674368000,
+                    1 / 74724249600, -3617 / 10670622842880000)
+
+
+def _gaussian_radius(sigma: float) -> int:
+    """scipy's ``int(truncate * sigma + 0.5)``; its exact value where that float overflows (sigma > 4.4e307)."""
+    x = GAUSSIAN_TRUNCATE * sigma + 0.5
+    if math.isfinite(x):
+        return int(x)
+    from fractions import Fraction
+    return math.floor(Fraction(GAUSSIAN_TRUNCATE) * Fraction(sigma) + Fraction(1, 2))
+
+
+def _reflected_gaussian(ks: int, sigma: float) -> torch.Tensor:
+    """The 'gaussian' window [ks] (float64) up to a positive factor."""
+    radius = _gaussian_radius(sigma)
+    if radius <= max(_GAUSS_DIRECT_RADIUS, _GAUSS_DIRECT_PER_BIN * ks):
+        sums = _progression_sums_direct(ks, sigma, radius)
+    else:
+        sums = _progression_sums_closed_form(ks, sigma, radius)
+    centre = (ks - 1) // 2
+    return sums[torch.remainder(centre - torch.arange(ks), ks)]
+
+
+def _progression_sums_direct(ks: int, sigma: float, radius: int) -> torch.Tensor:
+    """S(a), a = 0..ks-1: the taps k = 1..r (scipy's formula) folded by residue, mirrored for k < 0, plus k = 0."""
+    k = torch.arange(1, radius + 1, dtype=torch.float64)
+    # r = 0 (sigma < 0.125): no taps besides k = 0, and sigma^2 may underflow to 0
+    taps = torch.exp(-0.5 / (sigma * sigma) * (k * k)) if radius > 0 else k
+    rows = -(-radius // ks)
+    padded = torch.zeros(rows * ks, dtype=torch.float64)
+    padded[:radius] = taps
+    positive = padded.view(rows, ks).sum(0).roll(1)       # [a] = sum of taps k = 1..r with k = a (mod ks)
+    sums = positive + positive[torch.remainder(-torch.arange(ks), ks)]
+    sums[0] += 1.0                                        # the k = 0 tap
+    return sums
+
+
+def _progression_sums_closed_form(ks: int, sigma: float, radius: int) -> torch.Tensor:
+    """h * S(a), a = 0..ks-1, h = ks / sigma < 1/15.8: the whole-lattice sum minus the two tails beyond +-r.
+
+    Whole lattice (Poisson summation): h * sum_{k = a mod N} exp(-k^2 / (2 sigma^2))
+    = sqrt(2 pi) * (1 + 2 sum_{q >= 1} exp(-2 pi^2 q^2 / h^2) cos(2 pi q a / N)); the q terms are below
+    exp(-2 pi^2 * 15.8^2) ~ 1e-2000, so it is sqrt(2 pi) for every a: all the a-dependence is in the tails.
+
+    Tail above +r of residue a: F(m) = exp(-(t0 + m h)^2 / 2), m >= 0, where t0 = k0 / sigma, k0 the first
+    k > r with k = a (mod N), so 4 < t0 <= 4 + h + 0.5 / sigma. Euler-Maclaurin to infinity:
+        h * sum_m F(m) = sqrt(pi/2) erfc(t0 / sqrt 2) + phi(t0) (h/2 + sum_j B_2j/(2j)! h^2j He_{2j-1}(t0)) + R,
+    phi(t) = exp(-t^2/2), He the probabilists' Hermite polynomials (d^n/dt^n phi = (-1)^n He_n phi). F is
+    locally exp(-t0 h m): the series behaves like that of 1/(1 - e^-x), x = t0 h < 0.27, terms shrinking by
+    ~(x / 2 pi)^2 < 2e-3 each; j = 4 is ~1e-12 of the tail and j = 8 ~1e-24, while
+    |R| <= 2 zeta(16) / (2 pi)^16 * h^16 * int_4^inf |He_16| phi < 3e-28 (the tail itself is ~1e-4).
+    The tail below -r of residue a is the tail above +r of residue -a. No step cancels: the tails are added
+    to / taken from sqrt(2 pi) ~ 2.5 as small positive terms, each computed directly (erfc, not 1 - erf).
+    """
+    from fractions import Fraction
+    h = ks / sigma
+    # t0 = 4 + (r + 1 - 4 sigma + offset) / sigma, with r + 1 - 4 sigma (in [0.5, 1.5]) taken exactly
+    lead = float(Fraction(radius + 1) - Fraction(GAUSSIAN_TRUNCATE) * Fraction(sigma))
+    offset = torch.remainder(torch.arange(ks) - (radius + 1) % ks, ks).to(torch.float64)
+    t0 = GAUSSIAN_TRUNCATE + (lead + offset) / sigma
+    he_lo, he_hi = torch.ones_like(t0), t0                 # He_{n-1}, He_n with n = 1
+    series = torch.full_like(t0, 0.5 * h)
+    h_pow = 1.0
+    for j, coeff in enumerate(_EULER_MACLAURIN, start=1):
+        h_pow *= h * h
+        series = series + (coeff * h_pow) * he_hi          # he_hi = He_{2j-1}(t0)
+        n = 2 * j - 1                                      # He_{n+1} = t He_n - n He_{n-1}, twice
+        he_lo, he_hi = he_hi, t0 * he_hi - n * he_lo
+        he_lo, he_hi = he_hi, t0 * he_hi - (n + 1) * he_lo
+    tails = math.sqrt(0.5 * math.pi) * torch.special.erfc(t0 * math.sqrt(0.5)) + torch.exp(-0.5 * t0 * t0) * series
+    return math.sqrt(2.0 * math.pi) - tails - tails[torch.remainder(-torch.arange(ks), ks)]
 
 
 def smooth_counts(counts: torch.Tensor, window: torch.Tensor, mode: str = "constant") -> torch.Tensor:
@@ -185,23 +251,6 @@ def bin_index(labels: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(labels.to(torch.float64), inner, right=True)
 
 
-def _check_labels(labels, mask, check_finite: bool):
-    if not isinstance(labels, torch.Tensor):
-        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
-    if not (labels.is_floating_point() or labels.dtype in (torch.int16, torch.int32, torch.int64, torch.uint8,
-                                                          torch.int8)):
-        raise TypeError(f"labels must be a real-valued tensor, got {labels.dtype}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError("mask must be a bool tensor or None")
-        if mask.shape != labels.shape:
-            raise ValueError(f"mask must have the labels' shape {tuple(labels.shape)}, got {tuple(mask.shape)}")
-        if mask.device != labels.device:
-            raise ValueError(f"mask is on {mask.device} but labels are on {labels.device}")
-    if check_finite and not torch.compiler.is_compiling():
-        check_labels_finite(labels, mask)
-
-
 def label_histogram(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None,
                     check_finite: bool = True) -> torch.Tensor:
     """Counts per bin, float64 ``[K]`` on the labels' device (kept labels only when ``mask`` is given).
@@ -209,7 +258,7 @@ def label_histogram(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=Non
     Histograms of several batches add up: ``sum(label_histogram(b, edges) for b in loader)`` gives the
     training counts for :meth:`LabelWeights.from_counts` when the training set does not fit in memory.
     """
-    _check_labels(labels, mask, check_finite)
+    V.check_labels(labels, mask, check_finite=check_finite)
     edges = bin_edges(bins, range)
     idx = bin_index(labels, edges).reshape(-1)
     if mask is not None:
@@ -302,7 +351,7 @@ class LabelWeights:
     def fit(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
             check_finite: bool = True) -> "LabelWeights":
         """Count the training labels (kept ones when ``mask`` is given) and derive the bin weights."""
-        _check_labels(labels, mask, check_finite)
+        V.check_labels(labels, mask, check_finite=check_finite)
         edges = self.edges.to(labels.device)
         idx = bin_index(labels, edges).reshape(-1)
         if mask is not None:
@@ -352,7 +401,9 @@ class LabelWeights:
         """
         if self.bin_weights is None:
             raise RuntimeError("LabelWeights.weights called before fit / fit_counts")
-        _check_labels(labels, mask, False)
+        V.check_labels(labels, mask, check_finite=False)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype (weights are fractional), got {dtype!r}")
         if dtype is None:
             dtype = labels.dtype if labels.dtype in (torch.float32, torch.float64) else torch.float32
         inner, table = self._table(labels.device, dtype)

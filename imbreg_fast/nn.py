@@ -12,20 +12,22 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import _reduction
+from . import _validation as V
 from . import functional as F
 from .fds import FDS
+from .ops.weighted_losses import ACTIVATIONS
 
-__all__ = ["BMCLoss", "GAILoss", "BNILoss", "FDS"]
+__all__ = ["BMCLoss", "GAILoss", "BNILoss", "FDS", "WeightedMSELoss", "WeightedL1Loss", "WeightedHuberLoss",
+           "WeightedFocalMSELoss", "WeightedFocalL1Loss"]
 
 
 class _BalancedMSELoss(nn.Module):
     def __init__(self, init_noise_sigma: float, learn_noise: bool, reduction: str, backend: str,
                  check_finite: bool):
         super().__init__()
-        init_noise_sigma = float(init_noise_sigma)
-        if not init_noise_sigma > 0 or init_noise_sigma == float("inf"):
-            raise ValueError(f"init_noise_sigma must be finite and > 0, got {init_noise_sigma}")
-        sigma = torch.tensor(init_noise_sigma)
+        sigma = torch.tensor(V.check_positive("init_noise_sigma", init_noise_sigma))
+        V.check_reduction(reduction)
         if learn_noise:
             self.noise_sigma = nn.Parameter(sigma)
         else:
@@ -39,7 +41,9 @@ class _BalancedMSELoss(nn.Module):
         return self.noise_sigma * self.noise_sigma
 
     def extra_repr(self) -> str:
-        return (f"noise_sigma={float(self.noise_sigma):.4g}, learn_noise="
+        sigma = self.noise_sigma.detach()
+        shown = f"{float(sigma):.4g}" if sigma.device.type != "meta" else "?"
+        return (f"noise_sigma={shown}, learn_noise="
                 f"{isinstance(self.noise_sigma, nn.Parameter)}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}")
 
@@ -98,10 +102,8 @@ class BNILoss(_BalancedMSELoss):
 
 
 # --------------------------------------------------------------------------------------------------
-# Weighted regression losses (LDS re-weighting, Focal-R): see imbreg_fast.weighted_losses.
+# Weighted regression losses (LDS re-weighting, Focal-R): see imbreg_fast.functional.
 # --------------------------------------------------------------------------------------------------
-
-from . import weighted_losses as _wl  # noqa: E402
 
 
 class _WeightedLoss(nn.Module):
@@ -109,7 +111,7 @@ class _WeightedLoss(nn.Module):
 
     def __init__(self, reduction: str = "mean", backend: str = "auto", check_finite: bool = True, **options):
         super().__init__()
-        _wl._check_reduction(reduction)
+        V.check_reduction(reduction, _reduction.WEIGHTED_LOSS_REDUCTIONS)
         self.reduction, self.backend, self.check_finite, self.options = reduction, backend, check_finite, options
 
     def forward(self, pred, target, weight=None, *, mask=None):
@@ -136,15 +138,14 @@ class WeightedHuberLoss(_WeightedLoss):
     _fn = staticmethod(F.weighted_huber_loss)
 
     def __init__(self, beta: float = 1.0, *, reduction: str = "mean", backend: str = "auto", check_finite: bool = True):
-        super().__init__(reduction, backend, check_finite, beta=_wl._check_positive("beta", beta))
+        super().__init__(reduction, backend, check_finite, beta=V.check_positive("beta", beta))
 
 
 class _WeightedFocalLoss(_WeightedLoss):
     def __init__(self, activation: str = "sigmoid", beta: float = 0.2, gamma: float = 1.0, *, reduction: str = "mean",
                  backend: str = "auto", check_finite: bool = True):
-        _wl._check_activation(activation)
-        super().__init__(reduction, backend, check_finite, activation=activation,
-                         beta=_wl._check_positive("beta", beta), gamma=_wl._check_gamma(gamma))
+        super().__init__(reduction, backend, check_finite, activation=V.check_choice("activation", activation, ACTIVATIONS),
+                         beta=V.check_positive("beta", beta), gamma=V.check_nonnegative("gamma", gamma))
 
 
 class WeightedFocalMSELoss(_WeightedFocalLoss):
@@ -156,5 +157,3 @@ class WeightedFocalL1Loss(_WeightedFocalLoss):
     """Focal-R L1; see :func:`imbreg_fast.functional.weighted_focal_l1_loss`."""
     _fn = staticmethod(F.weighted_focal_l1_loss)
 
-
-__all__ += ["WeightedMSELoss", "WeightedL1Loss", "WeightedHuberLoss", "WeightedFocalMSELoss", "WeightedFocalL1Loss"]

@@ -1,4 +1,4 @@
-"""Training-label priors of the Balanced MSE losses (methods.md §1.2, §1.3).
+"""Training-label priors of the Balanced MSE losses (docs/methods.md §1.2, §1.3).
 
 - :func:`fit_gmm`: a Gaussian mixture fitted by EM, the prior of GAI (:func:`imbreg_fast.functional.gai_loss`).
   Same algorithm and defaults as scikit-learn's ``GaussianMixture(covariance_type='full')`` (k-means
@@ -18,6 +18,8 @@ import warnings
 from typing import NamedTuple
 
 import torch
+
+from . import _validation as V
 
 __all__ = ["GMM", "ConvergenceWarning", "fit_gmm", "kmeans", "bin_prior"]
 
@@ -57,34 +59,9 @@ class GMM(NamedTuple):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_nonneg_float(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not (value >= 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be finite and >= 0, got {value}")
-    return value
-
-
-def _check_real_tensor(name: str, x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.bool or x.is_complex():
-        raise TypeError(f"{name} must hold real numbers (a floating or integer dtype), got {x.dtype}")
-    return x
-
-
 def _as_samples(name: str, x, dtype: torch.dtype) -> torch.Tensor:
     """[N] or [N, d] real tensor -> [N, d] tensor of ``dtype`` (detached), finite."""
-    x = _check_real_tensor(name, x)
+    x = V.check_real_tensor(name, x)
     if x.dim() == 1:
         x = x.reshape(-1, 1)
     if x.dim() != 2 or x.shape[1] < 1:
@@ -100,7 +77,7 @@ def _generator(seed) -> torch.Generator:
         if seed.device.type != "cpu":
             raise ValueError("seed must be an int or a CPU torch.Generator")
         return seed
-    seed = _check_int("seed", seed, 0)
+    seed = V.check_int("seed", seed, 0)
     return torch.Generator(device="cpu").manual_seed(seed)
 
 
@@ -205,7 +182,7 @@ def kmeans(x: torch.Tensor, n_clusters: int, *, init="k-means++", max_iter: int 
         ``(centers [K, d] float64, labels [N] int64)`` on ``x``'s device.
     """
     x = _as_samples("x", x, torch.float64)
-    k = _check_int("n_clusters", n_clusters, 1)
+    k = V.check_int("n_clusters", n_clusters, 1)
     if isinstance(init, str):
         if init != "k-means++":
             raise ValueError(f"init must be 'k-means++' or initial centers [K, d], got {init!r}")
@@ -215,7 +192,7 @@ def kmeans(x: torch.Tensor, n_clusters: int, *, init="k-means++", max_iter: int 
         if tuple(init.shape) != (k, x.shape[1]):
             raise ValueError(f"init centers must have shape {(k, x.shape[1])}, got {tuple(init.shape)}")
     _check_distinct(x, k, "n_clusters")
-    return _kmeans(x, k, _check_int("max_iter", max_iter, 1), _check_nonneg_float("tol", tol), _generator(seed),
+    return _kmeans(x, k, V.check_int("max_iter", max_iter, 1), V.check_nonnegative("tol", tol), _generator(seed),
                    init)
 
 
@@ -315,7 +292,7 @@ def _check_init_params(init, k: int, d: int, x: torch.Tensor):
     out = []
     specs = (("weights", weights, (k,)), ("means", means, (k, d)), ("covariances", covariances, (k, d, d)))
     for name, t, shape in specs:
-        t = _check_real_tensor(f"init {name}", t).detach().to(device=x.device, dtype=x.dtype)
+        t = V.check_real_tensor(f"init {name}", t).detach().to(device=x.device, dtype=x.dtype)
         if d == 1 and name != "weights" and t.numel() == k:
             t = t.reshape(shape)
         if tuple(t.shape) != shape:
@@ -368,11 +345,11 @@ def fit_gmm(targets: torch.Tensor, n_components: int, *, tol: float = 1e-3, reg_
     Memory: O(N K d) per iteration (responsibilities and centred samples).
     """
     x = _as_samples("targets", targets, torch.float64)
-    k = _check_int("n_components", n_components, 1)
-    tol = _check_nonneg_float("tol", tol)
-    reg_covar = _check_nonneg_float("reg_covar", reg_covar)
-    max_iter = _check_int("max_iter", max_iter, 0)
-    n_init = _check_int("n_init", n_init, 1)
+    k = V.check_int("n_components", n_components, 1)
+    tol = V.check_nonnegative("tol", tol)
+    reg_covar = V.check_nonnegative("reg_covar", reg_covar)
+    max_iter = V.check_int("max_iter", max_iter, 0)
+    n_init = V.check_int("n_init", n_init, 1)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
     if isinstance(init, str):
@@ -424,7 +401,7 @@ def _check_edges(edges) -> torch.Tensor:
         except (TypeError, ValueError, RuntimeError):
             raise TypeError("edges_or_bins must be an int (number of bins) or a 1-D tensor of bin edges, "
                             f"got {type(edges).__name__}") from None
-    edges = _check_real_tensor("edges_or_bins", edges).detach().to(torch.float64)
+    edges = V.check_real_tensor("edges_or_bins", edges).detach().to(torch.float64)
     if edges.dim() != 1 or edges.numel() < 2:
         raise ValueError(f"bin edges must be a 1-D tensor with at least 2 entries, got shape {tuple(edges.shape)}")
     if not bool(torch.isfinite(edges).all()):
@@ -435,7 +412,7 @@ def _check_edges(edges) -> torch.Tensor:
 
 
 def _smooth_counts(counts: torch.Tensor, smooth) -> torch.Tensor:
-    """Counts [B] convolved over the bin axis with the max-normalised LDS window (methods.md §2)."""
+    """Counts [B] convolved over the bin axis with the max-normalised LDS window (docs/methods.md §2)."""
     if not isinstance(smooth, (tuple, list)) or len(smooth) not in (3, 4):
         raise TypeError(f"smooth must be None, (kind, ks, sigma) or (kind, ks, sigma, mode), got {smooth!r}")
     kind, ks, sigma = smooth[:3]
@@ -449,7 +426,7 @@ def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, 
               dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram prior of the training labels for BNI: ``(bin_centers [K], bin_weights [K])``.
 
-    ``bin_weights[k] = count_k / sum_j count_j`` over the bins, bins with zero weight dropped (methods.md
+    ``bin_weights[k] = count_k / sum_j count_j`` over the bins, bins with zero weight dropped (docs/methods.md
     §1.3), ``bin_centers[k]`` the midpoint of bin k's edges. Bin k is ``[e_k, e_{k+1})``, the last bin
     ``[e_{K-1}, e_K]`` (numpy's convention). Targets outside ``[e_0, e_K]`` are counted in the first / last bin
     (the reference drops labels above its ``max_target`` instead).
@@ -474,7 +451,7 @@ def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, 
     Returns:
         ``(bin_centers [K], bin_weights [K])`` on ``targets``' device.
     """
-    t = _check_real_tensor("targets", targets).detach().reshape(-1).to(torch.float64)
+    t = V.check_real_tensor("targets", targets).detach().reshape(-1).to(torch.float64)
     if t.numel() == 0:
         raise ValueError("targets is empty")
     if not bool(torch.isfinite(t).all()):
@@ -484,7 +461,7 @@ def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, 
     if isinstance(edges_or_bins, bool):
         raise TypeError("edges_or_bins must be an int (number of bins) or a 1-D tensor of bin edges, got bool")
     if isinstance(edges_or_bins, int):
-        n_bins = _check_int("edges_or_bins", edges_or_bins, 1)
+        n_bins = V.check_int("edges_or_bins", edges_or_bins, 1)
         if range is None:
             lo, hi = float(t.min()), float(t.max())
         else:

@@ -2,7 +2,7 @@
 
 Plain Python loops over rows and candidates/components on Python floats (``math``), never the code under
 test. Each loss comes with its analytic gradients w.r.t. pred and sigma^2, written from the formulas of
-methods.md, so the tests can compare values and gradients of every backend to it.
+docs/methods.md, so the tests can compare values and gradients of every backend to it.
 
 Layouts follow the public API: pred/target ``[N]``, ``[N, d]`` or dense ``[B, 1, H, W]`` (rows = pixels);
 mask of the target's shape (per row, ``[N]``, for ``[N, d]``). Reductions: 'mean' over kept rows (0 when
@@ -198,7 +198,7 @@ def _float(x):
 
 
 def bmc_naive(pred, target, noise_var, *, candidates=None, mask=None, reduction="mean", grad_output=1.0):
-    """BMC (methods.md §1.1): candidates = the kept targets, or {target_i} U candidates ([M, d] or [M])."""
+    """BMC (docs/methods.md §1.1): candidates = the kept targets, or {target_i} U candidates ([M, d] or [M])."""
     p_rows, t_rows = to_rows(pred), to_rows(target)
     n, d = len(p_rows), len(p_rows[0]) if p_rows else 1
     kept = _mask_rows(mask, n)
@@ -221,7 +221,7 @@ def bmc_naive(pred, target, noise_var, *, candidates=None, mask=None, reduction=
 
 def gai_naive(pred, target, noise_var, weights, means, covariances, *, mask=None, reduction="mean",
               grad_output=1.0):
-    """GAI (methods.md §1.2): d = 1 form without the 2 pi constants, full MVN form for d > 1.
+    """GAI (docs/methods.md §1.2): d = 1 form without the 2 pi constants, full MVN form for d > 1.
 
     ``weights [K]``, ``means [K, d]`` (or ``[K]``), ``covariances [K, d, d]`` (or variances ``[K]`` for d = 1).
     """
@@ -246,7 +246,7 @@ def gai_naive(pred, target, noise_var, weights, means, covariances, *, mask=None
 
 
 def bni_naive(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, reduction="mean", grad_output=1.0):
-    """BNI (methods.md §1.3): ``bin_centers [K, d]`` (or ``[K]``), ``bin_weights [K]``."""
+    """BNI (docs/methods.md §1.3): ``bin_centers [K, d]`` (or ``[K]``), ``bin_weights [K]``."""
     p_rows, t_rows = to_rows(pred), to_rows(target)
     n, d = len(p_rows), len(p_rows[0]) if p_rows else 1
     kept = _mask_rows(mask, n)

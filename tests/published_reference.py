@@ -11,7 +11,7 @@ reduction and the ``(2 * noise_var).detach()`` rescaling. They are
 - a test oracle that is a different formulation from ours (``tests/test_balanced_mse.py``).
 
 ``bmc_loss_candidates_published`` is not in the published code: it is our candidates extension
-(methods.md §1.1) written in the same materialising style, the baseline of the dense BMC benchmark.
+(docs/methods.md §1.1) written in the same materialising style, the baseline of the dense BMC benchmark.
 
 Deviations from the published code, none of which changes a value:
 

@@ -3,6 +3,7 @@ references: scipy.ndimage.gaussian_filter1d / convolve1d, scipy.signal.windows.t
 ``_prepare_weights`` / ``_get_bucket_weights`` (YyzHarry/imbalanced-regression) rewritten here with numpy
 loops."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -85,6 +86,99 @@ def test_gaussian_window_documented_values():
 def test_window_matches_scipy(kind, ks, sigma, normalize):
     got = kernel_window(kind, ks, sigma, normalize=normalize).numpy()
     np.testing.assert_allclose(got, ref_window(kind, ks, sigma, normalize), rtol=1e-13, atol=1e-15)
+
+
+def loop_gaussian_window(ks, sigma, normalize="max"):
+    """gaussian_filter1d(delta, sigma) with plain Python loops: pad the centred delta by r on each side with
+    scipy's 'reflect' rule (d c b a | a b c d | d c b a), then out[i] = sum_k g_k padded[i + k]."""
+    r = int(4.0 * sigma + 0.5)
+    g = [math.exp(-0.5 / (sigma * sigma) * k * k) for k in range(-r, r + 1)]
+    centre = ks // 2
+    ones = []                                  # positions p in [-r, ks - 1 + r] where the padded delta is 1
+    for p in range(-r, ks + r):
+        j = p % (2 * ks)
+        if j >= ks:
+            j = 2 * ks - 1 - j
+        if j == centre:
+            ones.append(p)
+    out = [math.fsum(g[p - i + r] for p in ones if abs(p - i) <= r) for i in range(ks)]
+    total = max(out) if normalize == "max" else math.fsum(out)
+    return np.array([v / total for v in out])
+
+
+# below 1024 every sigma sums the taps directly; above, sigma > 16 ks uses the closed form
+SCIPY_GRID_SIGMAS = [1e-3, 0.5, 1.0, 2.0, 3.7, 10.0, 100.0, 1e3, 1500.0, 5000.0]
+
+
+@pytest.mark.parametrize("ks", [1, 3, 5, 7, 11, 31])
+@pytest.mark.parametrize("sigma", SCIPY_GRID_SIGMAS)
+@pytest.mark.parametrize("normalize", ["max", "sum"])
+def test_gaussian_window_matches_scipy_grid(ks, sigma, normalize):
+    got = kernel_window("gaussian", ks, sigma, normalize=normalize).numpy()
+    np.testing.assert_allclose(got, ref_window("gaussian", ks, sigma, normalize), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("ks, sigma", [
+    # the switch r = int(4 sigma + 0.5) <= max(4096, 64 ks): r = 4095, 4096 (direct) | 4097 (closed form)
+    (1, 1023.8), (3, 1023.8), (3, 1024.0), (3, 1024.2), (31, 1024.0), (31, 1024.2),
+    # 64 ks = 6464 for ks 101, 128064 for ks 2001: r = 64 ks (direct) | 64 ks + 1 (closed form)
+    (101, 1615.9), (101, 1616.2), (2001, 32015.9), (2001, 32016.2),
+    # well inside the closed form
+    (1, 2e4), (3, 2e4), (7, 2e4), (31, 2e4), (101, 2e4), (5, 1e5),
+])
+@pytest.mark.parametrize("normalize", ["max", "sum"])
+def test_gaussian_window_matches_loop_reference(ks, sigma, normalize):
+    got = kernel_window("gaussian", ks, sigma, normalize=normalize).numpy()
+    np.testing.assert_allclose(got, loop_gaussian_window(ks, sigma, normalize), rtol=1e-12, atol=0)
+
+
+def test_gaussian_window_edge_sizes():
+    for sigma in [1e-3, 1.0, 1e3, 1e6, 1e12, 1e300]:
+        assert kernel_window("gaussian", 1, sigma).tolist() == [1.0]
+        assert kernel_window("gaussian", 1, sigma, normalize="sum").tolist() == [1.0]
+    for sigma in [1e-300, 1e-3, 0.12]:                     # r = 0: a delta
+        assert kernel_window("gaussian", 7, sigma).tolist() == [0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+    big = 10001
+    for sigma in [3.0, 100.0]:
+        got = kernel_window("gaussian", big, sigma).numpy()
+        np.testing.assert_allclose(got, ref_window("gaussian", big, sigma), rtol=1e-12, atol=0)
+    for sigma in [1e5, 1e6, 1e300]:                       # direct (r <= 64 ks), closed form, huge sigma
+        w = kernel_window("gaussian", big, sigma, normalize="sum")
+        assert w.shape == (big,) and bool(torch.isfinite(w).all())
+        assert torch.equal(w, w.flip(0))
+        assert abs(float(w.sum()) - 1.0) < 1e-12
+        assert float((w * big - 1.0).abs().max()) < 1e-4   # uniform up to the truncated tails when sigma >> ks
+
+
+class _LargestTensor(torch.overrides.TorchFunctionMode):
+    """Records the largest number of elements of any tensor a torch call returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("sigma", [1e6, 1e12])
+def test_gaussian_window_cost_independent_of_sigma(sigma):
+    # was a [ks, 2r + 1] table, r = 4 sigma: 1.4 s and 1.4 GB at sigma = 1e6
+    for ks in (5, 31):
+        with _LargestTensor() as largest:
+            kernel_window("gaussian", ks, sigma)
+        assert largest.numel <= 64 * ks
+        best = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            w = kernel_window("gaussian", ks, sigma)
+            best = min(best, time.perf_counter() - start)
+        assert best < 0.5
+        assert torch.equal(w, w.flip(0)) and float(w.max()) == 1.0 and float(w.min()) > 1.0 - 1e-8
 
 
 @pytest.mark.parametrize("kwargs, exc, word", [

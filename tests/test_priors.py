@@ -557,7 +557,7 @@ def test_bin_prior_bad_smooth():
 
 
 def test_demo_shot_metrics_matches_naive_loop():
-    from imbreg_fast.demo import shot_metrics
+    from imbreg_fast.metrics import shot_metrics
 
     gen = torch.Generator().manual_seed(0)
     train = torch.randn(3000, generator=gen, dtype=torch.float64) + 5
@@ -572,15 +572,16 @@ def test_demo_shot_metrics_matches_naive_loop():
         groups["many" if n > 100 else "few" if n < 20 else "medium"].append(p - t)
     out = shot_metrics(pred, target, train, edges)
     for name, errs in groups.items():
-        assert out[name]["count"] == len(errs) > 0
-        assert out[name]["mse"] == pytest.approx(sum(e * e for e in errs) / len(errs), rel=1e-12)
-        assert out[name]["mae"] == pytest.approx(sum(abs(e) for e in errs) / len(errs), rel=1e-12)
+        assert out[f"{name}/count"].item() == len(errs) > 0
+        assert out[f"{name}/mse"].item() == pytest.approx(sum(e * e for e in errs) / len(errs), rel=1e-12)
+        assert out[f"{name}/mae"].item() == pytest.approx(sum(abs(e) for e in errs) / len(errs), rel=1e-12)
     empty = shot_metrics(pred, target, train, edges, many=10 ** 6)
-    assert empty["many"]["count"] == 0 and math.isnan(empty["many"]["mse"]) and math.isnan(empty["many"]["mae"])
+    assert empty["many/count"].item() == 0
+    assert math.isnan(empty["many/mse"].item()) and math.isnan(empty["many/mae"].item())
 
 
 def test_demo_runs_and_is_deterministic():
-    from imbreg_fast import demo
+    from imbreg_fast.experiments import demo
 
     cfg = demo.SyntheticConfig(n_train=1024, n_test=256)
     lines = []
@@ -588,7 +589,7 @@ def test_demo_runs_and_is_deterministic():
     again = demo.run(backend="torch", steps=6, seed=1, cfg=cfg, print_fn=lambda s: None)
     assert [r.loss.split()[0] for r in rows] == ["MSE", "BMC", "GAI", "BNI"]
     assert [r.backend for r in rows] == ["torch"] * 4
-    assert all(math.isfinite(r.metrics["all"]["mse"]) for r in rows)
+    assert all(math.isfinite(r.metrics["all/mse"]) for r in rows)
     assert math.isnan(rows[0].sigma) and all(0 < r.sigma < 10 for r in rows[1:])
     assert [r.metrics for r in rows] == [r.metrics for r in again]
     assert [r.sigma for r in rows[1:]] == [r.sigma for r in again[1:]]
@@ -596,7 +597,7 @@ def test_demo_runs_and_is_deterministic():
 
 
 def test_demo_cli_arguments():
-    from imbreg_fast import demo
+    from imbreg_fast.experiments import demo
 
     with pytest.raises(SystemExit) as exc:
         demo.main(["--help"])

@@ -1,7 +1,7 @@
-"""Triton kernels of the Balanced MSE family (methods.md §1): BMC, and GAI/BNI through one mixture kernel.
+"""Triton kernels of the Balanced MSE family (docs/methods.md §1): BMC, and GAI/BNI through one mixture kernel.
 
 Installed as ``imbreg_fast.triton_kernels.balanced_mse``; the registered ops that call the launchers
-(``bmc_fwd``, ``mixture_nll_fwd``) live in ``imbreg_fast/ops/balanced_mse_triton.py``. The launchers follow
+(``bmc_fwd``, ``mixture_nll_fwd``) live in ``imbreg_fast/ops/balanced_mse.py``. The launchers follow
 the contract of the C++ ops ``imbreg_fast::bmc_fwd`` / ``imbreg_fast::mixture_nll_fwd``
 (csrc/balanced_mse.cpp): they return ``(loss, grad_pred, grad_noise_var)``, the two gradients computed in
 the same pass as the loss (already scaled by the reduction weight), or empty ``[0]`` tensors when
@@ -10,7 +10,7 @@ the same pass as the loss (already scaled by the reduction weight), or empty ``[
 Launches per call: a prologue kernel that lays out the candidates (BMC) or the component tables (GAI/BNI)
 planar, padded to whole tiles and pre-scaled (O(M) / O(K) work), the main kernel (one program per block
 of rows), and for 'mean' / 'sum' a one-program kernel that adds the per-program partial sums in a fixed
-order (deterministic: no atomics). The 'mean' weight 1/max(count, 1) is read from a device tensor
+order (deterministic: no atomics). The 'mean' weight 1/count is read from a device tensor
 (count = kept rows, ``mask.sum()`` on the device): nothing on the path synchronises with the host.
 
 Precision: inputs are loaded in their dtype and everything is computed in ``ACC`` (fp32 for fp32, fp16
@@ -22,20 +22,22 @@ of the tile), so the per-row reductions of the online softmax stay in registers:
 memory, and the candidate/component values are broadcast loads. (Rows on the slow axis made Triton
 spread a row over 32 lanes: over 20 shuffles per logit.) Block sizes are fixed, chosen from the sm_90 SASS
 (no autotuning: with the interpreter an autotuner of several configs cannot run, and the tests must
-exercise the configuration the GPU runs). The target dimension D <= 4 (``MAX_DIM``) is a compile-time
-constant with one register accumulator per dimension.
+exercise the configuration the GPU runs). The target dimension D <= 4 (``MAX_DIM``, defined in
+``common``) is a compile-time constant with one register accumulator per dimension.
+
+Reductions are the named codes of ``common`` (``NONE`` / ``MEAN`` / ``SUM``); the second stage and the
+'mean' weight are ``common.finalize`` and ``common.reduction_scale``, shared with the other families.
 """
 from __future__ import annotations
-
-import contextlib
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import MAX_DIM, MEAN, NONE, SUM, acc_dtype, compute_dtype, device_guard, finalize, reduction_scale
+
 __all__ = ["MAX_DIM", "bmc_fwd", "mixture_nll_fwd"]
 
-MAX_DIM = 4
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -48,7 +50,6 @@ BMC_NUM_WARPS = 4
 MIXTURE_BLOCK_COMPS = 8
 MIXTURE_NUM_WARPS = 4
 PROLOGUE_BLOCK = 1024
-FINALIZE_BLOCK = 1024
 
 
 def bmc_block_rows(d: int, dtype: torch.dtype) -> int:
@@ -65,19 +66,6 @@ def mixture_block_rows(d: int, dtype: torch.dtype) -> int:
 def _load_dim(ptr, idx, k: tl.constexpr, D: tl.constexpr, valid, ACC: tl.constexpr):
     """Column k of a row-major [*, D] array at rows ``idx``; 0 where not ``valid``."""
     return tl.load(ptr + idx * D + k, mask=valid, other=0.0).to(ACC)
-
-
-@triton.jit
-def _reduction_weight(count_ptr, N, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, ACC: tl.constexpr):
-    """Weight of a row in the reduced loss: 1/max(kept rows, 1) for 'mean', else 1."""
-    w = tl.full([], 1.0, ACC)
-    if REDUCTION == 1:
-        if HAS_MASK:
-            count = tl.load(count_ptr).to(ACC)
-        else:
-            count = tl.full([], N, ACC)
-        w = 1.0 / tl.maximum(count, 1.0)
-    return w
 
 
 @triton.jit
@@ -240,19 +228,19 @@ def _bmc_fwd_kernel(
     sum_e = tl.where(row_ok, sum_e, 1.0)           # kept rows: >= 1 (the max term); dropped rows: unused
     two_s2 = 2.0 * s2
     loss = tl.where(row_ok, two_s2 * LN2 * (m + tl.log2(sum_e)), 0.0)   # 2 s2 LSE_j l'_ij
-    if REDUCTION == 0:
+    if REDUCTION == NONE:
         _store(loss_ptr, rows, in_range, loss)
     else:
         tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
     if COMPUTE_GRAD:
         inv_sum = tl.where(row_ok, 1.0 / sum_e, 0.0)
         grad_var = -2.0 * LN2 * sum_et * inv_sum                          # -2 sum_j s_ij l'_ij
-        if REDUCTION == 0:
+        if REDUCTION == NONE:
             _store(grad_var_ptr, rows, in_range, grad_var)
         else:
             tl.store(grad_var_ptr + pid, tl.sum(grad_var, axis=0))
         # dL_i/dp_ik = 2 sum_j s_ij (c_jk - y_ik), times the row's weight in the reduced loss.
-        w = 2.0 * _reduction_weight(count_ptr, N, HAS_MASK, REDUCTION, ACC) * inv_sum
+        w = 2.0 * reduction_scale(count_ptr, N, REDUCTION, HAS_MASK, ACC) * inv_sum
         _store(grad_pred_ptr, rows * D, in_range, w * sum_ed0)
         if D > 1:
             _store(grad_pred_ptr, rows * D + 1, in_range, w * sum_ed1)
@@ -264,42 +252,61 @@ def _bmc_fwd_kernel(
 
 # --------------------------------------------------------------------------------------------------
 # GAI / BNI: one element-wise pass over the rows; each program streams the K components in tiles with
-# an online log-sum-exp. Per row (tables: see imbreg_fast.ops.balanced_mse.gai_tables / bni_tables),
-# with delta_k = p - mu_k, alpha_k = P_k delta_k, u = p - y, e = |u|^2, r_k = softmax_k(logit_k):
-#   logit_k  = a_k - 1/2 delta_k . alpha_k
-#   L        = 2 s2 [ e/(2 s2) + c (D/2) log s2 + LSE_k logit_k ]
-#   dL/dp    = 2 u - 2 s2 sum_k r_k alpha_k               (d logit_k/dp = -alpha_k, P_k symmetric)
-#   dL/ds2   = -e/s2 + c D + 2 s2 sum_k r_k (1/2 |alpha_k|^2 - b_k)
-# (d/ds2 of -1/2 delta^T P delta is 1/2 |P delta|^2 since dP/ds2 = -P^2; of a_k it is -b_k.)
+# an online log-sum-exp. Per row (tables and derivation: the "Mixture tables" comment of
+# imbreg_fast/ops/balanced_mse.py), with delta_k = p - mu_k, alpha_k = P_k delta_k, u = p - y, e = |u|^2,
+# t_k = n_k - 1/2 delta_k . alpha_k, r_k = softmax_k(log phi^_k + t_k), F = LSE_k(log phi^_k + t_k):
+#   L        = e + 2 s2 F
+#   dL/dp    = 2 u - 2 s2 sum_k r_k alpha_k               (d t_k/dp = -alpha_k, P_k symmetric)
+#   dL/ds2   = -e/s2 + 2 s2 sum_k r_k (1/2 |alpha_k|^2 + g_k)
+# (d/ds2 of -1/2 delta^T P delta is 1/2 |P delta|^2 since dP/ds2 = -P^2; of n_k it is g_k.)
 # In base 2 with beta_k = Q_k delta_k, Q_k = -1/2 log2(e) P_k (so alpha_k = -2 beta_k / log2(e)):
-#   logit_k log2(e) = a2_k + delta_k . beta_k,                   a2_k = a_k log2(e)
+#   (log phi^_k + t_k) log2(e) = a2_k + delta_k . beta_k,           a2_k = (log phi^_k + n_k) log2(e)
 #   dL/dp           = 2 u + 4 s2 / log2(e) sum_k r_k beta_k
-#   dL/ds2          = -e/s2 + c D + 4 s2 / log2(e)^2 sum_k r_k (|beta_k|^2 - b2_k),   b2_k = b_k log2(e)^2 / 2
-# The prologue writes a2, mu, Q, -b2 planar and padded to whole tiles (a2 = -inf on the padding, whose
-# beta = 0), so the main loop has no masks: (D + 2)^2 flops and one exp2 per (row, component).
+#   dL/ds2          = -e/s2 + 4 s2 / log2(e)^2 sum_k r_k (|beta_k|^2 + g2_k),   g2_k = g_k log2(e)^2 / 2
+# The prologue writes a2, mu, Q, g2 (and n2 = n log2(e), phi^ for the near-one pass) planar and padded to
+# whole tiles (a2 = n2 = -inf and phi^ = 0 on the padding, whose beta = 0), so the main loop has no
+# masks: (D + 2)^2 flops and one exp2 per (row, component).
+# Near one (large s2): every t_k is O(|delta|^2 / s2) <= 0 (n_k <= log sum phi = 0 up to rounding), so
+# F = m + log S with m = max_k t_k and S = sum_k phi^_k e^{t_k - m} close to 1, and the loss multiplies the
+# rounding of log S by 2 s2. When some row of the block has e + 2 s2 |F| < 2 s2 NEAR_ONE_BOUND (F <= 0 is
+# then the sum of the small |m| and |log S|), a second pass over the components recomputes, per row,
+# m and log S = log1p(sum_k phi^_k expm1(t_k - m)) (exact since sum_k phi^_k = 1; a sum of terms <= 0);
+# rows with S > 1/2 take it. fp32 only: fp64 keeps log S to 1e-16. The gradients are stored before this
+# pass (they do not need it: r_k is a ratio), so little state stays live across it.
 # --------------------------------------------------------------------------------------------------
+
+NEAR_ONE_BOUND = tl.constexpr(1.0 / 16)
+# Components per tile in the near-one pass: smaller tiles than the main loop's keep the register budget of
+# the main loop (sm_90: no more registers than without the pass).
+NEAR_ONE_BLOCK_COMPS = tl.constexpr(4)
 
 
 @triton.jit
 def _mixture_tables_kernel(
-    log_weight_ptr,    # [K] a_k
+    log_weight_ptr,    # [K] log phi^_k
+    log_norm_ptr,      # [K] n_k
     means_ptr,         # [K, D] mu_k
     prec_ptr,          # [K, D, D] P_k
-    grad_var_bias_ptr, # [K] b_k
-    a2_ptr,            # [K_pad] out (ACC): a_k log2(e); -inf on the padding
+    grad_var_bias_ptr, # [K] g_k
+    a2_ptr,            # [K_pad] out (ACC): (log phi^_k + n_k) log2(e); -inf on the padding
+    n2_ptr,            # [K_pad] out (ACC): n_k log2(e); -inf on the padding
+    w_ptr,             # [K_pad] out (ACC): phi^_k; 0 on the padding
     mu_ptr,            # [D, K_pad] out (ACC): mu_k, planar; 0 on the padding
     q_ptr,             # [D * D, K_pad] out (ACC): Q_k[j, l] = -1/2 log2(e) P_k[j, l]; 0 on the padding
-    nb2_ptr,           # [K_pad] out (ACC): -b_k log2(e)^2 / 2; 0 on the padding
+    g2_ptr,            # [K_pad] out (ACC): g_k log2(e)^2 / 2; 0 on the padding
     K, K_pad,
     D: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_pad = idx < K_pad
     valid = idx < K
-    a = tl.load(log_weight_ptr + idx, mask=valid, other=0.0).to(ACC)
-    tl.store(a2_ptr + idx, tl.where(valid, a * LOG2E, float("-inf")), mask=in_pad)
-    b = tl.load(grad_var_bias_ptr + idx, mask=valid, other=0.0).to(ACC)
-    tl.store(nb2_ptr + idx, b * (-0.5 * LOG2E * LOG2E), mask=in_pad)
+    lw = tl.load(log_weight_ptr + idx, mask=valid, other=0.0).to(ACC)
+    n = tl.load(log_norm_ptr + idx, mask=valid, other=0.0).to(ACC)
+    tl.store(a2_ptr + idx, tl.where(valid, (lw + n) * LOG2E, float("-inf")), mask=in_pad)
+    tl.store(n2_ptr + idx, tl.where(valid, n * LOG2E, float("-inf")), mask=in_pad)
+    tl.store(w_ptr + idx, tl.where(valid, tl.exp(lw), 0.0), mask=in_pad)
+    g = tl.load(grad_var_bias_ptr + idx, mask=valid, other=0.0).to(ACC)
+    tl.store(g2_ptr + idx, g * (0.5 * LOG2E * LOG2E), mask=in_pad)
     for j in tl.static_range(D):
         tl.store(mu_ptr + j * K_pad + idx, _load_dim(means_ptr, idx, j, D, valid, ACC), mask=in_pad)
     for jl in tl.static_range(D * D):
@@ -321,20 +328,104 @@ def _beta_dim(j: tl.constexpr, cols, q_ptr, K_pad, delta0, delta1, delta2, delta
 
 
 @triton.jit
+def _deltas(cols, mu_ptr, K_pad, p0, p1, p2, p3, D: tl.constexpr):
+    """delta_kj = pred_j - mu_kj for a tile of components: D tiles [BLOCK_COMPS, BLOCK_ROWS] (unused ones
+    repeat delta_0)."""
+    delta0 = p0[None, :] - tl.load(mu_ptr + cols)[:, None]
+    delta1 = delta0
+    delta2 = delta0
+    delta3 = delta0
+    if D > 1:
+        delta1 = p1[None, :] - tl.load(mu_ptr + K_pad + cols)[:, None]
+    if D > 2:
+        delta2 = p2[None, :] - tl.load(mu_ptr + 2 * K_pad + cols)[:, None]
+    if D > 3:
+        delta3 = p3[None, :] - tl.load(mu_ptr + 3 * K_pad + cols)[:, None]
+    return delta0, delta1, delta2, delta3
+
+
+@triton.jit
+def _quad2(cols, mu_ptr, q_ptr, K_pad, p0, p1, p2, p3, D: tl.constexpr):
+    """delta_k . beta_k = -1/2 log2(e) delta_k^T P_k delta_k for a tile of components (the near-one pass)."""
+    delta0, delta1, delta2, delta3 = _deltas(cols, mu_ptr, K_pad, p0, p1, p2, p3, D)
+    quad = delta0 * _beta_dim(0, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+    if D > 1:
+        quad += delta1 * _beta_dim(1, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+    if D > 2:
+        quad += delta2 * _beta_dim(2, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+    if D > 3:
+        quad += delta3 * _beta_dim(3, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+    return quad
+
+
+@triton.jit
+def _expm1_nonpositive(z):
+    """expm1(z) for z <= 0 in fp32: degree-8 Taylor polynomial on [-1/2, 0] (truncation below 2e-8
+    relative), exp(z) - 1 below (relative error at most 1.55 times that of exp there)."""
+    p = 1.0 / 40320 * z + 1.0 / 5040
+    p = p * z + 1.0 / 720
+    p = p * z + 1.0 / 120
+    p = p * z + 1.0 / 24
+    p = p * z + 1.0 / 6
+    p = p * z + 0.5
+    p = p * z + 1.0
+    return tl.where(z >= -0.5, p * z, tl.exp(z) - 1.0)
+
+
+@triton.jit
+def _log1p_small(q):
+    """log1p(q) for -1/2 < q <= 0 with + - * / only (no approximate log): 2 atanh(v), v = q / (2 + q) in
+    (-1/3, 0], by its odd series to v^17 (truncation below 1e-10 relative)."""
+    v = q / (2.0 + q)
+    v2 = v * v
+    s = 1.0 / 17 * v2 + 1.0 / 15
+    s = s * v2 + 1.0 / 13
+    s = s * v2 + 1.0 / 11
+    s = s * v2 + 1.0 / 9
+    s = s * v2 + 1.0 / 7
+    s = s * v2 + 1.0 / 5
+    s = s * v2 + 1.0 / 3
+    s = s * v2 + 1.0
+    return 2.0 * v * s
+
+
+@triton.jit
+def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p3, lse,
+                              D: tl.constexpr, BLOCK_COMPS: tl.constexpr):
+    """F = m + log1p(sum_k phi^_k expm1(t_k - m)) (natural units) for the rows with S > 1/2; lse elsewhere."""
+    mt = tl.full(lse.shape, float("-inf"), lse.dtype)              # m log2(e), m = max_k t_k
+    for start in range(0, K_pad, BLOCK_COMPS):
+        cols = start + tl.arange(0, BLOCK_COMPS)
+        t = tl.load(n2_ptr + cols)[:, None] + _quad2(cols, mu_ptr, q_ptr, K_pad, p0, p1, p2, p3, D)
+        mt = tl.maximum(mt, tl.max(t, axis=0))
+    s_minus_1 = tl.zeros(lse.shape, lse.dtype)
+    for start in range(0, K_pad, BLOCK_COMPS):
+        cols = start + tl.arange(0, BLOCK_COMPS)
+        t = tl.load(n2_ptr + cols)[:, None] + _quad2(cols, mu_ptr, q_ptr, K_pad, p0, p1, p2, p3, D)
+        # padding: t = -inf, expm1 = -1, phi^ = 0
+        em1 = _expm1_nonpositive(tl.minimum((t - mt[None, :]) * LN2, 0.0))
+        s_minus_1 += tl.sum(tl.load(w_ptr + cols)[:, None] * em1, axis=0)
+    near = s_minus_1 > -0.5
+    return tl.where(near, LN2 * mt + _log1p_small(tl.where(near, s_minus_1, 0.0)), lse)
+
+
+@triton.jit
 def _mixture_nll_fwd_kernel(
     pred_ptr,          # [N, D] predictions
     target_ptr,        # [N, D] targets
     mask_ptr,          # [N] bool: rows kept (HAS_MASK)
     count_ptr,         # [] int32: number of kept rows (read for 'mean' with a mask)
     noise_var_ptr,     # [] sigma^2
-    a2_ptr,            # [K_pad] a_k log2(e)         (tables from _mixture_tables_kernel, ACC)
+    a2_ptr,            # [K_pad] (log phi^_k + n_k) log2(e)   (tables from _mixture_tables_kernel, ACC)
+    n2_ptr,            # [K_pad] n_k log2(e)
+    w_ptr,             # [K_pad] phi^_k
     mu_ptr,            # [D, K_pad] mu_k
     q_ptr,             # [D * D, K_pad] Q_k
-    nb2_ptr,           # [K_pad] -b2_k
+    g2_ptr,            # [K_pad] g2_k
     loss_ptr,          # [N] row losses ('none') or [num_programs] partial sums (ACC)
     grad_pred_ptr,     # [N, D] d loss / d pred, scaled by the reduction weight
     grad_var_ptr,      # [N] row d loss / d sigma^2 ('none') or [num_programs] partial sums (ACC)
-    N, K_pad, log_noise_coef,
+    N, K_pad,
     D: tl.constexpr, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
     ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COMPS: tl.constexpr,
 ):
@@ -359,7 +450,7 @@ def _mixture_nll_fwd_kernel(
 
     m = tl.full([BLOCK_ROWS], float("-inf"), ACC)  # running max of logit log2(e); finite after tile 0
     sum_e = tl.zeros([BLOCK_ROWS], dtype=ACC)      # sum_k e_k,  e_k = 2^(logit_k log2(e) - m)
-    sum_eg = tl.zeros([BLOCK_ROWS], dtype=ACC)     # sum_k e_k (|beta_k|^2 - b2_k)
+    sum_eg = tl.zeros([BLOCK_ROWS], dtype=ACC)     # sum_k e_k (|beta_k|^2 + g2_k)
     sum_eb0 = tl.zeros([BLOCK_ROWS], dtype=ACC)    # sum_k e_k beta_kj, j = 0..D-1
     sum_eb1 = tl.zeros([BLOCK_ROWS], dtype=ACC)
     sum_eb2 = tl.zeros([BLOCK_ROWS], dtype=ACC)
@@ -367,19 +458,10 @@ def _mixture_nll_fwd_kernel(
 
     for start in range(0, K_pad, BLOCK_COMPS):
         cols = start + tl.arange(0, BLOCK_COMPS)
-        delta0 = p0[None, :] - tl.load(mu_ptr + cols)[:, None]            # [BLOCK_COMPS, BLOCK_ROWS]
-        delta1 = delta0
-        delta2 = delta0
-        delta3 = delta0
-        if D > 1:
-            delta1 = p1[None, :] - tl.load(mu_ptr + K_pad + cols)[:, None]
-        if D > 2:
-            delta2 = p2[None, :] - tl.load(mu_ptr + 2 * K_pad + cols)[:, None]
-        if D > 3:
-            delta3 = p3[None, :] - tl.load(mu_ptr + 3 * K_pad + cols)[:, None]
+        delta0, delta1, delta2, delta3 = _deltas(cols, mu_ptr, K_pad, p0, p1, p2, p3, D)  # [BLOCK_COMPS, BLOCK_ROWS]
         beta0 = _beta_dim(0, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
         logit = tl.load(a2_ptr + cols)[:, None] + delta0 * beta0
-        g = tl.load(nb2_ptr + cols)[:, None] + beta0 * beta0
+        g = tl.load(g2_ptr + cols)[:, None] + beta0 * beta0
         if D > 1:
             beta1 = _beta_dim(1, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
             logit += delta1 * beta1
@@ -421,22 +503,16 @@ def _mixture_nll_fwd_kernel(
 
     in_range = rows < N
     two_s2 = 2.0 * s2
-    lse = LN2 * (m + tl.log2(sum_e))              # sum_e >= 1 (the max term), dropped rows included
-    # L = 2 s2 [e/(2 s2) + c (D/2) log s2 + LSE] = e + 2 s2 [c (D/2) log s2 + LSE]: no division per row.
-    loss = tl.where(row_ok, sq_err + two_s2 * (log_noise_coef * (0.5 * D) * tl.log(s2) + lse), 0.0)
-    if REDUCTION == 0:
-        _store(loss_ptr, rows, in_range, loss)
-    else:
-        tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
+    # The gradients first: only the loss can need the near-one pass, which then has less state around it.
     if COMPUTE_GRAD:
         inv_sum = 1.0 / sum_e
-        grad_var = -sq_err * (1.0 / s2) + log_noise_coef * D + (2.0 * two_s2 * LN2 * LN2) * sum_eg * inv_sum
+        grad_var = -sq_err * (1.0 / s2) + (2.0 * two_s2 * LN2 * LN2) * sum_eg * inv_sum
         grad_var = tl.where(row_ok, grad_var, 0.0)
-        if REDUCTION == 0:
+        if REDUCTION == NONE:
             _store(grad_var_ptr, rows, in_range, grad_var)
         else:
             tl.store(grad_var_ptr + pid, tl.sum(grad_var, axis=0))
-        w = tl.where(row_ok, _reduction_weight(count_ptr, N, HAS_MASK, REDUCTION, ACC), 0.0)
+        w = tl.where(row_ok, reduction_scale(count_ptr, N, REDUCTION, HAS_MASK, ACC), 0.0)
         coef = 2.0 * two_s2 * LN2 * inv_sum
         _store(grad_pred_ptr, rows * D, in_range, w * (2.0 * u0 + coef * sum_eb0))
         if D > 1:
@@ -445,36 +521,18 @@ def _mixture_nll_fwd_kernel(
             _store(grad_pred_ptr, rows * D + 2, in_range, w * (2.0 * u2 + coef * sum_eb2))
         if D > 3:
             _store(grad_pred_ptr, rows * D + 3, in_range, w * (2.0 * u3 + coef * sum_eb3))
-
-
-# --------------------------------------------------------------------------------------------------
-# Deterministic second stage of 'mean' / 'sum': one program adds the per-program partials in a fixed
-# order (BLOCK-wide strided accumulation, then one tree sum) and applies the 'mean' weight.
-# --------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _finalize_kernel(
-    partial_loss_ptr,   # [P] partial sums of row losses (ACC)
-    partial_var_ptr,    # [P] partial sums of d L_i / d sigma^2 (ACC)
-    count_ptr,          # [] int32 kept rows (read for 'mean' with a mask)
-    loss_ptr,           # [] reduced loss
-    grad_var_ptr,       # [] d loss / d sigma^2
-    P, N,
-    HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    acc_loss = tl.zeros([BLOCK], dtype=ACC)
-    acc_var = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, P, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        acc_loss += tl.load(partial_loss_ptr + idx, mask=idx < P, other=0.0)
-        if COMPUTE_GRAD:
-            acc_var += tl.load(partial_var_ptr + idx, mask=idx < P, other=0.0)
-    w = _reduction_weight(count_ptr, N, HAS_MASK, REDUCTION, ACC)
-    tl.store(loss_ptr, (w * tl.sum(acc_loss, axis=0)).to(loss_ptr.dtype.element_ty))
-    if COMPUTE_GRAD:
-        tl.store(grad_var_ptr, (w * tl.sum(acc_var, axis=0)).to(grad_var_ptr.dtype.element_ty))
+    lse = LN2 * (m + tl.log2(sum_e))              # sum_e >= 1 (the max term), dropped rows included
+    if ACC == tl.float32:
+        near = row_ok & (sq_err + two_s2 * tl.abs(lse) < two_s2 * NEAR_ONE_BOUND)
+        if tl.max(near.to(tl.int32), axis=0) > 0:
+            lse = tl.where(near, _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p3,
+                                                           lse, D, NEAR_ONE_BLOCK_COMPS), lse)
+    # L = 2 s2 [e/(2 s2) + F] = e + 2 s2 F: no division per row.
+    loss = tl.where(row_ok, sq_err + two_s2 * lse, 0.0)
+    if REDUCTION == NONE:
+        _store(loss_ptr, rows, in_range, loss)
+    else:
+        tl.store(loss_ptr + pid, tl.sum(loss, axis=0))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -482,20 +540,12 @@ def _finalize_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _outputs(pred, noise_var, reduction, compute_grad, num_programs):
     """(loss, grad_pred, grad_var, row_or_partial_loss, row_or_partial_var) buffers."""
     n = pred.shape[0]
-    acc = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    acc = compute_dtype(pred.dtype)
     grad_pred = torch.empty(pred.shape if compute_grad else (0,), dtype=pred.dtype, device=pred.device)
-    if reduction == 0:
+    if reduction == NONE:
         loss = torch.empty(n, dtype=pred.dtype, device=pred.device)
         grad_var = torch.empty(n if compute_grad else 0, dtype=noise_var.dtype, device=pred.device)
         return loss, grad_pred, grad_var, loss, grad_var
@@ -508,20 +558,9 @@ def _outputs(pred, noise_var, reduction, compute_grad, num_programs):
 
 def _kept_count(mask, reduction, fallback):
     """[] int32 number of kept rows on the device (only 'mean' with a mask reads it)."""
-    if mask is not None and reduction == 1:
+    if mask is not None and reduction == MEAN:
         return mask.sum(dtype=torch.int32)
     return fallback
-
-
-def _finalize(partial_loss, partial_var, count, loss, grad_var, n, has_mask, reduction, compute_grad, acc):
-    p = partial_loss.shape[0]
-    block = min(FINALIZE_BLOCK, triton.next_power_of_2(max(p, 1)))
-    _finalize_kernel[(1,)](
-        partial_loss, partial_var if compute_grad else partial_loss, count, loss,
-        grad_var if compute_grad else loss, p, n,
-        HAS_MASK=has_mask, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK=block,
-        num_warps=4)
-
 
 
 def _check_rows(pred, target, mask, noise_var, reduction):
@@ -539,8 +578,9 @@ def _check_rows(pred, target, mask, noise_var, reduction):
     devices = {t.device for t in (pred, target, mask, noise_var) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"pred, target, mask and noise_var must be on one device, got {sorted(map(str, devices))}")
-    if reduction not in (0, 1, 2):
-        raise ValueError(f"reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got {reduction}")
+    if reduction not in (NONE, MEAN, SUM):
+        raise ValueError(f"reduction must be {NONE.value} ('none'), {MEAN.value} ('mean') or {SUM.value} ('sum'), "
+                         f"got {reduction}")
 
 
 def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_grad: bool, *,
@@ -548,7 +588,8 @@ def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_g
     """BMC loss and its gradients in one streaming pass (contract of ``imbreg_fast::bmc_fwd``).
 
     pred, target [N, d]; candidates [M, d] or None (then the kept targets); mask [N] bool or None;
-    noise_var [] = sigma^2; reduction 0/1/2 = none/mean/sum. Returns (loss, grad_pred, grad_noise_var).
+    noise_var [] = sigma^2; reduction one of the codes NONE / MEAN / SUM of ``common``.
+    Returns (loss, grad_pred, grad_noise_var).
     O(N + M) memory: the N x M logits are never stored.
     """
     _check_rows(pred, target, mask, noise_var, reduction)
@@ -567,15 +608,15 @@ def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_g
     m = candidates.shape[0]
     m_pad = triton.cdiv(m, block_cands) * block_cands
     m_unbiased = 0 if cand_mask is not None else (m // block_cands) * block_cands
-    acc_t = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    acc = _acc_dtype(pred.dtype)
+    acc_t = compute_dtype(pred.dtype)
+    acc = acc_dtype(pred.dtype)
     cand = torch.empty((d, m_pad), dtype=acc_t, device=pred.device)
     cand_scaled = torch.empty_like(cand)
     bias = torch.empty(m_pad, dtype=acc_t, device=pred.device)
     num_programs = max(triton.cdiv(n, block_rows), 1)
     loss, grad_pred, grad_var, loss_buf, var_buf = _outputs(pred, noise_var, reduction, compute_grad, num_programs)
     count = _kept_count(mask, reduction, loss_buf)
-    with _device_guard(pred):
+    with device_guard(pred):
         if m_pad > 0:
             _bmc_candidates_kernel[(triton.cdiv(m_pad, PROLOGUE_BLOCK),)](
                 candidates, candidates if cand_mask is None else cand_mask, noise_var, cand, cand_scaled, bias,
@@ -587,52 +628,55 @@ def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_g
             D=d, TARGETS_AS_CANDS=targets_as_cands, HAS_MASK=mask is not None, REDUCTION=reduction,
             COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK_ROWS=block_rows, BLOCK_CANDS=block_cands,
             num_warps=BMC_NUM_WARPS)
-        if reduction != 0:
-            _finalize(loss_buf, var_buf, count, loss, grad_var, n, mask is not None, reduction, compute_grad, acc)
+        if reduction != NONE:
+            finalize(loss_buf, count, loss, n, reduction, mask is not None, acc,
+                     partial2=var_buf if compute_grad else None, out2=grad_var if compute_grad else None)
     return loss, grad_pred, grad_var
 
 
-def mixture_nll_fwd(pred, target, mask, noise_var, log_weight, means, precision, grad_var_bias,
-                    log_noise_coef: float, reduction: int, compute_grad: bool, *,
+def mixture_nll_fwd(pred, target, mask, noise_var, log_weight, log_norm, means, precision, grad_var_bias,
+                    reduction: int, compute_grad: bool, *,
                     block_rows: int | None = None, block_comps: int = MIXTURE_BLOCK_COMPS):
     """GAI / BNI loss and gradients in one pass over the rows (contract of ``imbreg_fast::mixture_nll_fwd``).
 
-    Tables (from ``gai_tables`` / ``bni_tables``): log_weight [K], means [K, d], precision [K, d, d]
-    (symmetric), grad_var_bias [K]; log_noise_coef 1.0 (GAI) or 0.0 (BNI).
+    Tables (from ``gai_tables`` / ``bni_tables``): log_weight [K] (normalised), log_norm [K], means [K, d],
+    precision [K, d, d] (symmetric), grad_var_bias [K].
     Returns (loss, grad_pred, grad_noise_var).
     """
     _check_rows(pred, target, mask, noise_var, reduction)
     n, d = pred.shape
     k = log_weight.shape[0] if log_weight.dim() == 1 else 0
-    if k < 1 or means.shape != (k, d) or precision.shape != (k, d, d) or grad_var_bias.shape != (k,):
-        raise ValueError(f"mixture tables must be log_weight [K], means [K, {d}], precision [K, {d}, {d}], "
-                         f"grad_var_bias [K] with K >= 1; got {tuple(log_weight.shape)}, {tuple(means.shape)}, "
-                         f"{tuple(precision.shape)}, {tuple(grad_var_bias.shape)}")
-    tables = [t.contiguous() for t in (log_weight, means, precision, grad_var_bias)]
+    if (k < 1 or log_norm.shape != (k,) or means.shape != (k, d) or precision.shape != (k, d, d)
+            or grad_var_bias.shape != (k,)):
+        raise ValueError(f"mixture tables must be log_weight [K], log_norm [K], means [K, {d}], precision "
+                         f"[K, {d}, {d}], grad_var_bias [K] with K >= 1; got {tuple(log_weight.shape)}, "
+                         f"{tuple(log_norm.shape)}, {tuple(means.shape)}, {tuple(precision.shape)}, "
+                         f"{tuple(grad_var_bias.shape)}")
+    tables = [t.contiguous() for t in (log_weight, log_norm, means, precision, grad_var_bias)]
     if any(t.device != pred.device for t in tables):
         raise ValueError(f"mixture tables must be on {pred.device}")
     pred, target = pred.contiguous(), target.contiguous()
     noise_var = noise_var.reshape(())
     block_rows = block_rows or mixture_block_rows(d, pred.dtype)
     k_pad = triton.cdiv(k, block_comps) * block_comps
-    acc_t = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    acc = _acc_dtype(pred.dtype)
-    a2 = torch.empty(k_pad, dtype=acc_t, device=pred.device)
+    acc_t = compute_dtype(pred.dtype)
+    acc = acc_dtype(pred.dtype)
+    a2, n2, w, g2 = torch.empty((4, k_pad), dtype=acc_t, device=pred.device)
     mu = torch.empty((d, k_pad), dtype=acc_t, device=pred.device)
     q = torch.empty((d * d, k_pad), dtype=acc_t, device=pred.device)
-    nb2 = torch.empty(k_pad, dtype=acc_t, device=pred.device)
     num_programs = max(triton.cdiv(n, block_rows), 1)
     loss, grad_pred, grad_var, loss_buf, var_buf = _outputs(pred, noise_var, reduction, compute_grad, num_programs)
     count = _kept_count(mask, reduction, loss_buf)
-    with _device_guard(pred):
+    with device_guard(pred):
         _mixture_tables_kernel[(triton.cdiv(k_pad, PROLOGUE_BLOCK),)](
-            *tables, a2, mu, q, nb2, k, k_pad, D=d, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
+            *tables, a2, n2, w, mu, q, g2, k, k_pad, D=d, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
         _mixture_nll_fwd_kernel[(num_programs,)](
-            pred, target, pred if mask is None else mask, count, noise_var, a2, mu, q, nb2,
+            pred, target, pred if mask is None else mask, count, noise_var, a2, n2, w, mu, q, g2,
             loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf,
-            n, k_pad, float(log_noise_coef),
+            n, k_pad,
             D=d, HAS_MASK=mask is not None, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, ACC=acc,
             BLOCK_ROWS=block_rows, BLOCK_COMPS=block_comps, num_warps=MIXTURE_NUM_WARPS)
-        if reduction != 0:
-            _finalize(loss_buf, var_buf, count, loss, grad_var, n, mask is not None, reduction, compute_grad, acc)
+        if reduction != NONE:
+            finalize(loss_buf, count, loss, n, reduction, mask is not None, acc,
+                     partial2=var_buf if compute_grad else None, out2=grad_var if compute_grad else None)
     return loss, grad_pred, grad_var

@@ -1,4 +1,4 @@
-"""Triton kernels of FDS (methods.md §3): per-bin batch statistics and per-bin recolouring of features.
+"""Triton kernels of FDS (docs/methods.md §3): per-bin batch statistics and per-bin recolouring of features.
 
 Installed as ``imbreg_fast.triton_kernels.fds``; imported lazily by ``imbreg_fast.ops.fds_triton``.
 Layout (the FDS op contract): features ``[B, C, P]`` read through their strides (dense NCHW, channels_last
@@ -56,6 +56,8 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .common import compute_dtype
 
 __all__ = ["FDSConfig", "fds_accumulate", "fds_recolor", "group_by_bin"]
 
@@ -278,10 +280,6 @@ def _fds_recolor_diag_kernel(
         tl.store(out_ptr + b * C * P + c[:, None] * P + p[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
-
-
 def _check_common(features: torch.Tensor, bins: torch.Tensor) -> None:
     if not isinstance(features, torch.Tensor) or not features.is_floating_point():
         raise TypeError("features must be a floating torch.Tensor [B, C, P]")
@@ -328,7 +326,7 @@ def fds_recolor(features: torch.Tensor, bins: torch.Tensor, transform: torch.Ten
     cfg = config or DEFAULT_CONFIG
     _check_common(features, bins)
     b, c, p = features.shape
-    dtype = _compute_dtype(features.dtype)
+    dtype = compute_dtype(features.dtype)
     if not isinstance(transform, torch.Tensor) or transform.dim() not in (2, 3):
         raise ValueError("transform must be a tensor [nb, C, C] (full) or [nb, C] (diagonal)")
     nb = transform.shape[0]
@@ -566,7 +564,7 @@ def fds_accumulate(features: torch.Tensor, bins: torch.Tensor, num_bins: int, fu
     m2 = torch.zeros((num_bins, c, c) if full else (num_bins, c), **f64)
     if b * p == 0 or c == 0:
         return torch.zeros(num_bins, **f64), mean, m2
-    dtype = _compute_dtype(features.dtype)
+    dtype = compute_dtype(features.dtype)
     perm, group_start, group_count = group_by_bin(bins.contiguous(), num_bins, _sort_block(cfg, b * p))
     chunk = cfg.stats_chunk
     chunk_start = _tile_starts(group_count[:num_bins], chunk)

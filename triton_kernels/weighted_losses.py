@@ -1,16 +1,18 @@
-"""Triton kernel of the weighted regression losses (methods.md §2): MSE, L1, Huber, focal MSE, focal L1.
+"""Triton kernel of the weighted regression losses (docs/methods.md §2): MSE, L1, Huber, focal MSE, focal L1.
 
 Installed as ``imbreg_fast.triton_kernels.weighted_losses``; the registered op that calls the launcher
-(``imbreg_fast::triton_weighted_regression_fwd``) lives in ``imbreg_fast/ops/weighted_losses_triton.py``.
+(``imbreg_fast::triton_weighted_regression_fwd``) lives in ``imbreg_fast/ops/weighted_losses.py``.
 The launcher follows the contract of the C++ op ``imbreg_fast::weighted_regression_fwd``
 (csrc/weighted_losses.cpp): it returns ``(loss, grad_pred)``, d loss / d pred computed in the same pass as
 the loss (already scaled by the reduction), or an empty ``[0]`` tensor when ``compute_grad`` is false.
 
-One element-wise kernel, the loss kind a ``tl.constexpr``. Reductions: every program writes the partial
-sum of its elements' w·l; one single-program kernel adds the partials in a fixed order (no atomics:
-deterministic run to run). The scale of 'mean' (1/kept count) and 'weighted_mean' (1/sum of kept weights)
-is needed by the gradient in the main pass: it is computed first on the device (a torch reduction) and read
-by the kernels from a pointer, so nothing synchronises with the host.
+One element-wise kernel, the loss kind a ``tl.constexpr``. Reductions (the named codes ``NONE`` / ``MEAN``
+/ ``SUM`` / ``WEIGHTED_MEAN`` of ``common``): every program writes the partial sum of its elements' w·l;
+the single-program ``common.finalize`` adds the partials in a fixed order (no atomics: deterministic run
+to run) and divides by the denominator. The scale of 'mean' (1/kept count) and 'weighted_mean' (1/sum of
+kept weights, ``common.reduction_scale``) is needed by the gradient in the main pass: the denominator is
+computed first on the device (a torch reduction) and read by the kernels from a pointer, so nothing
+synchronises with the host.
 
 Precision: loads in the input dtype, compute in ``ACC`` (fp64 for fp64 inputs, else fp32), cast on store.
 Focal factor: 2 sigmoid(x) - 1 = tanh(x/2), so both activations use s = tanh(kappa |e|) (kappa = beta/2 or
@@ -19,18 +21,19 @@ beta), evaluated as -m / (2 + m) with m = expm1(-2 kappa |e|) (accurate near 0; 
 """
 from __future__ import annotations
 
-import contextlib
 import struct
 
 import torch
 import triton
 import triton.language as tl
 
+from .common import (MEAN, NONE, SUM, WEIGHTED_MEAN, acc_dtype, compute_dtype, device_guard, finalize,
+                     reduction_scale)
+
 __all__ = ["weighted_regression_fwd"]
 
 BLOCK = 1024
 NUM_WARPS = 4
-FINALIZE_BLOCK = 1024
 
 
 @triton.jit
@@ -107,49 +110,17 @@ def _weighted_regression_fwd_kernel(
         dl = dl * f + sign * (gamma * kappa) * (1.0 - s * s) * f * ratio
         l = l * f
     wl = w * l
-    if REDUCTION == 0:
+    if REDUCTION == NONE:
         tl.store(loss_ptr + offs, wl.to(loss_ptr.dtype.element_ty), mask=offs < N)
     else:
         tl.store(loss_ptr + pid, tl.sum(wl, axis=0))
     if COMPUTE_GRAD:
-        scale = tl.full([], 1.0, ACC)
-        if REDUCTION == 1 or REDUCTION == 3:
-            if READ_DENOM:
-                denom = tl.load(denom_ptr).to(ACC)
-            else:
-                denom = tl.full([], N, ACC)
-            scale = tl.where(denom > 0, 1.0 / tl.where(denom > 0, denom, 1.0), 0.0)
+        scale = reduction_scale(denom_ptr, N, REDUCTION, READ_DENOM, ACC)
         tl.store(grad_ptr + offs, (scale * w * dl).to(grad_ptr.dtype.element_ty), mask=offs < N)
-
-
-@triton.jit
-def _finalize_kernel(
-    partial_ptr,     # [P] partial sums of w l (ACC)
-    denom_ptr,       # [] ACC, read when READ_DENOM
-    loss_ptr,        # [] reduced loss
-    P, N,
-    REDUCTION: tl.constexpr, READ_DENOM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-):
-    acc = tl.zeros([BLOCK], dtype=ACC)
-    for start in range(0, P, BLOCK):
-        idx = start + tl.arange(0, BLOCK)
-        acc += tl.load(partial_ptr + idx, mask=idx < P, other=0.0)
-    total = tl.sum(acc, axis=0)
-    if REDUCTION == 1 or REDUCTION == 3:
-        if READ_DENOM:
-            denom = tl.load(denom_ptr).to(ACC)
-        else:
-            denom = tl.full([], N, ACC)
-        total = tl.where(denom > 0, total / tl.where(denom > 0, denom, 1.0), 0.0)
-    tl.store(loss_ptr, total.to(loss_ptr.dtype.element_ty))
 
 
 def _bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
-
-
-def _device_guard(t: torch.Tensor):
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, gamma: float, activation: int,
@@ -165,14 +136,15 @@ def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, 
     if mask is not None and (mask.dtype != torch.bool or mask.shape != pred.shape):
         raise ValueError(f"mask must be a bool tensor of pred's shape {tuple(pred.shape)}, got "
                          f"{mask.dtype} {tuple(mask.shape)}")
-    if loss not in range(5) or activation not in (0, 1) or reduction not in range(4):
-        raise ValueError(f"loss must be 0..4, activation 0/1, reduction 0..3; got {loss}, {activation}, {reduction}")
+    if loss not in range(5) or activation not in (0, 1) or reduction not in (NONE, MEAN, SUM, WEIGHTED_MEAN):
+        raise ValueError(f"loss must be 0..4, activation 0/1, reduction {NONE.value}..{WEIGHTED_MEAN.value}; got "
+                         f"{loss}, {activation}, {reduction}")
     if loss >= 2 and not (beta > 0 and beta < float("inf")):
         raise ValueError(f"beta must be finite and > 0, got {beta}")
     if loss >= 3 and not (gamma >= 0 and gamma < float("inf")):
         raise ValueError(f"gamma must be finite and >= 0, got {gamma}")
-    acc_torch = torch.float64 if pred.dtype == torch.float64 else torch.float32
-    acc = tl.float64 if acc_torch == torch.float64 else tl.float32
+    acc_torch = compute_dtype(pred.dtype)
+    acc = acc_dtype(pred.dtype)
     p, y = pred.contiguous().reshape(-1), target.contiguous().reshape(-1)
     w = None if weight is None else weight.to(acc_torch).contiguous().reshape(-1)
     m = None if mask is None else mask.contiguous().reshape(-1)
@@ -180,16 +152,17 @@ def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, 
     num_programs = max(triton.cdiv(n, block), 1)
 
     # Denominator of 'mean' with a mask (kept count) or 'weighted_mean' (sum of kept weights), on the device.
-    read_denom = (reduction == 1 and m is not None) or (reduction == 3 and (m is not None or w is not None))
+    read_denom = bool((reduction == MEAN and m is not None)
+                      or (reduction == WEIGHTED_MEAN and (m is not None or w is not None)))
     denom = p.new_empty((), dtype=acc_torch)
     if read_denom:
-        if reduction == 3 and w is not None:
+        if reduction == WEIGHTED_MEAN and w is not None:
             denom = (w if m is None else torch.where(m, w, torch.zeros((), dtype=acc_torch, device=w.device))).sum()
         else:
             denom = m.sum(dtype=acc_torch)
 
     grad = torch.empty(pred.shape if compute_grad else (0,), dtype=pred.dtype, device=pred.device)
-    if reduction == 0:
+    if reduction == NONE:
         out = torch.empty(pred.shape, dtype=pred.dtype, device=pred.device)
         loss_buf = out
     else:
@@ -197,16 +170,14 @@ def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, 
         loss_buf = torch.empty(num_programs, dtype=acc_torch, device=pred.device)
     kappa = 0.5 * beta if activation == 0 else beta
     gamma_case = 0 if gamma == 0 else 1 if gamma == 1 else 2 if gamma == 2 else 3
-    with _device_guard(pred):
-        if n > 0 or reduction != 0:
+    with device_guard(pred):
+        if n > 0 or reduction != NONE:
             _weighted_regression_fwd_kernel[(num_programs,)](
                 p, y, p if w is None else w, p if m is None else m, denom, loss_buf, grad if compute_grad else loss_buf,
                 n, _bits(beta), _bits(kappa), _bits(gamma),
                 LOSS=loss, GAMMA_CASE=gamma_case, HAS_WEIGHT=w is not None, HAS_MASK=m is not None,
                 REDUCTION=reduction, READ_DENOM=read_denom, COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK=block,
                 num_warps=NUM_WARPS)
-        if reduction != 0:
-            fin_block = min(FINALIZE_BLOCK, triton.next_power_of_2(num_programs))
-            _finalize_kernel[(1,)](loss_buf, denom, out, num_programs, n, REDUCTION=reduction,
-                                   READ_DENOM=read_denom, ACC=acc, BLOCK=fin_block, num_warps=4)
+        if reduction != NONE:
+            finalize(loss_buf, denom, out, n, reduction, read_denom, acc, divide=True)
     return out, grad

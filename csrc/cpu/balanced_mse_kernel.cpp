@@ -1,4 +1,4 @@
-// CPU kernels of the Balanced MSE family: bmc_fwd (BMC), mixture_nll_fwd (GAI and BNI), exp_throughput.
+// CPU kernels of the Balanced MSE family: bmc_fwd (BMC), mixture_nll_fwd (GAI and BNI).
 // Schemas and conventions: csrc/balanced_mse.cpp; maths: docs/methods.md §1 and the "Mixture tables"
 // comment of imbreg_fast/ops/balanced_mse.py. This file is compiled once per CPU capability (DEFAULT,
 // AVX2, AVX512; setup.py), at::vec::Vectorized<T> picks the vector width of each build.
@@ -34,15 +34,11 @@ using at::vec::Vectorized;
 
 using cpu::compute_dtype;
 using cpu::hsum;
-using cpu::kReductionMean;
-using cpu::kReductionNone;
-using cpu::kReductionSum;
 
 // Rows per parallel block. Fixed (never derived from the thread count): the partial sums, hence the
 // results, do not depend on how blocks are spread over threads.
 constexpr int64_t kBmcBlockRows = 8;
 constexpr int64_t kMixtureBlockRows = 256;
-constexpr int64_t kExpBlock = 16384;
 // Minimum work (exps) a thread is given before a second one is woken up.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
@@ -89,8 +85,9 @@ double check_loss_args(const char* op, const at::Tensor& pred, const at::Tensor&
   TORCH_CHECK(noise_var.dim() == 0, op, ": noise_var must be a 0-dim tensor, got shape ", noise_var.sizes());
   TORCH_CHECK(at::isFloatingType(noise_var.scalar_type()), op, ": noise_var must have a floating dtype, got ",
               noise_var.scalar_type());
-  TORCH_CHECK(reduction == kReductionNone || reduction == kReductionMean || reduction == kReductionSum, op,
-              ": reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
+  TORCH_CHECK(reduction == at::Reduction::None || reduction == at::Reduction::Mean || reduction == at::Reduction::Sum,
+              op, ": reduction must be ", int64_t(at::Reduction::None), " ('none'), ", int64_t(at::Reduction::Mean),
+              " ('mean') or ", int64_t(at::Reduction::Sum), " ('sum'), got ", reduction);
   const double s2 = noise_var.item<double>();
   TORCH_CHECK(std::isfinite(s2) && s2 > 0.0, op, ": noise_var must be finite and > 0, got ", s2);
   return s2;
@@ -116,10 +113,10 @@ RowOutputs make_row_outputs(int64_t n, int64_t d, int64_t n_blocks, at::ScalarTy
                             bool compute_grad) {
   RowOutputs out;
   const auto opt = at::TensorOptions().dtype(cdt);
-  if (reduction == kReductionNone) out.loss_rows = at::empty({n}, opt);
+  if (reduction == at::Reduction::None) out.loss_rows = at::empty({n}, opt);
   if (compute_grad) {
     out.grad_pred = at::empty({n, d}, opt);
-    if (reduction == kReductionNone) out.grad_rows = at::empty({n}, opt);
+    if (reduction == at::Reduction::None) out.grad_rows = at::empty({n}, opt);
   }
   out.block_loss.assign(n_blocks, 0.0);
   out.block_grad.assign(n_blocks, 0.0);
@@ -131,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_outputs(RowOutputs& out, c
                                                               bool compute_grad, double scale) {
   // 'none': the per-row values; else the block partials added in block order, times scale.
   const auto reduced = [&](const at::Tensor& rows, const std::vector<double>& blocks, const at::Tensor& like) {
-    if (reduction == kReductionNone) return rows.to(like.scalar_type());
+    if (reduction == at::Reduction::None) return rows.to(like.scalar_type());
     double total = 0.0;
     for (double v : blocks) total += v;
     return at::scalar_tensor(total * scale, like.options());
@@ -397,7 +394,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bmc_fwd_cpu(const at::Tensor& pre
   if (candidates.has_value()) cands = candidates->to(cdt).contiguous();
   const bool* mask_ptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   const int64_t kept = count_kept(mask_ptr, n);
-  const double scale = (reduction == kReductionMean) ? (kept > 0 ? 1.0 / double(kept) : 0.0) : 1.0;
+  const double scale = (reduction == at::Reduction::Mean) ? (kept > 0 ? 1.0 / double(kept) : 0.0) : 1.0;
   const int64_t n_blocks = (n + kBmcBlockRows - 1) / kBmcBlockRows;
   RowOutputs out = make_row_outputs(n, d, n_blocks, cdt, reduction, compute_grad);
   AT_DISPATCH_FLOATING_TYPES(cdt, "bmc_fwd", [&] {
@@ -408,29 +405,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bmc_fwd_cpu(const at::Tensor& pre
 }
 
 // --------------------------------------------------------------------------------------------------
-// Mixture NLL (GAI / BNI). Per row, with delta_k = p - mu_k, alpha_k = P_k delta_k, u = p - y, e = |u|^2,
-// logit_k = a_k - 1/2 delta_k . alpha_k, r = softmax_k(logit), 2 s2 a constant:
-//   L        = e + c d s2 log s2 + 2 s2 LSE_k(logit_k)                 (2 s2 times f of the Python comment)
-//   dL/dp    = 2 u - 2 s2 sum_k r_k alpha_k                              (d logit_k / dp = -alpha_k)
-//   dL/ds2   = -e/s2 + c d + 2 s2 sum_k r_k (1/2 |alpha_k|^2 - b_k)     (d logit_k / ds2 = 1/2 |alpha_k|^2 - b_k)
-// Vectorised over rows (one lane per row), loop over k: pass 1 = max of the logits, pass 2 = exp and sums.
+// Mixture NLL (GAI / BNI); tables and derivation: the "Mixture tables" comment of
+// imbreg_fast/ops/balanced_mse.py. Per row, with delta_k = p - mu_k, alpha_k = P_k delta_k, u = p - y,
+// e = |u|^2, t_k = n_k - 1/2 delta_k . alpha_k, m = max_k t_k, z_k = t_k - m <= 0,
+// S = sum_k phi^_k exp(z_k), r_k = phi^_k exp(z_k) / S, 2 s2 a constant:
+//   L        = e + 2 s2 (m + log S)
+//   dL/dp    = 2 u - 2 s2 sum_k r_k alpha_k                              (d t_k / dp = -alpha_k)
+//   dL/ds2   = -e/s2 + 2 s2 sum_k r_k (1/2 |alpha_k|^2 + g_k)           (d t_k / ds2 = 1/2 |alpha_k|^2 + g_k)
+// Vectorised over rows (one lane per row), loop over k: pass 1 = max of t, pass 2 = exp and sums, with
+// phi^_k folded into the exponent: phi^_k exp(z_k) = exp(t_k + log phi^_k - m), t_k + log phi^_k computed
+// as one fma with the constant n_k + log phi^_k.
+// Large s2: every t_k is O(|delta|^2 / s2), S = 1 - O(1/s2) and log(S) keeps only the rounding of S (and
+// of exp_shifted) while the loss multiplies it by 2 s2. On the lanes where that rounding could matter
+// against the row's terms, e + 2 s2 (|m| + |log S|) < 2 s2 kNearOneBound, log S is recomputed in a third
+// pass as log1p(sum_k phi^_k expm1(z_k)): exactly log S since sum_k phi^_k = 1 (log sum phi lives in n_k),
+// and a sum of terms <= 0, so relative precision survives. (Elsewhere the rounding of log S, a few 1e-7
+// in fp32, is below 1e-5 of the largest term of L.) The gradients need no such care: r_k is a ratio.
 // d = 1 reads per-component constants (one multiply less per (row, k)):
-//   logit_k = a_k - (P_k / 2) delta^2,  1/2 alpha_k^2 - b_k = (P_k^2 / 2) delta^2 - b_k,  alpha_k = P_k delta.
+//   t_k = n_k - (P_k / 2) delta^2,  1/2 alpha_k^2 + g_k = (P_k^2 / 2) delta^2 + g_k,  alpha_k = P_k delta.
 // --------------------------------------------------------------------------------------------------
+
+// d = 1 per-component constants, row k of MixtureProblem::d1_consts.
+enum MixtureD1Const : int64_t {
+  kMu = 0,         // mu_k
+  kNegHalfPrec,    // -P_k / 2
+  kLogNorm,        // n_k
+  kLogScale,       // n_k + log phi^_k
+  kHalfPrecSq,     // P_k^2 / 2
+  kVarBias,        // g_k
+  kWeight,         // phi^_k
+  kD1Consts
+};
+
+// Lanes whose log S is recomputed by the near-one pass: e + 2 s2 (|m| + |log S|) < 2 s2 kNearOneBound.
+constexpr double kNearOneBound = 1.0 / 16;
+
+// expm1(z) for z <= 0, for the near-one pass. fp32: the degree-8 Taylor polynomial on [-1/2, 0] (truncation
+// below 2e-8 relative; about 1e-7 with rounding), exp_shifted(z) - 1 below -1/2 (relative error at most
+// e^z / (1 - e^z) <= 1.55 times that of exp_shifted). Cheaper than Sleef's expm1, whose double-float
+// arithmetic would make the pass cost several exp passes. fp64: Sleef's expm1.
+inline Vectorized<float> expm1_nonpositive(const Vectorized<float>& z) {
+  using Vec = Vectorized<float>;
+  Vec p(1.f / 40320);
+  for (const float c : {1.f / 5040, 1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 1.f / 2, 1.f}) {
+    p = at::vec::fmadd(p, z, Vec(c));
+  }
+  return Vec::blendv(exp_shifted(z) - Vec(1.f), p * z, z >= Vec(-0.5f));
+}
+
+inline Vectorized<double> expm1_nonpositive(const Vectorized<double>& z) { return z.expm1(); }
 
 template <typename T>
 struct MixtureProblem {
   const T* pred;        // [N, d]
   const T* target;      // [N, d]
   const bool* mask;     // [N] or nullptr
-  const T* log_weight;  // [K]       a_k
+  const T* log_norm;    // [K]       n_k
+  const T* log_scale;   // [K]       n_k + log phi^_k
+  const T* weight;      // [K]       phi^_k
   const T* means;       // [K, d]    mu_k
   const T* precision;   // [K, d, d] P_k
-  const T* var_bias;    // [K]       b_k
-  const T* d1_consts;   // d = 1: [K, 5] (mu_k, a_k, -P_k/2, P_k^2/2, -b_k); else nullptr
-  bool d1_uniform;      // d = 1 and every P_k, every b_k equal
+  const T* var_bias;    // [K]       g_k
+  const T* d1_consts;   // d = 1: [K, kD1Consts]; else nullptr
+  bool d1_uniform;      // d = 1 and every P_k, every g_k equal
   int64_t n, d, k;
-  T s2, two_s2, cd, cd_s2_log_s2;  // s2, 2 s2, c d, c d s2 log s2
+  T s2, two_s2;
 };
 
 // Heap scratch for d > 4 (per-lane vectors of one group of rows); for d <= 4 local arrays are used.
@@ -441,6 +480,55 @@ struct MixtureScratch {
   std::vector<T> lanes;  // [d, W] row gather / scatter buffer
   explicit MixtureScratch(int64_t d) : pv(d), yv(d), delta(d), alpha(d), sa(d), lanes(d * Vec::size()) {}
 };
+
+// d > 1: offset - 1/2 delta_k . alpha_k for component k (offset n_k for t_k, n_k + log phi^_k in the exp
+// pass), clamped to a finite value (an overflowing quadratic form must not give -inf - -inf later);
+// leaves delta_k and alpha_k in delta[0..d), alpha[0..d).
+template <typename T, int D>
+inline Vectorized<T> mixture_quad_logit(const MixtureProblem<T>& P, const Vectorized<T>* pv, int64_t k, T offset,
+                                        Vectorized<T>* delta, Vectorized<T>* alpha) {
+  using Vec = Vectorized<T>;
+  const int64_t d = D > 0 ? D : P.d;
+  const T* mu = P.means + k * d;
+  const T* prec = P.precision + k * d * d;
+  for (int64_t c = 0; c < d; ++c) delta[c] = pv[c] - Vec(mu[c]);
+  Vec q(T(0));
+  for (int64_t r = 0; r < d; ++r) {
+    Vec a = Vec(prec[r * d]) * delta[0];
+    for (int64_t c = 1; c < d; ++c) a = at::vec::fmadd(Vec(prec[r * d + c]), delta[c], a);
+    alpha[r] = a;
+    q = at::vec::fmadd(delta[r], a, q);
+  }
+  return at::vec::clamp_min(at::vec::fmadd(q, Vec(T(-0.5)), Vec(offset)), Vec(std::numeric_limits<T>::lowest()));
+}
+
+// The near-one pass: log1p(sum_k phi^_k expm1(t_k - m)) per lane, t_k recomputed exactly as in pass 1.
+// Out of line: it runs rarely and must not weigh on the register allocation of the main passes.
+template <typename T, int D>
+__attribute__((noinline)) Vectorized<T> mixture_log_s_near_one(const MixtureProblem<T>& P, MixtureScratch<T>& S,
+                                                               const Vectorized<T>* pv, const Vectorized<T>& mx) {
+  using Vec = Vectorized<T>;
+  constexpr int DA = D > 0 ? D : 1;
+  const Vec vlow(std::numeric_limits<T>::lowest());
+  Vec q(T(0));
+  if constexpr (D == 1) {
+    const T* kc = P.d1_consts;
+    for (int64_t k = 0; k < P.k; ++k, kc += kD1Consts) {
+      const Vec dl = pv[0] - Vec(kc[kMu]);
+      const Vec t = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(kc[kNegHalfPrec]), Vec(kc[kLogNorm])), vlow);
+      q = at::vec::fmadd(Vec(kc[kWeight]), expm1_nonpositive(t - mx), q);
+    }
+  } else {
+    Vec delta_l[DA], alpha_l[DA];
+    Vec* delta = D > 0 ? delta_l : S.delta.data();
+    Vec* alpha = D > 0 ? alpha_l : S.alpha.data();
+    for (int64_t k = 0; k < P.k; ++k) {
+      const Vec t = mixture_quad_logit<T, D>(P, pv, k, P.log_norm[k], delta, alpha);
+      q = at::vec::fmadd(Vec(P.weight[k]), expm1_nonpositive(t - mx), q);
+    }
+  }
+  return q.log1p();
+}
 
 // W rows in pv/yv (one lane each) -> per-lane loss, dL/dp (into grad[0..d)), dL/ds2.
 template <typename T, int D>
@@ -455,65 +543,56 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
   Vec* delta = D > 0 ? delta_l : S.delta.data();
   Vec* alpha = D > 0 ? alpha_l : S.alpha.data();
   Vec* sa = grad;
-  const Vec vlow(std::numeric_limits<T>::lowest()), neg_half(T(-0.5)), half(T(0.5)), zero(T(0));
+  const Vec vlow(std::numeric_limits<T>::lowest()), half(T(0.5)), zero(T(0));
   Vec mx(vlow), s(zero), sg(zero);
   for (int64_t c = 0; c < d; ++c) sa[c] = zero;
   if constexpr (D == 1) {
     const T* kc = P.d1_consts;
     const Vec p0 = pv[0];
-    // logits clamped to a finite value: an overflowing quadratic form must not give -inf - -inf later
+    // t_k clamped to a finite value: an overflowing quadratic form must not give -inf - -inf later
     for (int64_t k = 0; k < K; ++k) {
-      const Vec dl = p0 - Vec(kc[5 * k]);
-      mx = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(kc[5 * k + 2]), Vec(kc[5 * k + 1])), mx);
+      const T* c = kc + k * kD1Consts;
+      const Vec dl = p0 - Vec(c[kMu]);
+      mx = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(c[kNegHalfPrec]), Vec(c[kLogNorm])), mx);
     }
     if (P.d1_uniform) {
-      // P_k = P and b_k = b for all k (BNI, or GAI with equal variances): accumulate sum t delta and
-      // sum t delta^2, then sum t alpha = P sum t delta, sum t (1/2 alpha^2 - b) = P^2/2 sum t delta^2 - b S.
+      // P_k = P and g_k = g for all k (BNI, or GAI with equal variances): accumulate sum t delta and
+      // sum t delta^2, then sum t alpha = P sum t delta, sum t (1/2 alpha^2 + g) = P^2/2 sum t delta^2 + g S.
       Vec sd(zero), sd2(zero);
       for (int64_t k = 0; k < K; ++k) {
-        const Vec dl = p0 - Vec(kc[5 * k]);
+        const T* c = kc + k * kD1Consts;
+        const Vec dl = p0 - Vec(c[kMu]);
         const Vec dl2 = dl * dl;
-        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(kc[5 * k + 2]), Vec(kc[5 * k + 1])), vlow);
+        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kLogScale])), vlow);
         const Vec t = exp_shifted(l - mx);
         s = s + t;
         sd = at::vec::fmadd(t, dl, sd);
         sd2 = at::vec::fmadd(t, dl2, sd2);
       }
       sa[0] = Vec(P.precision[0]) * sd;
-      sg = at::vec::fmadd(sd2, Vec(kc[3]), Vec(kc[4]) * s);
+      sg = at::vec::fmadd(sd2, Vec(kc[kHalfPrecSq]), Vec(kc[kVarBias]) * s);
     } else {
       for (int64_t k = 0; k < K; ++k) {
-        const Vec dl = p0 - Vec(kc[5 * k]);
+        const T* c = kc + k * kD1Consts;
+        const Vec dl = p0 - Vec(c[kMu]);
         const Vec dl2 = dl * dl;
-        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(kc[5 * k + 2]), Vec(kc[5 * k + 1])), vlow);
+        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kLogScale])), vlow);
         const Vec t = exp_shifted(l - mx);
         s = s + t;
-        sg = at::vec::fmadd(t, at::vec::fmadd(dl2, Vec(kc[5 * k + 3]), Vec(kc[5 * k + 4])), sg);
+        sg = at::vec::fmadd(t, at::vec::fmadd(dl2, Vec(c[kHalfPrecSq]), Vec(c[kVarBias])), sg);
         sa[0] = at::vec::fmadd(t * Vec(P.precision[k]), dl, sa[0]);
       }
     }
   } else {
-    // logit_k; leaves delta_k and alpha_k in the scratch
-    auto logit = [&](int64_t k) {
-      const T* mu = P.means + k * d;
-      const T* prec = P.precision + k * d * d;
-      for (int64_t c = 0; c < d; ++c) delta[c] = pv[c] - Vec(mu[c]);
-      Vec q(zero);
-      for (int64_t r = 0; r < d; ++r) {
-        Vec a = Vec(prec[r * d]) * delta[0];
-        for (int64_t c = 1; c < d; ++c) a = at::vec::fmadd(Vec(prec[r * d + c]), delta[c], a);
-        alpha[r] = a;
-        q = at::vec::fmadd(delta[r], a, q);
-      }
-      return at::vec::clamp_min(at::vec::fmadd(q, neg_half, Vec(P.log_weight[k])), vlow);
-    };
-    for (int64_t k = 0; k < K; ++k) mx = at::vec::clamp_min(logit(k), mx);
     for (int64_t k = 0; k < K; ++k) {
-      const Vec t = exp_shifted(logit(k) - mx);
+      mx = at::vec::clamp_min(mixture_quad_logit<T, D>(P, pv, k, P.log_norm[k], delta, alpha), mx);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const Vec t = exp_shifted(mixture_quad_logit<T, D>(P, pv, k, P.log_scale[k], delta, alpha) - mx);
       s = s + t;
       Vec a2 = alpha[0] * alpha[0];
       for (int64_t c = 1; c < d; ++c) a2 = at::vec::fmadd(alpha[c], alpha[c], a2);
-      sg = at::vec::fmadd(t, at::vec::fmadd(a2, half, Vec(-P.var_bias[k])), sg);
+      sg = at::vec::fmadd(t, at::vec::fmadd(a2, half, Vec(P.var_bias[k])), sg);
       for (int64_t c = 0; c < d; ++c) sa[c] = at::vec::fmadd(t, alpha[c], sa[c]);
     }
   }
@@ -525,11 +604,16 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
     e = at::vec::fmadd(uc, uc, e);
     grad[c] = two * uc - r_scale * sa[c];  // dL/dp_c
   }
-  dvar = Vec(P.cd) - e / Vec(P.s2) + r_scale * sg;
+  dvar = r_scale * sg - e / Vec(P.s2);
   // log last: with Sleef it is a call, and values live across a call end up on the stack for the whole
   // k loops (a store-to-load dependency per iteration)
-  const Vec partial = e + Vec(P.cd_s2_log_s2) + two_s2 * mx;
-  loss = at::vec::fmadd(two_s2, s.log(), partial);
+  Vec log_s = s.log();
+  const Vec partial = at::vec::fmadd(two_s2, mx, e);
+  const Vec near = at::vec::fmadd(two_s2, mx.abs() + log_s.abs(), e) < two_s2 * Vec(T(kNearOneBound));
+  if (near.zero_mask() != (1 << Vec::size()) - 1) {
+    log_s = Vec::blendv(log_s, mixture_log_s_near_one<T, D>(P, S, pv, mx), near);
+  }
+  loss = at::vec::fmadd(two_s2, log_s, partial);
 }
 
 template <typename T, int D>
@@ -620,9 +704,8 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& mask,
-    const at::Tensor& noise_var, const at::Tensor& log_weight, const at::Tensor& means,
-    const at::Tensor& precision, const at::Tensor& grad_var_bias, double log_noise_coef, int64_t reduction,
-    bool compute_grad) {
+    const at::Tensor& noise_var, const at::Tensor& log_weight, const at::Tensor& log_norm, const at::Tensor& means,
+    const at::Tensor& precision, const at::Tensor& grad_var_bias, int64_t reduction, bool compute_grad) {
   const char* op = "imbreg_fast::mixture_nll_fwd";
   const double s2_in = check_loss_args(op, pred, target, mask, noise_var, reduction);
   const int64_t n = pred.size(0), d = pred.size(1);
@@ -634,9 +717,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
               k, ", ", d, "], got shape ", means.sizes());
   TORCH_CHECK(precision.dim() == 3 && precision.size(0) == k && precision.size(1) == d && precision.size(2) == d,
               op, ": precision must be [K, d, d] = [", k, ", ", d, ", ", d, "], got shape ", precision.sizes());
+  TORCH_CHECK(log_norm.dim() == 1 && log_norm.size(0) == k, op, ": log_norm must be [K] = [", k,
+              "], got shape ", log_norm.sizes());
   TORCH_CHECK(grad_var_bias.dim() == 1 && grad_var_bias.size(0) == k, op, ": grad_var_bias must be [K] = [", k,
               "], got shape ", grad_var_bias.sizes());
   for (const auto& [name, tab] : {std::pair<const char*, const at::Tensor*>{"log_weight", &log_weight},
+                                  {"log_norm", &log_norm},
                                   {"means", &means},
                                   {"precision", &precision},
                                   {"grad_var_bias", &grad_var_bias}}) {
@@ -645,11 +731,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
                 " (pred's dtype, float32 for half types), got ", tab->scalar_type());
     TORCH_CHECK(tab->is_contiguous(), op, ": ", name, " must be contiguous");
   }
-  TORCH_CHECK(std::isfinite(log_noise_coef), op, ": log_noise_coef must be finite, got ", log_noise_coef);
   const at::Tensor p = pred.to(cdt), t = target.to(cdt);
   const bool* mask_ptr = mask.has_value() ? mask->data_ptr<bool>() : nullptr;
   const int64_t kept = count_kept(mask_ptr, n);
-  const double scale = (reduction == kReductionMean) ? (kept > 0 ? 1.0 / double(kept) : 0.0) : 1.0;
+  const double scale = (reduction == at::Reduction::Mean) ? (kept > 0 ? 1.0 / double(kept) : 0.0) : 1.0;
   const int64_t n_blocks = (n + kMixtureBlockRows - 1) / kMixtureBlockRows;
   RowOutputs out = make_row_outputs(n, d, n_blocks, cdt, reduction, compute_grad);
   AT_DISPATCH_FLOATING_TYPES(cdt, "mixture_nll_fwd", [&] {
@@ -658,7 +743,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
     P.pred = p.data_ptr<T>();
     P.target = t.data_ptr<T>();
     P.mask = mask_ptr;
-    P.log_weight = log_weight.data_ptr<T>();
+    // per component: n_k + log phi^_k and phi^_k (from the float64 value of log phi^_k)
+    const T* lw = log_weight.data_ptr<T>();
+    P.log_norm = log_norm.data_ptr<T>();
+    std::vector<T> log_scale(k), weight(k);
+    for (int64_t j = 0; j < k; ++j) {
+      log_scale[j] = T(double(P.log_norm[j]) + double(lw[j]));
+      weight[j] = T(std::exp(double(lw[j])));
+    }
+    P.log_scale = log_scale.data();
+    P.weight = weight.data();
     P.means = means.data_ptr<T>();
     P.precision = precision.data_ptr<T>();
     P.var_bias = grad_var_bias.data_ptr<T>();
@@ -667,20 +761,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
     P.k = k;
     P.s2 = T(s2_in);
     P.two_s2 = T(2) * P.s2;
-    P.cd = T(log_noise_coef * double(d));
-    P.cd_s2_log_s2 = T(log_noise_coef * double(d) * double(P.s2) * std::log(double(P.s2)));
     std::vector<T> d1_consts;
     P.d1_consts = nullptr;
     P.d1_uniform = false;
     if (d == 1) {
-      d1_consts.resize(5 * k);
+      d1_consts.resize(kD1Consts * k);
       for (int64_t j = 0; j < k; ++j) {
         const T prec = P.precision[j];
-        d1_consts[5 * j] = P.means[j];
-        d1_consts[5 * j + 1] = P.log_weight[j];
-        d1_consts[5 * j + 2] = T(-0.5) * prec;
-        d1_consts[5 * j + 3] = T(0.5) * prec * prec;
-        d1_consts[5 * j + 4] = -P.var_bias[j];
+        T* c = d1_consts.data() + kD1Consts * j;
+        c[kMu] = P.means[j];
+        c[kNegHalfPrec] = T(-0.5) * prec;
+        c[kLogNorm] = P.log_norm[j];
+        c[kLogScale] = log_scale[j];
+        c[kHalfPrecSq] = T(0.5) * prec * prec;
+        c[kVarBias] = P.var_bias[j];
+        c[kWeight] = weight[j];
       }
       P.d1_consts = d1_consts.data();
       P.d1_uniform = true;
@@ -699,60 +794,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
   return finish_outputs(out, pred, noise_var, reduction, compute_grad, scale);
 }
 
-// --------------------------------------------------------------------------------------------------
-// exp throughput probe: `repeats` passes of sum(exp(x)) in parallel, returns the last pass's sum (the
-// benchmark divides repeats * x.numel() by the time).
-// variant 0: Vectorized<float>::exp() (Sleef u10; std::exp per lane in DEFAULT builds), 1: the kernels'
-// exp_shifted (exp_u20; its portable version in DEFAULT builds).
-// --------------------------------------------------------------------------------------------------
-
-at::Tensor exp_throughput_cpu(const at::Tensor& x, int64_t variant, int64_t repeats) {
-  const char* op = "imbreg_fast::exp_throughput";
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  TORCH_CHECK(variant == 0 || variant == 1, op,
-              ": variant must be 0 (Vectorized exp) or 1 (the kernels' exp_u20), got ", variant);
-  TORCH_CHECK(repeats >= 1, op, ": repeats must be >= 1, got ", repeats);
-  using Vec = Vectorized<float>;
-  constexpr int64_t W = Vec::size();
-  const float* src = x.data_ptr<float>();
-  const int64_t n = x.numel();
-  const int64_t n_blocks = (n + kExpBlock - 1) / kExpBlock;
-  std::vector<double> block_sum(n_blocks, 0.0);
-  // One parallel region; each thread repeats its blocks (a region per pass would time thread wake-ups).
-  at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t rep = 0; rep < repeats; ++rep) {
-      for (int64_t b = b0; b < b1; ++b) {
-        const int64_t j0 = b * kExpBlock, j1 = std::min(n, j0 + kExpBlock);
-        Vec acc(0.f);
-        int64_t j = j0;
-        if (variant == 0) {
-          for (; j + W <= j1; j += W) acc = acc + Vec::loadu(src + j).exp();
-        } else {
-          for (; j + W <= j1; j += W) acc = acc + exp_shifted(Vec::loadu(src + j));
-        }
-        double s = hsum(acc);
-        for (; j < j1; ++j) s += std::exp(double(src[j]));
-        block_sum[b] = s;
-      }
-#if defined(__GNUC__)
-      // compiler barrier: x must be re-read and every pass recomputed (the passes are identical)
-      __asm__ __volatile__("" ::: "memory");
-#endif
-    }
-  });
-  double total = 0.0;
-  for (double v : block_sum) total += v;
-  return at::scalar_tensor(total, x.options());
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imbreg_fast, CPU, m) {
   m.impl("bmc_fwd", &bmc_fwd_cpu);
   m.impl("mixture_nll_fwd", &mixture_nll_fwd_cpu);
-  m.impl("exp_throughput", &exp_throughput_cpu);
 }
 
 }  // namespace imbreg_fast

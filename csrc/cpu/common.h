@@ -1,6 +1,7 @@
 // Definitions shared by the CPU kernel files (compiled once per CPU capability, like them).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/core/Reduction.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
@@ -8,11 +9,11 @@
 namespace imbreg_fast {
 namespace cpu {
 
-// Reduction codes of the op schemas (imbreg_fast/_validation.py REDUCTIONS, ops/weighted_losses.py).
-constexpr int64_t kReductionNone = 0;
-constexpr int64_t kReductionMean = 1;
-constexpr int64_t kReductionSum = 2;
-constexpr int64_t kReductionWeightedMean = 3;
+// Reduction codes of the op schemas: at::Reduction::None / Mean / Sum (torch's own numbering, as
+// torch.nn._reduction.get_enum) and one extension of ours, 'weighted_mean' (weighted losses only), the
+// next number. Python side: imbreg_fast/_reduction.py.
+constexpr int64_t kReductionWeightedMean = at::Reduction::END;
+static_assert(kReductionWeightedMean == at::Reduction::Sum + 1, "imbreg_fast/_reduction.py: WEIGHTED_MEAN = SUM + 1");
 
 // The dtype the kernels compute in: double for double inputs, float otherwise (half / bfloat16 upcast).
 inline at::ScalarType compute_dtype(at::ScalarType t) {

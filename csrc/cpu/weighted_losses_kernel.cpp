@@ -32,9 +32,6 @@ namespace {
 using at::vec::Vectorized;
 
 using cpu::hsum;
-using cpu::kReductionMean;
-using cpu::kReductionNone;
-using cpu::kReductionSum;
 using cpu::kReductionWeightedMean;
 
 constexpr int64_t kMSE = 0;
@@ -257,8 +254,11 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
               "(focal L1), got ", loss);
   TORCH_CHECK(activation == kActivationSigmoid || activation == kActivationTanh, op,
               ": activation must be 0 (sigmoid) or 1 (tanh), got ", activation);
-  TORCH_CHECK(reduction >= kReductionNone && reduction <= kReductionWeightedMean, op,
-              ": reduction must be 0 ('none'), 1 ('mean'), 2 ('sum') or 3 ('weighted_mean'), got ", reduction);
+  TORCH_CHECK(reduction == at::Reduction::None || reduction == at::Reduction::Mean || reduction == at::Reduction::Sum ||
+                  reduction == kReductionWeightedMean,
+              op, ": reduction must be ", int64_t(at::Reduction::None), " ('none'), ", int64_t(at::Reduction::Mean),
+              " ('mean'), ", int64_t(at::Reduction::Sum), " ('sum') or ", kReductionWeightedMean,
+              " ('weighted_mean'), got ", reduction);
   if (loss == kHuber || loss == kFocalMSE || loss == kFocalL1) {
     TORCH_CHECK(std::isfinite(beta) && beta > 0.0, op, ": beta must be finite and > 0, got ", beta);
   }
@@ -274,7 +274,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
   if (mask.has_value()) m = mask->contiguous();
   const int64_t n = p.numel();
   const auto opt = p.options();
-  at::Tensor loss_rows = reduction == kReductionNone ? at::empty(pred.sizes(), opt) : at::Tensor();
+  at::Tensor loss_rows = reduction == at::Reduction::None ? at::empty(pred.sizes(), opt) : at::Tensor();
   at::Tensor grad = compute_grad ? at::empty(pred.sizes(), opt) : at::Tensor();
   std::vector<double> block_sums((n + kBlock - 1) / kBlock, 0.0);
   double scale = 1.0;
@@ -283,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
     using T = scalar_t;
     const T* w_ptr = w.defined() ? w.const_data_ptr<T>() : nullptr;
     const bool* m_ptr = m.defined() ? m.const_data_ptr<bool>() : nullptr;
-    if (reduction == kReductionMean || reduction == kReductionWeightedMean) {
+    if (reduction == at::Reduction::Mean || reduction == kReductionWeightedMean) {
       const double denom = kept_total<T>(reduction == kReductionWeightedMean ? w_ptr : nullptr, m_ptr, n);
       scale = denom > 0.0 ? 1.0 / denom : 0.0;   // nothing kept (or all kept weights 0): loss 0, grad 0
     }
@@ -300,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
   });
 
   at::Tensor out_loss;
-  if (reduction == kReductionNone) {
+  if (reduction == at::Reduction::None) {
     out_loss = loss_rows.to(dt);
   } else {
     double total = 0.0;

@@ -1,35 +1,41 @@
-"""Balanced MSE (BMC, GAI, BNI): backend implementations behind imbreg_fast.functional.
+"""Balanced MSE (BMC, GAI, BNI): the glue of the family's three backends (docs/methods.md §1).
 
-- ``torch``: the literal formulas of methods.md §1 in plain PyTorch, differentiated by autograd. It is the
-  CPU fallback and the oracle the fused kernels are tested against. It materialises the N x M logits
-  (BMC) and N x K logits (GAI/BNI), like the published code.
-- ``cpp`` / ``triton``: fused ops ``imbreg_fast::bmc_fwd`` / ``imbreg_fast::mixture_nll_fwd`` (C++) and
-  ``imbreg_fast::triton_*`` (Triton) that return the loss together with d loss/d pred and d loss/d sigma^2,
-  computed in the same pass; their registered backward only scales these by ``grad_output``.
+- ``torch``: the formulas of docs/methods.md §1 in plain PyTorch, differentiated by autograd, written in
+  numerically stable forms. The fallback on any device and the oracle the fused kernels are tested
+  against; it materialises the N x M (BMC) and N x K (GAI/BNI) logits, like the published code.
+- ``cpp``: ops ``imbreg_fast::bmc_fwd`` / ``imbreg_fast::mixture_nll_fwd`` (schemas csrc/balanced_mse.cpp,
+  kernels csrc/cpu/balanced_mse_kernel.cpp).
+- ``triton``: ops ``imbreg_fast::triton_bmc_fwd`` / ``imbreg_fast::triton_mixture_nll_fwd``, custom ops
+  around the launchers of ``imbreg_fast.triton_kernels.balanced_mse`` (imported on the first call, so
+  importing imbreg_fast never imports triton), with the C++ ops' argument lists and output contract.
 
-Every backend function here takes validated rows (see ``_validation.as_rows``) and the reduction code.
+The fused ops return ``(loss, grad_pred, grad_noise_var)``: the gradients are computed in the same pass
+as the loss and their registered backward only scales them by ``grad_output``. Every backend function
+here takes validated rows (``_validation.as_rows``) and a reduction code (``imbreg_fast._reduction``).
+:func:`register_backends` (called once by ``imbreg_fast.ops``) registers them with the dispatcher.
 """
 from __future__ import annotations
 
-import math
+from typing import Optional
 
 import torch
 
-from .. import _extension
+from .. import _reduction
 from .._dispatch import register
 from .._validation import compute_dtype
+from ._registration import register_fused_op
 
 # --------------------------------------------------------------------------------------------------
-# Shared fake kernel and autograd of the fused loss ops (C++ and Triton alike).
+# Fake kernel and autograd shared by the fused loss ops (C++ and Triton alike).
 # --------------------------------------------------------------------------------------------------
 
 
-def fused_loss_fake(pred: torch.Tensor, noise_var: torch.Tensor, reduction: int, compute_grad: bool):
+def _loss_fake(args):
     """Output metadata of every fused loss op: (loss, grad_pred, grad_noise_var)."""
-    per_row = (pred.shape[0],) if reduction == 0 else ()
-    loss = pred.new_empty(per_row)
-    grad_pred = pred.new_empty(pred.shape if compute_grad else (0,))
-    grad_var = noise_var.new_empty(per_row if compute_grad else (0,))
+    per_row = (args.pred.shape[0],) if args.reduction == _reduction.NONE else ()
+    loss = args.pred.new_empty(per_row)
+    grad_pred = args.pred.new_empty(args.pred.shape if args.compute_grad else (0,))
+    grad_var = args.noise_var.new_empty(per_row if args.compute_grad else (0,))
     return loss, grad_pred, grad_var
 
 
@@ -41,117 +47,118 @@ def _ordered_sum(x: torch.Tensor) -> torch.Tensor:
     return x.sum()
 
 
-def register_fused_autograd(op, *, n_inputs: int, pred_index: int, noise_var_index: int,
-                            reduction_index: int, compute_grad_index: int) -> None:
-    """Backward of a fused loss op: the gradients were computed by the forward pass; scale them.
+def _loss_setup_context(ctx, args, output):
+    _, grad_pred, grad_var = output
+    ctx.reduction = args.reduction
+    ctx.had_grads = args.compute_grad
+    ctx.pred_dtype = args.pred.dtype
+    ctx.mark_non_differentiable(grad_pred, grad_var)
+    return grad_pred, grad_var
+
+
+def _loss_backward(ctx, saved, grad_loss, _unused_grad_pred, _unused_grad_var):
+    """The gradients were computed by the forward pass; scale them.
 
     loss = sum_i w_i L_i (w_i = 1/count for 'mean', 1 for 'sum'), so with upstream gradient g:
       d/d pred_i   = g * grad_pred_i           (grad_pred already holds w_i dL_i/dpred_i)
       d/d sigma^2  = g * grad_noise_var        ('none': sum_i g_i * dL_i/dsigma^2)
+    The target is not an input of the gradient (docs/methods.md, "Conventions").
     """
-
-    def setup_context(ctx, inputs, output):
-        _, grad_pred, grad_var = output
-        ctx.reduction = inputs[reduction_index]
-        ctx.had_grads = inputs[compute_grad_index]
-        ctx.pred_dtype = inputs[pred_index].dtype
-        ctx.save_for_backward(grad_pred, grad_var)
-        ctx.mark_non_differentiable(grad_pred, grad_var)
-
-    def backward(ctx, grad_loss, _unused_grad_pred, _unused_grad_var):
-        if not ctx.had_grads:
-            raise RuntimeError("imbreg_fast: backward through a fused loss called with compute_grad=False")
-        grad_pred, grad_var = ctx.saved_tensors
-        grads = [None] * n_inputs
-        if ctx.reduction == 0:
-            if ctx.needs_input_grad[pred_index]:
-                grads[pred_index] = (grad_loss.to(grad_pred.dtype).unsqueeze(-1) * grad_pred).to(ctx.pred_dtype)
-            if ctx.needs_input_grad[noise_var_index]:
-                grads[noise_var_index] = _ordered_sum(grad_loss.to(grad_var.dtype) * grad_var)
-        else:
-            if ctx.needs_input_grad[pred_index]:
-                grads[pred_index] = (grad_loss.to(grad_pred.dtype) * grad_pred).to(ctx.pred_dtype)
-            if ctx.needs_input_grad[noise_var_index]:
-                grads[noise_var_index] = grad_loss.to(grad_var.dtype) * grad_var
-        return tuple(grads)
-
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    if not ctx.had_grads:
+        raise RuntimeError("imbreg_fast: backward through a fused loss called with compute_grad=False")
+    grad_pred, grad_var = saved
+    grads = {}
+    per_row = ctx.reduction == _reduction.NONE
+    if ctx.needs_grad["pred"]:
+        g = grad_loss.to(grad_pred.dtype)
+        grads["pred"] = ((g.unsqueeze(-1) if per_row else g) * grad_pred).to(ctx.pred_dtype)
+    if ctx.needs_grad["noise_var"]:
+        g = grad_loss.to(grad_var.dtype) * grad_var
+        grads["noise_var"] = _ordered_sum(g) if per_row else g
+    return grads
 
 
-BMC_ARGS = dict(n_inputs=7, pred_index=0, noise_var_index=4, reduction_index=5, compute_grad_index=6)
-MIXTURE_ARGS = dict(n_inputs=11, pred_index=0, noise_var_index=3, reduction_index=9, compute_grad_index=10)
+LOSS_AUTOGRAD = dict(fake=_loss_fake, setup_context=_loss_setup_context, backward=_loss_backward)
 
 
-def _register_cpp_ops() -> None:
-    @torch.library.register_fake("imbreg_fast::bmc_fwd")
-    def _bmc_fake(pred, target, candidates, mask, noise_var, reduction, compute_grad):
-        return fused_loss_fake(pred, noise_var, reduction, compute_grad)
-
-    @torch.library.register_fake("imbreg_fast::mixture_nll_fwd")
-    def _mixture_fake(pred, target, mask, noise_var, log_weight, means, precision, grad_var_bias,
-                      log_noise_coef, reduction, compute_grad):
-        return fused_loss_fake(pred, noise_var, reduction, compute_grad)
-
-    @torch.library.register_fake("imbreg_fast::exp_throughput")
-    def _exp_throughput_fake(x, variant, repeats):
-        return x.new_empty(())
-
-    register_fused_autograd("imbreg_fast::bmc_fwd", **BMC_ARGS)
-    register_fused_autograd("imbreg_fast::mixture_nll_fwd", **MIXTURE_ARGS)
-
-
-if _extension.cpp_available():
-    _register_cpp_ops()
-
-
-def compute_grad_flag(pred: torch.Tensor, target: torch.Tensor, noise_var: torch.Tensor) -> bool:
-    """Whether the fused forward must also produce gradients; rejects target gradients."""
-    if target.requires_grad and torch.is_grad_enabled():
-        raise ValueError("target requires grad, but the fused Balanced MSE kernels do not differentiate "
-                         "w.r.t. the target; detach it or use backend='torch'")
+def compute_grad_flag(pred: torch.Tensor, noise_var: torch.Tensor) -> bool:
+    """Whether the fused forward must also produce the gradients."""
     return torch.is_grad_enabled() and (pred.requires_grad or noise_var.requires_grad)
 
 
 # --------------------------------------------------------------------------------------------------
-# Mixture tables for the fused GAI / BNI kernel (computed at the current sigma^2, not differentiated:
-# the kernel returns d loss / d sigma^2 analytically).
+# Mixture tables for the fused GAI / BNI kernels (computed at the current sigma^2 in float64, then
+# rounded to the compute dtype; not differentiated: the kernels return d loss / d sigma^2 analytically).
 #
-# Per row, with delta_k = pred - mu_k, alpha_k = P_k delta_k, u = pred - target, e = |u|^2:
-#   f   = e / (2 s2) + c * (d/2) log s2 + LSE_k( a_k - 1/2 delta_k^T alpha_k )
-#   L   = 2 s2 * f      (the 2 s2 factor is under stop-gradient)
-#   dL/dpred = 2 u - 2 s2 * sum_k r_k alpha_k
-#   dL/ds2   = -e / s2 + c * d + 2 s2 * sum_k r_k ( 1/2 |alpha_k|^2 - b_k )
-# GAI: P_k = (Sigma_k + s2 I)^-1, a_k = log phi_k - 1/2 logdet(Sigma_k + s2 I), b_k = 1/2 tr P_k, c = 1
-#      (d/ds2 of a_k is -b_k, of -1/2 delta^T P delta is +1/2 |alpha|^2).
-# BNI: P_k = I / s2, a_k = log phi_k, b_k = 0, c = 0 (the 1/2 log s2 terms cancel and are dropped).
+# Both losses are L = 2 s2 f (the 2 s2 factor under stop-gradient) with
+#   GAI: f = |u|^2/(2 s2) + (d/2) log s2 + LSE_k(log phi_k - 1/2 logdet(Sigma_k + s2 I) - 1/2 delta_k^T P_k delta_k)
+#   BNI: f = |u|^2/(2 s2) + LSE_k(log phi_k - |delta_k|^2/(2 s2))
+# with u = pred - target, delta_k = pred - mu_k, P_k = (Sigma_k + s2 I)^-1 (BNI: I/s2, Sigma_k = 0). Since
+# logdet(Sigma + s2 I) = d log s2 + logdet(I + Sigma/s2), GAI's (d/2) log s2 cancels exactly (never formed:
+# at large s2 it is the large term of a cancellation), and LSE_k(log phi_k + x_k) = log sum phi +
+# LSE_k(log phi^_k + x_k) with phi^ = phi / sum phi. Per row, with alpha_k = P_k delta_k, e = |u|^2:
+#   t_k = n_k - 1/2 delta_k^T alpha_k,    m = max_k t_k,    S = sum_k phi^_k exp(t_k - m),
+#   r_k = phi^_k exp(t_k - m) / S,
+#   L        = e + 2 s2 (m + log S)
+#   dL/dpred = 2 u - 2 s2 sum_k r_k alpha_k                        (d t_k / d pred = -alpha_k)
+#   dL/ds2   = -e/s2 + 2 s2 sum_k r_k (1/2 |alpha_k|^2 + g_k)      (d P/d s2 = -P^2, d n_k/d s2 = g_k)
+# Tables: log_weight_k = log phi^_k; log_norm_k = n_k; precision P_k; grad_var_bias g_k:
+#   GAI: n_k = log sum phi - 1/2 sum_i log1p(lambda_ki / s2),  g_k = 1/2 tr(P_k Sigma_k)/s2
+#        = 1/2 sum_i lambda_ki / ((lambda_ki + s2) s2)  (lambda_ki: eigenvalues of Sigma_k; log1p and this
+#        g_k stay accurate when s2 >> Sigma_k, where 1/2 tr P_k - d/(2 s2) would cancel);
+#   BNI: n_k = log sum phi, g_k = 0.
+# Every t_k is O(|delta|^2 / s2): as s2 grows, S tends to 1 and the kernels take log S as
+# log1p(sum_k phi^_k expm1(t_k - m)) (see the kernels). log sum phi is in n_k, not in log_weight, so that
+# the weights the kernels sum stay normalised: sum_k phi^_k = 1 exactly, whatever the rounding of phi^.
 # --------------------------------------------------------------------------------------------------
+
+
+def _normalised_log_weights(weights: torch.Tensor, dtype):
+    """(log phi^ [K], log sum phi []) in float64, for the weights as rounded to the compute dtype."""
+    w = weights.detach().to(dtype).double()
+    total = w.sum()
+    return torch.log(w / total), torch.log(total)
 
 
 def gai_tables(noise_var, weights, means, covariances, dtype):
-    s2 = noise_var.detach().to(dtype)
-    weights, means, covariances = weights.to(dtype), means.to(dtype), covariances.to(dtype)
-    d = means.shape[1]
-    eye = torch.eye(d, dtype=dtype, device=means.device)
-    chol = torch.linalg.cholesky(covariances + s2 * eye)
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    precision = torch.cholesky_inverse(chol)
-    log_weight = torch.log(weights) - 0.5 * logdet
-    grad_var_bias = 0.5 * torch.diagonal(precision, dim1=-2, dim2=-1).sum(-1)
-    return log_weight.contiguous(), means.contiguous(), precision.contiguous(), grad_var_bias.contiguous(), 1.0
+    s2 = noise_var.detach().to(dtype).double()                          # the sigma^2 the kernels see
+    cov = covariances.detach().to(dtype).double()
+    d = cov.shape[-1]
+    log_weight, log_total = _normalised_log_weights(weights, dtype)
+    lam = torch.linalg.eigvalsh(cov)                                       # [K, d]
+    log_norm = log_total - 0.5 * torch.log1p(lam / s2).sum(-1)
+    grad_var_bias = 0.5 * (lam / (lam + s2)).sum(-1) / s2
+    eye = torch.eye(d, dtype=torch.float64, device=cov.device)
+    precision = torch.cholesky_inverse(torch.linalg.cholesky(cov + s2 * eye))
+    return tuple(x.to(dtype).contiguous() for x in (log_weight, log_norm, means, precision, grad_var_bias))
 
 
 def bni_tables(noise_var, bin_centers, bin_weights, dtype):
-    s2 = noise_var.detach().to(dtype)
-    centers = bin_centers.to(dtype)
-    k, d = centers.shape
-    precision = (torch.eye(d, dtype=dtype, device=centers.device) / s2).expand(k, d, d)
-    log_weight = torch.log(bin_weights.to(dtype))
-    return (log_weight.contiguous(), centers.contiguous(), precision.contiguous(),
-            torch.zeros(k, dtype=dtype, device=centers.device), 0.0)
+    s2 = noise_var.detach().to(dtype).double()
+    k, d = bin_centers.shape
+    log_weight, log_total = _normalised_log_weights(bin_weights, dtype)
+    precision = (torch.eye(d, dtype=torch.float64, device=bin_centers.device) / s2).expand(k, d, d)
+    return tuple(x.to(dtype).contiguous() for x in (log_weight, log_total.expand(k), bin_centers, precision,
+                                                    torch.zeros_like(log_weight)))
 
 
 # --------------------------------------------------------------------------------------------------
-# torch backend: literal formulas (methods.md §1), autograd does the gradients.
+# torch backend: the formulas of docs/methods.md §1 rewritten in numerically stable forms (§1.7), autograd
+# does the gradients.
+#
+# Every variant is L_i = sg(2 s2) * log sum_j w_j exp(t_ij), with logits t_ij taken RELATIVE to the
+# row's own term (the positive of BMC, the -log N(y; p, s2 I) term of GAI/BNI), written as products of
+# differences, |p - y|^2 - |p - c|^2 = (c - y).(2p - y - c), never as a difference of two large squares:
+#   BMC  t_ij = (y_j - y_i).(2p_i - y_i - y_j) / (2 s2),                                     w_j = 1
+#   BNI  t_ik = (c_k - y_i).(2p_i - y_i - c_k) / (2 s2),                                     w_k = phi_k
+#   GAI  t_ik = -1/2 logdet(I + Sigma_k/s2) + [(mu_k - y_i).(2p_i - y_i - mu_k) + x_ik.Sigma_k delta_ik] / (2 s2)
+#        with delta_ik = p_i - mu_k, x_ik = (Sigma_k + s2 I)^-1 delta_ik
+# (GAI: |p-y|^2/(2 s2) - 1/2 delta^T (Sigma + s2 I)^-1 delta = (|p-y|^2 - |delta|^2)/(2 s2) + 1/2 delta^T
+# (I/s2 - (Sigma + s2 I)^-1) delta, and I/s2 - (Sigma + s2 I)^-1 = (Sigma + s2 I)^-1 Sigma / s2; the
+# (d/2) log(2 pi s2) of both Gaussians cancel, leaving logdet(Sigma + s2 I) - d log s2 = logdet(I + Sigma/s2).)
+# The logits near the maximum are O(1) however far p is from the labels, so the softmax that autograd
+# produces (through a max shift that is a constant, _logsumexp) is exact to rounding; and as s2 grows
+# every GAI/BNI logit is O(1/s2), which _log_mixture keeps to relative precision.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -162,10 +169,10 @@ def _reduce_rows(loss_rows: torch.Tensor, mask, reduction: int) -> torch.Tensor:
     the mask's values and ``torch.compile(fullgraph=True)`` traces the masked case too."""
     if mask is not None:
         loss_rows = torch.where(mask, loss_rows, 0.0)
-    if reduction == 0:
+    if reduction == _reduction.NONE:
         return loss_rows
     total = loss_rows.sum()
-    if reduction == 2:
+    if reduction == _reduction.SUM:
         return total
     count = loss_rows.new_tensor(loss_rows.shape[0]) if mask is None else mask.sum()
     return total / count.clamp(min=1).to(total.dtype)
@@ -177,114 +184,193 @@ def _kept(x: torch.Tensor, mask, dtype) -> torch.Tensor:
     return x if mask is None else torch.where(mask.unsqueeze(1), x, 0.0)
 
 
-def _sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """[N, d], [M, d] -> [N, M] squared Euclidean distances, literally."""
-    return (a.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1)
+def _sq_dist_gap(p: torch.Tensor, y: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """p, y [N, d], c [M, d] -> [N, M]: |p_i - y_i|^2 - |p_i - c_j|^2 = (c_j - y_i).(2 p_i - y_i - c_j).
+
+    The product of two differences keeps the gap to the relative precision of its factors when p is far
+    from both labels (two squares of 1e8 would leave only the rounding of 1e8 in fp32)."""
+    return ((c.unsqueeze(0) - y.unsqueeze(1)) * ((2 * p - y).unsqueeze(1) - c.unsqueeze(0))).sum(-1)
 
 
-@register("bmc_loss", "torch")
+def _logsumexp(x: torch.Tensor) -> torch.Tensor:
+    """log sum_j exp(x_ij) over dim 1, shifted by the row max as a constant (detached): autograd then
+    differentiates m + log sum_j exp(x_ij - m) into exactly softmax(x_i.) as computed from x - m.
+    (torch.logsumexp's backward, exp(x - result), carries the rounding of the result, which is large
+    when the logits are.) Every row needs a finite entry."""
+    if x.shape[1] == 0:                                    # no rows (BMC with N = 0): nothing to reduce
+        return x.sum(1)
+    m = x.detach().amax(1, keepdim=True)
+    return m.squeeze(1) + torch.log(torch.exp(x - m).sum(1))
+
+
+def _log_mixture(weights: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """log sum_k phi_k exp(t_ik) over dim 1 for weights phi [K] > 0 and logits t [N, K].
+
+    With the shift m_i = max_k t_ik (a constant for autograd), z = t - m <= 0, S_i = sum_k phi_k e^{z_ik}:
+        log sum_k phi_k e^{t_ik} = m_i + log S_i.
+    When sigma^2 is large against the spread of the labels, every t_k is O(1/s2) and S = sum phi - O(1/s2):
+    log(S) would keep only the rounding of S (which the loss multiplies by 2 s2). For S > (sum phi)/2 it is
+    therefore taken as
+        log S = log sum phi + log1p((S - sum phi) / sum phi),    S - sum phi = sum_k phi_k expm1(z_k),
+    a sum of terms <= 0 (no cancellation), with log sum phi in float64: sum phi is 1 only up to the
+    rounding of the weights, and 2 s2 log sum phi is part of the loss. Otherwise |log S| > log 2 and
+    log(S) is accurate. Either way autograd gives the softmax of log phi + t. The inner torch.where calls
+    keep the unused branch finite, so that its (masked-out) gradient is 0, not NaN."""
+    total = weights.sum()
+    log_total = torch.log(weights.double().sum()).to(t.dtype)
+    m = t.detach().amax(1, keepdim=True)
+    z = t - m
+    s = (weights * torch.exp(z)).sum(1)
+    near = s > 0.5 * total
+    s_minus_total = (weights * torch.expm1(z)).sum(1)
+    log_s = torch.where(near, log_total + torch.log1p(torch.where(near, s_minus_total, 0.0) / total),
+                        torch.log(torch.where(near, total, s)))
+    return m.squeeze(1) + log_s
+
+
 def bmc_torch(pred, target, candidates, mask, noise_var, reduction):
     out_dtype, dtype = pred.dtype, compute_dtype(pred.dtype)
     p, t = _kept(pred, mask, dtype), _kept(target, mask, dtype)
     s2 = noise_var.to(dtype)
+    # L_i = 2 s2 (-l_ii + LSE_j l_ij) = 2 s2 LSE_j (l_ij - l_ii),  l_ij - l_ii = (y_j - y_i).(2p_i - y_i - y_j)/(2 s2)
     if candidates is None:
-        logits = -_sq_dist(p, t) / (2 * s2)                                  # [N, N], positive on the diagonal
+        logits = _sq_dist_gap(p, t, t) / (2 * s2)                            # [N, N], exactly 0 on the diagonal
         if mask is not None:
-            # dropped targets are no candidates; a dropped row keeps only its (finite) diagonal
+            # dropped targets are no candidates; a dropped row keeps only its diagonal
             eye = torch.eye(p.shape[0], dtype=torch.bool, device=p.device)
             logits = logits.masked_fill(~mask.unsqueeze(0) & ~eye, float("-inf"))
-        positive = torch.diagonal(logits)
     else:
-        positive = -(p - t).pow(2).sum(-1) / (2 * s2)                        # [N]
-        logits = torch.cat([positive.unsqueeze(1), -_sq_dist(p, candidates.to(dtype)) / (2 * s2)], dim=1)
-    loss_rows = (-positive + torch.logsumexp(logits, dim=1)) * (2 * s2).detach()
+        gaps = _sq_dist_gap(p, t, candidates.to(dtype)) / (2 * s2)             # [N, M]
+        logits = torch.cat([gaps.new_zeros(gaps.shape[0], 1), gaps], dim=1)    # the positive first
+    loss_rows = _logsumexp(logits) * (2 * s2).detach()
     return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
-def _mvn_log_prob(x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """log N(x; mean, cov) for x [N, 1, d], mean [K, d], cov [K, d, d] -> [N, K], with the 2 pi terms."""
-    d = mean.shape[-1]
-    chol = torch.linalg.cholesky(cov)                                          # [K, d, d]
-    diff = (x - mean).unsqueeze(-1)                                            # [N, K, d, 1]
-    sol = torch.linalg.solve_triangular(chol.expand(diff.shape[0], -1, -1, -1), diff, upper=False)
-    maha = sol.pow(2).sum((-2, -1))
-    logdet = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * (maha + logdet + d * math.log(2 * math.pi))
-
-
-@register("gai_loss", "torch")
 def gai_torch(pred, target, mask, noise_var, weights, means, covariances, reduction):
     out_dtype, dtype = pred.dtype, compute_dtype(pred.dtype)
     p, t = _kept(pred, mask, dtype), _kept(target, mask, dtype)
     s2 = noise_var.to(dtype)
     weights, means, covariances = weights.to(dtype), means.to(dtype), covariances.to(dtype)
     d = p.shape[1]
+    # L = 2 s2 [ -log N(y; p, s2 I) + LSE_k(log phi_k + log N(p; mu_k, Sigma_k + s2 I)) ] = 2 s2 log sum_k phi_k e^{t_k}
+    # (t_k: see the comment above; for d = 1,
+    #  t_k = -1/2 log1p(v_k/s2) + [(mu_k - y)(2p - y - mu_k) + delta_k^2 v_k/(v_k + s2)] / (2 s2))
+    gap = _sq_dist_gap(p, t, means)                                            # [N, K]
     if d == 1:
-        # L = 2 s2 [ (p - y)^2/(2 s2) + 1/2 log s2 + LSE_k(log phi_k - 1/2 log(v_k + s2) - (p - mu_k)^2/(2(v_k + s2))) ]
-        var = covariances.reshape(-1) + s2                                     # [K]
-        mse = (p - t).pow(2).squeeze(1) / (2 * s2) + 0.5 * torch.log(s2)
-        logits = torch.log(weights) - 0.5 * torch.log(var) - (p - means.reshape(1, -1)).pow(2) / (2 * var)
+        var = covariances.reshape(1, -1)                                       # [1, K]
+        delta = p - means.reshape(1, -1)                                       # [N, K]
+        half_logdet = 0.5 * torch.log1p(var / s2)
+        quad = delta.pow(2) * (var / (var + s2))
     else:
-        # L = 2 s2 [ -log N(y; p, s2 I) + LSE_k(log phi_k + log N(p; mu_k, Sigma_k + s2 I)) ]
+        # logdet(I + Sigma/s2) = sum_i log1p(lambda_i / s2) over the eigenvalues of Sigma: no cancellation
+        # of logdet(Sigma + s2 I) against d log s2 when s2 dominates
+        half_logdet = 0.5 * torch.log1p(torch.linalg.eigvalsh(covariances) / s2).sum(-1)       # [K]
         eye = torch.eye(d, dtype=dtype, device=p.device)
-        mse = (p - t).pow(2).sum(-1) / (2 * s2) + 0.5 * d * torch.log(2 * math.pi * s2)
-        logits = torch.log(weights) + _mvn_log_prob(p.unsqueeze(1), means, covariances + s2 * eye)
-    loss_rows = (mse + torch.logsumexp(logits, dim=1)) * (2 * s2).detach()
+        chol = torch.linalg.cholesky(covariances + s2 * eye)                                    # [K, d, d]
+        delta = (p.unsqueeze(1) - means).unsqueeze(-1)                                          # [N, K, d, 1]
+        x = torch.cholesky_solve(delta, chol)                                       # (Sigma + s2 I)^-1 delta
+        quad = (x * (covariances @ delta)).sum((-2, -1))                                        # [N, K]
+    logits = (gap + quad) / (2 * s2) - half_logdet
+    loss_rows = _log_mixture(weights, logits) * (2 * s2).detach()
     return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
-@register("bni_loss", "torch")
 def bni_torch(pred, target, mask, noise_var, bin_centers, bin_weights, reduction):
     out_dtype, dtype = pred.dtype, compute_dtype(pred.dtype)
     p, t = _kept(pred, mask, dtype), _kept(target, mask, dtype)
     s2 = noise_var.to(dtype)
-    # L = 2 s2 [ |p - y|^2/(2 s2) + LSE_k(log phi_k - |p - c_k|^2/(2 s2)) ]
-    mse = (p - t).pow(2).sum(-1) / (2 * s2)
-    logits = torch.log(bin_weights.to(dtype)) - _sq_dist(p, bin_centers.to(dtype)) / (2 * s2)
-    loss_rows = (mse + torch.logsumexp(logits, dim=1)) * (2 * s2).detach()
+    # L = 2 s2 [ |p - y|^2/(2 s2) + LSE_k(log phi_k - |p - c_k|^2/(2 s2)) ] = 2 s2 log sum_k phi_k e^{t_k},
+    # t_k = (|p - y|^2 - |p - c_k|^2)/(2 s2)
+    logits = _sq_dist_gap(p, t, bin_centers.to(dtype)) / (2 * s2)
+    loss_rows = _log_mixture(bin_weights.to(dtype), logits) * (2 * s2).detach()
     return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
-# cpp backend
+# Fused backends (cpp, triton): the same calls on either backend's ops.
 # --------------------------------------------------------------------------------------------------
 
 
-def _fused_inputs(pred, target, mask):
-    return pred.contiguous(), target.contiguous(), None if mask is None else mask.contiguous()
-
-
-def call_bmc_op(op, pred, target, candidates, mask, noise_var, reduction):
-    """Loss from a fused BMC op (``bmc_fwd`` or ``triton_bmc_fwd``), gradients computed only if needed."""
-    grad = compute_grad_flag(pred, target, noise_var)
-    pred, target, mask = _fused_inputs(pred, target, mask)
+def _fused_bmc(op, pred, target, candidates, mask, noise_var, reduction):
+    grad = compute_grad_flag(pred, noise_var)
     cands = None if candidates is None else candidates.contiguous()
-    return op(pred, target, cands, mask, noise_var, reduction, grad)[0]
+    mask = None if mask is None else mask.contiguous()
+    return op(pred.contiguous(), target.contiguous(), cands, mask, noise_var, reduction, grad)[0]
 
 
-def call_mixture_op(op, pred, target, mask, noise_var, tables, reduction):
-    """Loss from a fused mixture op (``mixture_nll_fwd`` or ``triton_mixture_nll_fwd``)."""
-    grad = compute_grad_flag(pred, target, noise_var)
-    pred, target, mask = _fused_inputs(pred, target, mask)
-    return op(pred, target, mask, noise_var, *tables, reduction, grad)[0]
+def _fused_mixture(op, pred, target, mask, noise_var, tables, reduction):
+    grad = compute_grad_flag(pred, noise_var)
+    mask = None if mask is None else mask.contiguous()
+    return op(pred.contiguous(), target.contiguous(), mask, noise_var, *tables, reduction, grad)[0]
 
 
-@register("bmc_loss", "cpp")
-def bmc_cpp(pred, target, candidates, mask, noise_var, reduction):
-    return call_bmc_op(torch.ops.imbreg_fast.bmc_fwd, pred, target, candidates, mask, noise_var, reduction)
+def _fused_impls(bmc_op, mixture_op) -> dict:
+    """The public ops ``bmc_loss``, ``gai_loss``, ``bni_loss`` on one backend's fused ops."""
+
+    def bmc(pred, target, candidates, mask, noise_var, reduction):
+        return _fused_bmc(bmc_op, pred, target, candidates, mask, noise_var, reduction)
+
+    def gai(pred, target, mask, noise_var, weights, means, covariances, reduction):
+        tables = gai_tables(noise_var, weights, means, covariances, compute_dtype(pred.dtype))
+        return _fused_mixture(mixture_op, pred, target, mask, noise_var, tables, reduction)
+
+    def bni(pred, target, mask, noise_var, bin_centers, bin_weights, reduction):
+        tables = bni_tables(noise_var, bin_centers, bin_weights, compute_dtype(pred.dtype))
+        return _fused_mixture(mixture_op, pred, target, mask, noise_var, tables, reduction)
+
+    return {"bmc_loss": bmc, "gai_loss": gai, "bni_loss": bni}
 
 
-def mixture_cpp(pred, target, mask, noise_var, tables, reduction):
-    return call_mixture_op(torch.ops.imbreg_fast.mixture_nll_fwd, pred, target, mask, noise_var, tables, reduction)
+# Triton ops: opaque custom ops around the host launchers. This form runs eagerly, under
+# torch.compile(fullgraph=True) and opcheck, on CUDA and on CPU tensors under TRITON_INTERPRET=1 (a
+# triton_op + wrap_triton op lets Inductor see the kernels, but fails under torch.compile with the
+# interpreter's CPU tensors).
 
 
-@register("gai_loss", "cpp")
-def gai_cpp(pred, target, mask, noise_var, weights, means, covariances, reduction):
-    tables = gai_tables(noise_var, weights, means, covariances, compute_dtype(pred.dtype))
-    return mixture_cpp(pred, target, mask, noise_var, tables, reduction)
+def _triton_kernels():
+    from ..triton_kernels import balanced_mse
+    return balanced_mse
 
 
-@register("bni_loss", "cpp")
-def bni_cpp(pred, target, mask, noise_var, bin_centers, bin_weights, reduction):
-    tables = bni_tables(noise_var, bin_centers, bin_weights, compute_dtype(pred.dtype))
-    return mixture_cpp(pred, target, mask, noise_var, tables, reduction)
+@torch.library.custom_op("imbreg_fast::triton_bmc_fwd", mutates_args=())
+def triton_bmc_fwd(pred: torch.Tensor, target: torch.Tensor, candidates: Optional[torch.Tensor],
+                   mask: Optional[torch.Tensor], noise_var: torch.Tensor, reduction: int,
+                   compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton BMC: (loss, d loss/d pred, d loss/d sigma^2); see ``imbreg_fast::bmc_fwd``."""
+    return _triton_kernels().bmc_fwd(pred, target, candidates, mask, noise_var, reduction, compute_grad)
+
+
+@torch.library.custom_op("imbreg_fast::triton_mixture_nll_fwd", mutates_args=())
+def triton_mixture_nll_fwd(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
+                           noise_var: torch.Tensor, log_weight: torch.Tensor, log_norm: torch.Tensor,
+                           means: torch.Tensor, precision: torch.Tensor, grad_var_bias: torch.Tensor,
+                           reduction: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton GAI/BNI mixture NLL: (loss, d loss/d pred, d loss/d sigma^2); see ``imbreg_fast::mixture_nll_fwd``."""
+    return _triton_kernels().mixture_nll_fwd(pred, target, mask, noise_var, log_weight, log_norm, means, precision,
+                                             grad_var_bias, reduction, compute_grad)
+
+
+def _triton_supports(pred: torch.Tensor) -> str | None:
+    from ..triton_kernels.common import MAX_DIM
+
+    d = pred.shape[1] if pred.dim() == 2 else 1      # [N, d]; [N] and dense [B, 1, H, W] maps have d = 1
+    if d > MAX_DIM:
+        return f"the Triton kernels support targets of dimension d <= {MAX_DIM}, got d = {d}"
+    return None
+
+
+def register_backends(cpp: bool) -> None:
+    """Register the family's backends with the dispatcher: torch, then cpp (when the extension is
+    loaded), then triton."""
+    register("bmc_loss", "torch")(bmc_torch)
+    register("gai_loss", "torch")(gai_torch)
+    register("bni_loss", "torch")(bni_torch)
+    if cpp:
+        impls = _fused_impls(register_fused_op("imbreg_fast::bmc_fwd", **LOSS_AUTOGRAD),
+                             register_fused_op("imbreg_fast::mixture_nll_fwd", **LOSS_AUTOGRAD))
+        for op, impl in impls.items():
+            register(op, "cpp")(impl)
+    impls = _fused_impls(register_fused_op("imbreg_fast::triton_bmc_fwd", **LOSS_AUTOGRAD),
+                         register_fused_op("imbreg_fast::triton_mixture_nll_fwd", **LOSS_AUTOGRAD))
+    for op, impl in impls.items():
+        register(op, "triton", supports=_triton_supports)(impl)

@@ -1,4 +1,4 @@
-"""FDS (feature distribution smoothing, methods.md §3): backend implementations and the pieces shared by
+"""FDS (feature distribution smoothing, docs/methods.md §3): backend implementations and the pieces shared by
 every backend (layout helpers, fake kernels, the recolouring autograd).
 
 Layout (the op contract, shared with the Triton kernels): features are seen as a strided 3-D tensor
@@ -28,12 +28,12 @@ from typing import NamedTuple
 
 import torch
 
-from .. import _extension, lds
+from .. import lds
 from .._dispatch import register
 from .._validation import compute_dtype
+from ._registration import FusedOp, register_fused_op
 
-__all__ = ["accumulate_fake", "as_pixels", "bin_index", "recolor_fake", "register_recolor_autograd",
-           "restore_layout"]
+__all__ = ["as_pixels", "bin_index", "register_backends", "restore_layout"]
 
 # --------------------------------------------------------------------------------------------------
 # Layout helpers
@@ -69,81 +69,60 @@ def bin_index(labels: torch.Tensor, edges: torch.Tensor, mask: torch.Tensor | No
 
 
 # --------------------------------------------------------------------------------------------------
-# Fake kernels and autograd, shared by the C++ and Triton ops.
+# Fake kernels and the recolouring autograd, shared by the C++ and Triton ops.
 # --------------------------------------------------------------------------------------------------
 
 
-def accumulate_fake(features: torch.Tensor, bins: torch.Tensor, num_bins: int, full: bool):
+def _accumulate_fake(args):
     """Output metadata of ``fds_accumulate``: (count [nb], mean [nb, C], m2 [nb, C, C] or [nb, C]), fp64."""
+    features, bins, num_bins = args.features, args.bins, args.num_bins
     torch._check(features.dim() == 3, lambda: "features must be [B, C, P]")
     torch._check(bins.dim() == 2, lambda: "bins must be [B, P]")
     c = features.shape[1]
     count = features.new_empty((num_bins,), dtype=torch.float64)
     mean = features.new_empty((num_bins, c), dtype=torch.float64)
-    m2 = features.new_empty((num_bins, c, c) if full else (num_bins, c), dtype=torch.float64)
+    m2 = features.new_empty((num_bins, c, c) if args.full else (num_bins, c), dtype=torch.float64)
     return count, mean, m2
 
 
-def recolor_fake(features: torch.Tensor, bins: torch.Tensor, transform: torch.Tensor, shift: torch.Tensor):
+def _recolor_fake(args):
     """Output metadata of ``fds_recolor``: a contiguous ``[B, C, P]`` tensor of the features' dtype."""
-    torch._check(features.dim() == 3, lambda: "features must be [B, C, P]")
-    torch._check(bins.dim() == 2, lambda: "bins must be [B, P]")
-    torch._check(transform.dim() in (2, 3), lambda: "transform must be [nb, C, C] or [nb, C]")
-    return features.new_empty(features.shape)
-
-
-def _op_from_name(op_name: str):
-    namespace, name = op_name.split("::")
-    return getattr(getattr(torch.ops, namespace), name)
+    torch._check(args.features.dim() == 3, lambda: "features must be [B, C, P]")
+    torch._check(args.bins.dim() == 2, lambda: "bins must be [B, P]")
+    torch._check(args.transform.dim() in (2, 3), lambda: "transform must be [nb, C, C] or [nb, C]")
+    return args.features.new_empty(args.features.shape)
 
 
 def _transpose_transform(transform: torch.Tensor) -> torch.Tensor:
     return transform.mT.contiguous() if transform.dim() == 3 else transform
 
 
-def register_recolor_autograd(op_name: str) -> None:
-    """Register the backward of a recolouring op ``op_name`` (e.g. ``"imbreg_fast::fds_recolor"``).
+def _register_recolor(qualname: str) -> FusedOp:
+    """Fake kernel and autograd of a recolouring op (``imbreg_fast::fds_recolor`` or its Triton twin).
 
     out = A_k z + s_k is linear in z with A_k, s_k constant (statistics), so
       d z = A_k^T g         (g where k = -1)
     which is the same op applied to g with the transposed transform and a zero shift. No gradient
-    flows into transform or shift. Backward of the backward is the same op again (the op is linear).
+    flows into transform or shift. The backward is the same linear op again, so it is differentiable
+    (second derivatives are exact: zero).
     """
-    op = _op_from_name(op_name)
+    op: FusedOp
 
-    def setup_context(ctx, inputs, output):
-        features, bins, transform, shift = inputs
-        ctx.save_for_backward(bins, transform)
-        ctx.features_dtype = features.dtype
+    def setup_context(ctx, args, output):
+        ctx.features_dtype = args.features.dtype
+        return args.bins, args.transform
 
-    def backward(ctx, grad_out):
-        bins, transform = ctx.saved_tensors
-        grad_features = None
-        if ctx.needs_input_grad[0]:
-            transform_t = _transpose_transform(transform)
-            zero_shift = transform.new_zeros((transform.shape[0], transform.shape[1]))
-            grad_features = op(grad_out.to(ctx.features_dtype), bins, transform_t, zero_shift)
-        return grad_features, None, None, None
+    def backward(ctx, saved, grad_out):
+        if not ctx.needs_grad["features"]:
+            return {}
+        bins, transform = saved
+        zero_shift = transform.new_zeros((transform.shape[0], transform.shape[1]))
+        return {"features": op(grad_out.to(ctx.features_dtype), bins, _transpose_transform(transform), zero_shift)}
 
-    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
+    op = register_fused_op(qualname, fake=_recolor_fake, setup_context=setup_context, backward=backward,
+                           twice_differentiable=True)
+    return op
 
-
-def _cpp_has(name: str) -> bool:
-    if not _extension.cpp_available():
-        return False
-    try:
-        getattr(torch.ops.imbreg_fast, name)
-    except (AttributeError, RuntimeError):  # extension built before the FDS ops existed
-        return False
-    return True
-
-
-CPP_OPS = _cpp_has("fds_accumulate") and _cpp_has("fds_recolor")
-
-if CPP_OPS:
-    torch.library.register_fake("imbreg_fast::fds_accumulate")(accumulate_fake)
-    torch.library.register_fake("imbreg_fast::fds_recolor")(recolor_fake)
-    register_recolor_autograd("imbreg_fast::fds_recolor")
 
 # --------------------------------------------------------------------------------------------------
 # torch backend: plain PyTorch ops, sync-free (no boolean indexing, no .item(), static shapes, so it also
@@ -195,7 +174,6 @@ def _padded(rows: torch.Tensor, layout: _Chunks) -> torch.Tensor:
     return buf.view(layout.num_chunks, _CHUNK, rows.shape[1])
 
 
-@register("fds_accumulate", "torch")
 def accumulate_torch(features, bins, num_bins, full):
     c = features.shape[1]
     z, k = _rows_and_bins(features, bins, num_bins)
@@ -242,7 +220,7 @@ def _recolor_torch_nograd(features, bins, transform, shift):
 
 
 class _RecolorTorch(torch.autograd.Function):
-    """Gradient as in :func:`register_recolor_autograd`: the same computation with A^T and zero shift
+    """Gradient as in :func:`_register_recolor`: the same computation with A^T and zero shift
     (autograd through the chunked products would keep the [G, C, C] gathered matrices alive)."""
 
     @staticmethod
@@ -261,30 +239,56 @@ class _RecolorTorch(torch.autograd.Function):
         return _RecolorTorch.apply(grad_out, bins, _transpose_transform(transform), zero_shift), None, None, None
 
 
-@register("fds_recolor", "torch")
 def recolor_torch(features, bins, transform, shift):
     return _RecolorTorch.apply(features, bins, transform.detach(), shift.detach())
 
 
 # --------------------------------------------------------------------------------------------------
-# cpp backend (registered only when the built extension has the FDS ops)
+# Fused backends (cpp, triton)
 # --------------------------------------------------------------------------------------------------
 
-def register_fused_backend(backend: str, accumulate_op, recolor_op) -> None:
-    """Register a backend whose FDS ops are fused kernels (cpp, triton): no gradient into the statistics,
-    transforms passed contiguous."""
 
-    @register("fds_accumulate", backend)
+def _fused_impls(accumulate_op, recolor_op) -> dict:
+    """The public ops on one backend's fused ops: no gradient into the statistics, transforms contiguous."""
+
     def accumulate(features, bins, num_bins, full):
         return accumulate_op(features.detach(), bins, num_bins, full)
 
-    @register("fds_recolor", backend)
     def recolor(features, bins, transform, shift):
         return recolor_op(features, bins, transform.detach().contiguous(), shift.detach().contiguous())
 
+    return {"fds_accumulate": accumulate, "fds_recolor": recolor}
 
-if CPP_OPS:
-    register_fused_backend("cpp", torch.ops.imbreg_fast.fds_accumulate, torch.ops.imbreg_fast.fds_recolor)
 
-# Triton backend (imbreg_fast::triton_fds_*); importing it does not import triton.
-from . import fds_triton  # noqa: E402,F401
+@torch.library.custom_op("imbreg_fast::triton_fds_accumulate", mutates_args=())
+def triton_fds_accumulate(features: torch.Tensor, bins: torch.Tensor, num_bins: int,
+                          full: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-bin centred statistics ``(count [nb], mean [nb, C], m2 [nb, C, C] or [nb, C])``, float64."""
+    from ..triton_kernels import fds as kernels
+
+    return kernels.fds_accumulate(features, bins, num_bins, full)
+
+
+@torch.library.custom_op("imbreg_fast::triton_fds_recolor", mutates_args=())
+def triton_fds_recolor(features: torch.Tensor, bins: torch.Tensor, transform: torch.Tensor,
+                       shift: torch.Tensor) -> torch.Tensor:
+    """``out[b, :, p] = transform[k] @ z + shift[k]`` (diag: ``transform[k] * z + shift[k]``), ``out = z``
+    where ``k = bins[b, p] = -1``; a new contiguous ``[B, C, P]`` tensor."""
+    from ..triton_kernels import fds as kernels
+
+    return kernels.fds_recolor(features, bins, transform, shift)
+
+
+def register_backends(cpp: bool) -> None:
+    """Register the family's backends with the dispatcher: torch, then cpp (when the extension is
+    loaded), then triton."""
+    register("fds_accumulate", "torch")(accumulate_torch)
+    register("fds_recolor", "torch")(recolor_torch)
+    backends = [("triton", "imbreg_fast::triton_fds_accumulate", "imbreg_fast::triton_fds_recolor")]
+    if cpp:
+        backends.insert(0, ("cpp", "imbreg_fast::fds_accumulate", "imbreg_fast::fds_recolor"))
+    for backend, accumulate_name, recolor_name in backends:
+        impls = _fused_impls(register_fused_op(accumulate_name, fake=_accumulate_fake),
+                             _register_recolor(recolor_name))
+        for op, impl in impls.items():
+            register(op, backend)(impl)

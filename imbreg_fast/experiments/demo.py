@@ -5,7 +5,7 @@ CVPR 2022, Sec. 5.1): training labels follow a skewed distribution, the inputs a
 them, and the test labels are uniform over the label range. A small MLP is trained with plain MSE and with
 each Balanced MSE variant (BMC, GAI with a :func:`imbreg_fast.fit_gmm` prior, BNI with a
 :func:`imbreg_fast.bin_prior` prior); the table reports the test error overall and on the many / medium /
-few-shot label regions of the DIR protocol (methods.md §6).
+few-shot label regions of the DIR protocol (docs/methods.md §6, :func:`imbreg_fast.metrics.shot_metrics`).
 
 The pieces are separate functions (data, criteria, training loop, evaluation, table) so that larger
 benchmarks can reuse them.
@@ -30,12 +30,13 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import nn
 
-from . import _dispatch
-from . import nn as inn
-from .priors import bin_prior, fit_gmm
+from .. import _dispatch
+from .. import nn as inn
+from ..metrics import SHOTS, shot_metrics
+from ..priors import bin_prior, fit_gmm
 
 __all__ = ["SyntheticConfig", "Dataset", "make_synthetic", "make_model", "make_criteria", "train",
-           "shot_metrics", "format_table", "run", "main"]
+           "evaluate", "format_table", "run", "main"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,37 +183,13 @@ def train(model: nn.Module, criterion: nn.Module, data: Dataset, *, steps: int, 
     return TrainResult(seconds, float(loss.detach()), float(sigma.detach()) if sigma is not None else math.nan)
 
 
-SHOTS = ("all", "many", "medium", "few")
-
-
-def shot_metrics(pred: torch.Tensor, target: torch.Tensor, train_labels: torch.Tensor, edges: torch.Tensor,
-                 *, many: int = 100, few: int = 20) -> dict[str, dict[str, float]]:
-    """MSE, MAE and sample count overall and per shot group (methods.md §6).
-
-    A test sample's group is set by the training count of its label bin (``edges`` [B + 1], out-of-range labels
-    in the end bins): many-shot > ``many``, few-shot < ``few``, medium otherwise. An empty group reports NaN
-    errors with count 0.
-    """
-    inner = edges[1:-1].to(torch.float64)
-    train_bin = torch.bucketize(train_labels.reshape(-1).to(torch.float64), inner, right=True)
-    counts = torch.bincount(train_bin, minlength=edges.numel() - 1)
-    test_counts = counts[torch.bucketize(target.reshape(-1).to(torch.float64), inner, right=True)]
-    err = (pred.reshape(-1) - target.reshape(-1)).to(torch.float64)
-    groups = {"all": torch.ones_like(test_counts, dtype=torch.bool), "many": test_counts > many,
-              "medium": (test_counts <= many) & (test_counts >= few), "few": test_counts < few}
-    out = {}
-    for name, sel in groups.items():
-        k = int(sel.sum())
-        e = err[sel]
-        out[name] = {"mse": float(e.pow(2).mean()) if k else math.nan,
-                     "mae": float(e.abs().mean()) if k else math.nan, "count": k}
-    return out
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset) -> dict[str, dict[str, float]]:
+def evaluate(model: nn.Module, data: Dataset) -> dict[str, float]:
+    """The test metrics of ``model``: :func:`imbreg_fast.metrics.shot_metrics` as Python floats (keys such as
+    ``'few/mae'``)."""
     model.eval()
-    return shot_metrics(model(data.x_test), data.y_test, data.y_train, data.shot_edges)
+    metrics = shot_metrics(model(data.x_test), data.y_test, data.y_train, data.shot_edges)
+    return {key: value.item() for key, value in metrics.items()}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -237,8 +214,8 @@ def format_table(rows: list[Row]) -> str:
     for r in rows:
         sigma = "-" if math.isnan(r.sigma) else f"{r.sigma:.3f}"
         lines.append(f"{r.loss:<18} {r.backend:<8} {sigma:>6} | "
-                     + " ".join(f"{r.metrics[s]['mse']:>10.3f}" for s in SHOTS) + " | "
-                     + " ".join(f"{r.metrics[s]['mae']:>10.3f}" for s in SHOTS) + f" | {r.seconds:>6.2f}")
+                     + " ".join(f"{r.metrics[f'{s}/mse']:>10.3f}" for s in SHOTS) + " | "
+                     + " ".join(f"{r.metrics[f'{s}/mae']:>10.3f}" for s in SHOTS) + f" | {r.seconds:>6.2f}")
     return "\n".join(lines)
 
 
@@ -259,7 +236,7 @@ def run(*, backend: str = "auto", steps: int = 1500, seed: int = 0, cfg: Synthet
     print_fn(f"imbreg_fast demo: train labels ~ {dist} on [{cfg.y_low:g}, {cfg.y_high:g}] (n={cfg.n_train}), "
              f"x = y + N(0, {cfg.noise_std:g}^2); test labels ~ Uniform (n={cfg.n_test}), x = y")
     print_fn(f"shot groups (train count per {cfg.shot_bin_width:g}-wide label bin: many > 100, few < 20): "
-             + ", ".join(f"{s} {counts[s]['count']}" for s in SHOTS[1:]) + " test samples")
+             + ", ".join(f"{s} {int(counts[f'{s}/count'])}" for s in SHOTS[1:]) + " test samples")
     print_fn(f"model: MLP 1-64-64-1, Adam, {steps} steps of batch 256, seed {seed}; sigma learned from "
              f"{init_noise_std:g} (true noise {cfg.noise_std:g}); torch threads {torch.get_num_threads()}")
     rows = []

@@ -1,0 +1,10 @@
+// Benchmark-only operator schemas, in their own namespace imbreg_fast_bench (not part of the library's API;
+// no fake kernel or autograd). Kernels: csrc/cpu/bench_probes_kernel.cpp (one build per CPU capability).
+#include <torch/library.h>
+
+TORCH_LIBRARY(imbreg_fast_bench, m) {
+  // Vectorised-exp throughput probe (bench/bench_exp.py): sum(exp(x)) computed `repeats` times with
+  // variant 0 = Sleef exp (1 ulp), 1 = exp_u20 (the kernels' exp). x: contiguous float32 CPU tensor.
+  // Returns the sum of the last pass as a float32 scalar tensor.
+  m.def("exp_throughput(Tensor x, int variant, int repeats) -> Tensor");
+}

@@ -1,0 +1,153 @@
+"""The one registration helper of every fused op, C++ and Triton alike.
+
+A fused op is defined once per backend: its schema in ``csrc/<family>.cpp`` (C++, loaded by
+:mod:`imbreg_fast._extension`) or a ``torch.library.custom_op`` around a Triton launcher (in the family's
+glue module, ``imbreg_fast/ops/<family>.py``). :func:`register_fused_op` then gives it, in one call:
+
+- its fake kernel (``torch.compile``, ``opcheck``),
+- its autograd (``torch.library.register_autograd``), with the inputs handed to the family's
+  ``setup_context`` / ``backward`` **by name** (the op's schema names them), and
+- a callable :class:`FusedOp` that also works under ``torch.func`` transforms (``grad``, ``vmap``,
+  ``jacrev``): these need an ``autograd.Function`` in the ``setup_context`` form, which
+  ``register_autograd`` does not generate; the same ``setup_context`` / ``backward`` serve both.
+
+Loss kernels compute the input gradient in the forward pass and their backward only scales it, so they
+cannot be differentiated twice. When a graph of their backward is being built (``create_graph=True``,
+``torch.func`` transforms), the gradients they return therefore pass through a node whose own backward
+raises a ``RuntimeError`` naming the fix (``backend='torch'``): differentiating them fails loudly, never
+with a silently wrong (dropped) second-order term. Ops that are linear in their differentiable input (FDS recolouring, whose backward is the same
+op again) pass ``twice_differentiable=True``.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["FusedOp", "register_fused_op"]
+
+
+def _op_packet(qualname: str):
+    namespace, name = qualname.split("::")
+    return getattr(getattr(torch.ops, namespace), name)
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the gradients a fused backward returns; differentiating them raises ``message``.
+
+    ``anchor`` is an input of the fused op that requires grad (at every ``torch.func`` level too), so the
+    returned gradients are attached to this node whenever a graph of the backward is being built."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(anchor, message, *grads):
+        return tuple(g.clone() for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.message = inputs[1]
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        raise RuntimeError(ctx.message)
+
+
+def _first_order_only(grads: tuple, anchor: torch.Tensor, qualname: str) -> tuple:
+    message = (f"imbreg_fast: {qualname} cannot be differentiated twice: the fused kernels compute the "
+               "gradient in the forward pass, and a gradient of that gradient (create_graph=True, a gradient "
+               "penalty, torch.func.grad of a gradient, a Hessian) would be silently wrong. Use "
+               "backend='torch' for higher-order derivatives.")
+    present = [i for i, g in enumerate(grads) if g is not None]
+    if not present:
+        return grads
+    marked = _FirstOrderOnly.apply(anchor, message, *(grads[i] for i in present))
+    out = list(grads)
+    for i, g in zip(present, marked):
+        out[i] = g
+    return tuple(out)
+
+
+class FusedOp:
+    """A registered fused op; call it like ``torch.ops.imbreg_fast.<name>``.
+
+    Eager and ``torch.compile`` calls go to the op itself (its registered autograd); under a ``torch.func``
+    transform the call goes through an ``autograd.Function`` in the ``setup_context`` form with the same
+    backward (``vmap`` runs the op once per batch element unless the op has a batching rule).
+    """
+
+    def __init__(self, qualname: str, op, function: Optional[type]):
+        self.qualname = qualname
+        self.op = op
+        self._function = function
+
+    def __call__(self, *args):
+        if self._function is not None and torch._C._functorch.maybe_current_level() is not None:
+            return self._function.apply(*args)
+        return self.op(*args)
+
+    def __repr__(self) -> str:
+        return f"FusedOp({self.qualname})"
+
+
+def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[Callable] = None,
+                      backward: Optional[Callable] = None, twice_differentiable: bool = False) -> FusedOp:
+    """Register the fake kernel and autograd of the fused op ``qualname`` (e.g. ``"imbreg_fast::bmc_fwd"``).
+
+    Args:
+        fake: ``fake(args) -> outputs`` — ``args`` is a namespace of the op's inputs by schema name
+            (``args.pred``, ``args.reduction``, ...); returns outputs with the right metadata.
+        setup_context: ``setup_context(ctx, args, output) -> tensors`` — returns the tensors the backward
+            needs (the helper saves them with ``ctx.save_for_backward``); other state goes on ``ctx``.
+        backward: ``backward(ctx, saved, *grad_outputs) -> {input_name: grad}`` — ``saved`` the tensors
+            ``setup_context`` returned; inputs not named get None; ``ctx.needs_grad[input_name]`` says which
+            gradients are wanted.
+            Without ``backward`` the op is registered as not differentiable (fake kernel only).
+        twice_differentiable: the backward is itself differentiable (it calls differentiable ops on
+            the incoming gradient only); otherwise differentiating the returned gradients raises.
+    """
+    packet = _op_packet(qualname)
+    names = [a.name for a in packet.default._schema.arguments]
+
+    def named(args) -> SimpleNamespace:
+        return SimpleNamespace(**dict(zip(names, args)))
+
+    torch.library.register_fake(qualname)(lambda *args: fake(named(args)))
+    if backward is None:
+        return FusedOp(qualname, packet, None)
+
+    def _setup_context(ctx, inputs, output):
+        saved = tuple(setup_context(ctx, named(inputs), output))
+        ctx.num_saved = len(saved)
+        # an input that requires grad: the anchor of _FirstOrderOnly (saved, so torch.func levels see it)
+        anchors = () if twice_differentiable else tuple(
+            t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)[:1]
+        ctx.save_for_backward(*saved, *anchors)
+
+    def _backward(ctx, *grad_outputs):
+        ctx.needs_grad = dict(zip(names, ctx.needs_input_grad))
+        saved = ctx.saved_tensors
+        by_name = backward(ctx, saved[:ctx.num_saved], *grad_outputs)
+        unknown = set(by_name) - set(names)
+        if unknown:
+            raise KeyError(f"{qualname}: backward returned gradients for unknown inputs {sorted(unknown)}")
+        grads = tuple(by_name.get(name) for name in names)
+        if torch.is_grad_enabled() and len(saved) > ctx.num_saved:
+            grads = _first_order_only(grads, saved[ctx.num_saved], qualname)
+        return grads
+
+    torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
+
+    class _FunctorchForm(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return packet(*args)
+
+        setup_context = staticmethod(_setup_context)
+        backward = staticmethod(_backward)
+
+    _FunctorchForm.__name__ = _FunctorchForm.__qualname__ = f"{qualname.split('::')[1]}_functorch"
+    return FusedOp(qualname, packet, _FunctorchForm)
