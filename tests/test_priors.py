@@ -587,12 +587,13 @@ def test_demo_runs_and_is_deterministic():
     lines = []
     rows = demo.run(backend="torch", steps=6, seed=1, cfg=cfg, print_fn=lines.append)
     again = demo.run(backend="torch", steps=6, seed=1, cfg=cfg, print_fn=lambda s: None)
-    assert [r.loss.split()[0] for r in rows] == ["MSE", "BMC", "GAI", "BNI"]
-    assert [r.backend for r in rows] == ["torch"] * 4
+    assert [r.loss.split()[0] for r in rows] == ["MSE", "BMC", "GAI", "BNI", "reg-cls", "SQINV"]
+    assert [r.backend for r in rows] == ["torch"] * 6
     assert all(math.isfinite(r.metrics["all/mse"]) for r in rows)
-    assert math.isnan(rows[0].sigma) and all(0 < r.sigma < 10 for r in rows[1:])
+    assert math.isnan(rows[0].sigma) and all(0 < r.sigma < 10 for r in rows[1:4])
+    assert all(math.isnan(r.sigma) for r in rows[4:])   # reg+cls and BSAM train no noise scale
     assert [r.metrics for r in rows] == [r.metrics for r in again]
-    assert [r.sigma for r in rows[1:]] == [r.sigma for r in again[1:]]
+    assert [r.sigma for r in rows[1:4]] == [r.sigma for r in again[1:4]]
     assert any("MAE few" in line for line in lines)
 
 
