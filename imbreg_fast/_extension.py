@@ -67,30 +67,37 @@ def _wanted_capability() -> str:
     return cap if cap in supported else "default"
 
 
-def _stale_reason(module) -> str | None:
-    """Why a loaded library may not be used (built for another torch or from other sources), or None."""
+def _current_source_id() -> str | None:
+    """The id of this checkout's csrc/ (None in an installed package, which has no sources to drift from)."""
+    return _build_id.source_id(_CSRC) if os.path.isdir(_CSRC) else None
+
+
+def _stale_reason(module, current: str | None) -> str | None:
+    """Why a loaded library may not be used (built for another torch, or from other sources than
+    ``current``), or None."""
     built_torch = getattr(module, "TORCH_VERSION", None)
     built_source = getattr(module, "SOURCE_ID", None)
     if built_torch is None or built_source is None:
         return f"{module.__name__} has no build id (built by an older setup.py)"
     if built_torch != torch.__version__:
         return f"{module.__name__} was built for torch {built_torch}, but torch {torch.__version__} is running"
-    if os.path.isdir(_CSRC):
-        current = _build_id.source_id(_CSRC)
+    if current is not None:
         if built_source != current:
             return (f"{module.__name__} was built from other sources (build id {built_source}) than this "
                     f"checkout's csrc/ (id {current})")
     return None
 
 
-def _try_load() -> tuple[bool, str | None, str | None]:
+def _try_load() -> tuple[str | None, str | None, bool]:
+    """(capability loaded or None, why not, whether the reason deserves a warning: a stale build)."""
     try:
         schemas = importlib.import_module("imbreg_fast._C")
     except ImportError as exc:
-        return False, f"the C++ extension imbreg_fast._C is not built ({exc}). {BUILD_HINT}", None
-    stale = _stale_reason(schemas)
+        return None, f"the C++ extension imbreg_fast._C is not built ({exc}). {BUILD_HINT}", False
+    current = _current_source_id()
+    stale = _stale_reason(schemas, current)
     if stale is not None:
-        return False, f"the compiled extension is stale: {stale}; {REBUILD_HINT}", None
+        return None, f"the compiled extension is stale: {stale}; {REBUILD_HINT}", True
     wanted = _wanted_capability()
     # A lower capability stands in when the wanted library was not built (e.g. an old compiler).
     errors = []
@@ -100,23 +107,23 @@ def _try_load() -> tuple[bool, str | None, str | None]:
         except ImportError as exc:
             errors.append(f"_C_{cap}: {exc}")
             continue
-        stale = _stale_reason(kernels)
+        stale = _stale_reason(kernels, current)
         if stale is None and kernels.SOURCE_ID != schemas.SOURCE_ID:
             stale = f"{kernels.__name__} and imbreg_fast._C come from different builds"
         if stale is not None:
-            return False, f"the compiled extension is stale: {stale}; {REBUILD_HINT}", None
-        return True, None, cap
-    return False, f"no CPU kernel library of imbreg_fast could be loaded ({'; '.join(errors)}). {BUILD_HINT}", None
+            return None, f"the compiled extension is stale: {stale}; {REBUILD_HINT}", True
+        return cap, None, False
+    return None, f"no CPU kernel library of imbreg_fast could be loaded ({'; '.join(errors)}). {BUILD_HINT}", False
 
 
 def load() -> bool:
     """Load the extension (once; later calls return the first result): True when the C++ backend can run."""
     if not _state:
-        ok, error, capability = _try_load()
-        if error is not None and "stale" in error:
+        capability, error, warn = _try_load()
+        if warn:
             warnings.warn(f"imbreg_fast: {error}. The C++ backend is disabled until then.", RuntimeWarning,
                           stacklevel=2)
-        _state.update(ok=ok, error=error, capability=capability)
+        _state.update(ok=capability is not None, error=error, capability=capability)
     return _state["ok"]
 
 

@@ -16,9 +16,3 @@ WEIGHTED_MEAN: int = max(NONE, MEAN, SUM) + 1
 LOSS_REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
 WEIGHTED_LOSS_REDUCTIONS = {**LOSS_REDUCTIONS, "weighted_mean": WEIGHTED_MEAN}
 
-
-def reduction_code(reduction, choices: dict = LOSS_REDUCTIONS) -> int:
-    """The code of ``reduction`` (a string among ``choices``), or ``ValueError`` naming the argument."""
-    if not isinstance(reduction, str) or reduction not in choices:
-        raise ValueError(f"reduction must be one of {sorted(choices)}, got {reduction!r}")
-    return choices[reduction]

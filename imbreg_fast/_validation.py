@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import torch
 
-from ._reduction import LOSS_REDUCTIONS, reduction_code
+from ._reduction import LOSS_REDUCTIONS
 
 __all__ = ["Rows", "any_true", "as_rows", "check_all_finite", "check_choice", "check_float_tensor", "check_int",
            "check_labels", "check_mask", "check_noise_var_value", "check_nonnegative", "check_pair",
@@ -93,8 +93,10 @@ def check_choice(name: str, value, choices):
 
 
 def check_reduction(reduction, choices: dict = LOSS_REDUCTIONS) -> int:
-    """The reduction's code (``imbreg_fast._reduction``)."""
-    return reduction_code(reduction, choices)
+    """The code of ``reduction`` (a string among ``choices``; codes in ``imbreg_fast._reduction``)."""
+    if not isinstance(reduction, str) or reduction not in choices:
+        raise ValueError(f"reduction must be one of {sorted(choices)}, got {reduction!r}")
+    return choices[reduction]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -272,13 +272,15 @@ def test_unknown_forced_capability_warns_and_is_ignored():
 
 def test_stale_builds_are_refused():
     current = imbreg_fast._build_id.source_id(_extension._CSRC)
+    assert _extension._current_source_id() == current
     fresh = types.SimpleNamespace(__name__="imbreg_fast._C", TORCH_VERSION=torch.__version__, SOURCE_ID=current)
-    assert _extension._stale_reason(fresh) is None
+    assert _extension._stale_reason(fresh, current) is None
     other_torch = types.SimpleNamespace(__name__="m", TORCH_VERSION="2.4.0", SOURCE_ID=current)
-    assert "built for torch 2.4.0" in _extension._stale_reason(other_torch)
+    assert "built for torch 2.4.0" in _extension._stale_reason(other_torch, current)
     other_source = types.SimpleNamespace(__name__="m", TORCH_VERSION=torch.__version__, SOURCE_ID="0" * 16)
-    assert "other sources" in _extension._stale_reason(other_source)
-    assert "no build id" in _extension._stale_reason(types.SimpleNamespace(__name__="m"))
+    assert "other sources" in _extension._stale_reason(other_source, current)
+    assert _extension._stale_reason(other_source, None) is None   # installed package: no csrc/ to drift from
+    assert "no build id" in _extension._stale_reason(types.SimpleNamespace(__name__="m"), current)
 
 
 @pytest.mark.requires_cpp
