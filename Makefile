@@ -41,8 +41,9 @@ test-triton:
 	TRITON_INTERPRET=1 $(VPY) -m pytest tests -m "requires_triton and not slow" -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no Triton tests collected"; rc=0; fi; exit $$rc
 
+# The quick tour: `benchmark synthetic --quick`, then `train depth --quick` (artefacts in imbreg_fast_out/).
 demo: build
-	$(VPY) -m imbreg_fast
+	$(VPY) -m imbreg_fast demo
 
 bench: build
 	$(VPY) -m pytest bench --benchmark-only -q

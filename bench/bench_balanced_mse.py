@@ -1,7 +1,7 @@
 """Balanced MSE (BMC, GAI, BNI): forward + backward (w.r.t. pred and sigma), time and peak extra memory.
 
 Side by side in one run, per case: our backends (``torch``, ``cpp``; ``triton`` on CUDA only) against the
-published formulation (tests/published_reference.py) in eager mode and under ``torch.compile``
+published formulation (imbreg_fast/experiments/published.py) in eager mode and under ``torch.compile``
 (``dynamic=False, fullgraph=True``; compilation is excluded from the timing and reported as
 ``compile_s``). One benchmarked call = ``loss = f(pred, target, sigma ** 2, ...); loss.backward()``.
 
@@ -20,35 +20,20 @@ Run (see BENCHMARKS.md)::
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import pytest
 import torch
 
 import imbreg_fast
+import imbreg_fast.experiments.published as pub
 import imbreg_fast.functional as F
 from harness import median_seconds, memory_gate, preset, run_benchmark
 from imbreg_fast import _dispatch, _extension
 
 GB = 2 ** 30
 
-
-def _load_published():
-    """tests/published_reference.py (the baselines are the tests' reference)."""
-    if "published_reference" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "tests" / "published_reference.py"
-        spec = importlib.util.spec_from_file_location("published_reference", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["published_reference"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["published_reference"]
-
-
-pub = _load_published()
 
 CHECK_FINITE = os.environ.get("IMBREG_BENCH_CHECK_FINITE", "1") != "0"
 # A materialising provider is probed for memory (memory_gate) when 12 fp32 copies of its [N, M] logits

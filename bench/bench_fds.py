@@ -1,5 +1,5 @@
 """FDS kernels: recolouring (forward, forward + backward) and per-bin statistics accumulation; time and
-peak extra memory, our backends side by side with the reference-style formulations of tests/fds_reference.py.
+peak extra memory, our backends side by side with the reference-style formulations of imbreg_fast/experiments/published.py.
 
 Problem (``IMBREG_BENCH_SIZES=full``, the default): dense features ``[8, C, 60, 80]`` (N = 38400 pixels),
 C = 32, 64, 128, 100 depth bins of 0.1 m with a skewed (depth-like) occupancy, fp32. Providers:
@@ -26,34 +26,18 @@ Run on a quiet machine (the full preset takes about 10 minutes: the slow formula
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
 
 import imbreg_fast
+import imbreg_fast.experiments.published as ref
 from harness import median_seconds, memory_gate, preset, run_benchmark
 from imbreg_fast import _dispatch, _extension
 from imbreg_fast.lds import bin_index
 from imbreg_fast.ops import fds as fds_ops
-
-
-def _load_reference():
-    """tests/fds_reference.py (the baselines are the tests' references)."""
-    if "fds_reference" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "tests" / "fds_reference.py"
-        spec = importlib.util.spec_from_file_location("fds_reference", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["fds_reference"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["fds_reference"]
-
-
-ref = _load_reference()
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Weighted regression losses (docs/methods.md §2: MSE, Huber, Focal-R) with per-pixel LDS weights and a
 validity mask, at dense-depth size: time and peak extra memory, forward and forward + backward.
 
-Providers, side by side in one run: the published formulation (tests/naive_weighted_losses.py,
+Providers, side by side in one run: the published formulation (imbreg_fast/experiments/published.py,
 ``published_*``: YyzHarry/imbalanced-regression loss.py, masked by indexing as its depth training code
 does) eager and under ``torch.compile(dynamic=False, fullgraph=True)`` (compilation excluded from the
 timing, reported as ``compile_s``), and our backends ``torch``, ``cpp`` (CPU) and ``triton`` (CUDA only;
@@ -14,31 +14,16 @@ Protocol (warm-up, memory, rounds): bench/harness.py. Run::
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import imbreg_fast
+import imbreg_fast.experiments.published as pub
 import imbreg_fast.functional as F
 from harness import preset, run_benchmark
 
-
-def _load_reference():
-    """tests/naive_weighted_losses.py (the baselines are the tests' reference)."""
-    if "naive_weighted_losses" not in sys.modules:
-        path = Path(__file__).resolve().parents[1] / "tests" / "naive_weighted_losses.py"
-        spec = importlib.util.spec_from_file_location("naive_weighted_losses", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["naive_weighted_losses"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["naive_weighted_losses"]
-
-
-pub = _load_reference()
 
 CHECK_FINITE = os.environ.get("IMBREG_BENCH_CHECK_FINITE", "1") != "0"
 SHAPES = {"smoke": (2, 1, 24, 32), "quick": (8, 1, 120, 160), "full": (8, 1, 240, 320)}

@@ -252,7 +252,8 @@ def render(data: dict | None, cases: list[str]) -> tuple[str, list[str], bool]:
             "", "```bash", COMMAND, "```", "",
             "One call = forward + backward w.r.t. pred and σ (`loss = f(pred, target, sigma ** 2, ...); loss.backward()`), "
             "fp32, σ = 1, our functional API with its defaults (value checks on). "
-            "*published* = the published formulation (`tests/published_reference.py`, jiawei-ren/BalancedMSE) in eager mode "
+            "*published* = the published formulation (`imbreg_fast/experiments/published.py`, "
+            "jiawei-ren/BalancedMSE) in eager mode "
             "and under `torch.compile(dynamic=False, fullgraph=True)` (compilation excluded from the timing, shown in the "
             "last column). Median of the timed rounds; *peak extra* = peak memory of one call above what was live before "
             "it, two ways (`bench/peak_memory.py`): *tensors* = PyTorch's CPU allocator timeline (exact, calling thread only), "

@@ -9,7 +9,10 @@
 //     1 = 'mean' (over kept rows; 0 when no row is kept), 2 = 'sum';
 //   returns (loss, grad_pred, grad_noise_var): loss [] (mean/sum) or [N] ('none', 0 on masked rows),
 //   grad_pred [N, d] = d loss / d pred, grad_noise_var [] (mean/sum) or [N] ('none') = d loss / d sigma^2;
-//   with compute_grad=false the two gradients are empty tensors of shape [0].
+//   with compute_grad=false the two gradients are empty tensors of shape [0];
+//   check_finite: detect a NaN / inf in pred, target (kept rows) and BMC's candidates in the kernel's own
+//     pass and raise ValueError naming the argument (no separate pass over the inputs; the value checks of
+//     imbreg_fast.functional on the fused backends).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(imbreg_fast, m) {
@@ -17,7 +20,7 @@ TORCH_LIBRARY_FRAGMENT(imbreg_fast, m) {
   // candidates [M, d]: row i's candidate set is {target_i} U {candidates_j}.
   m.def(
       "bmc_fwd(Tensor pred, Tensor target, Tensor? candidates, Tensor? mask, Tensor noise_var, "
-      "int reduction, bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "int reduction, bool compute_grad, bool check_finite=False) -> (Tensor, Tensor, Tensor)");
   // GAI and BNI through one mixture kernel; the component tables are precomputed at the current
   // noise_var by imbreg_fast.ops.balanced_mse (see there for their definition):
   //   log_weight [K] (log of the normalised weights), log_norm [K] (log sum of the weights
@@ -26,5 +29,5 @@ TORCH_LIBRARY_FRAGMENT(imbreg_fast, m) {
   m.def(
       "mixture_nll_fwd(Tensor pred, Tensor target, Tensor? mask, Tensor noise_var, Tensor log_weight, "
       "Tensor log_norm, Tensor means, Tensor precision, Tensor grad_var_bias, int reduction, "
-      "bool compute_grad) -> (Tensor, Tensor, Tensor)");
+      "bool compute_grad, bool check_finite=False) -> (Tensor, Tensor, Tensor)");
 }

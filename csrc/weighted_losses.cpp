@@ -13,11 +13,14 @@
 //              0 'none' (w l per element, 0 on dropped ones), 1 'mean' (sum w l / kept count), 2 'sum',
 //              3 = at::Reduction::END 'weighted_mean' (sum w l / sum w over kept; 0 when that sum is 0);
 //   returns (loss, grad_pred): loss [] or pred's shape ('none'); grad_pred = d loss / d pred (pred's
-//   shape, computed in the same pass; d loss / d target = -grad_pred), or [0] when compute_grad is false.
+//   shape, computed in the same pass; d loss / d target = -grad_pred), or [0] when compute_grad is false;
+//   check_finite: detect a NaN / inf in pred, target, weight or a weight < 0 at kept elements in the same pass
+//   and raise ValueError naming the argument (the value checks of imbreg_fast.functional, fused backends).
 #include <torch/library.h>
 
 TORCH_LIBRARY_FRAGMENT(imbreg_fast, m) {
   m.def(
       "weighted_regression_fwd(Tensor pred, Tensor target, Tensor? weight, Tensor? mask, int loss, "
-      "float beta, float gamma, int activation, int reduction, bool compute_grad) -> (Tensor, Tensor)");
+      "float beta, float gamma, int activation, int reduction, bool compute_grad, bool check_finite=False) "
+      "-> (Tensor, Tensor)");
 }

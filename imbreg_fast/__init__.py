@@ -9,6 +9,9 @@
 - :mod:`imbreg_fast.metrics`: the DIR evaluation protocol (``DIRMetrics``, a torchmetrics metric; ``shot_metrics``)
 - :mod:`imbreg_fast.reg_cls`: classification-aided regression with balanced classes (``ClassBins``,
   ``balanced_class_mask``, ``RegClsLoss``)
+- :mod:`imbreg_fast.distributed`: global statistics over torch.distributed (``sync=True`` on the losses,
+  FDS, priors, weights and metrics; docs/methods.md §7)
+- :mod:`imbreg_fast.rrt`: regressor re-training (``freeze_for_retraining``)
 - :mod:`imbreg_fast.optim`: ``BSAM`` (SAM/ASAM around any torch optimiser) and ``bsam_step`` (one BSAM step
   with ascent/descent label weights)
 - backends: ``available_backends()``, ``selected_backend(tensor, op)``, ``backend_info()``,
@@ -16,7 +19,7 @@
 
 The maths, gradients and the published code's quirks: docs/methods.md.
 """
-from . import functional, lds, metrics, nn, optim, reg_cls
+from . import distributed, functional, lds, metrics, nn, optim, reg_cls, rrt
 from ._dispatch import BACKENDS, available_backends, backend_info, selected_backend
 from ._extension import cpu_capability
 from .fds import FDS
@@ -27,5 +30,5 @@ from .reg_cls import ClassBins, RegClsLoss
 __version__ = "0.1.0"
 
 __all__ = ["BACKENDS", "BSAM", "ClassBins", "FDS", "GMM", "RegClsLoss", "available_backends", "backend_info",
-           "bin_prior", "bsam_step", "cpu_capability", "fit_gmm", "functional", "lds", "metrics", "nn", "optim",
-           "reg_cls", "selected_backend"]
+           "bin_prior", "bsam_step", "cpu_capability", "distributed", "fit_gmm", "functional", "lds", "metrics",
+           "nn", "optim", "reg_cls", "rrt", "selected_backend"]

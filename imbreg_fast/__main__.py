@@ -1,5 +1,5 @@
-"""``python -m imbreg_fast``: the main job (see :mod:`imbreg_fast.experiments`; ``--help`` for options)."""
-from .experiments.demo import main
+"""``python -m imbreg_fast``: the main job (:mod:`imbreg_fast.experiments.cli`; ``--help`` for the commands)."""
+from .experiments.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

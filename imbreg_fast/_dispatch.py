@@ -22,7 +22,8 @@ import torch
 
 from . import _extension
 
-__all__ = ["BACKENDS", "available_backends", "backend_info", "register", "resolve", "selected_backend"]
+__all__ = ["BACKENDS", "available_backends", "backend_info", "register", "resolve", "selected_backend",
+           "unavailable_reason"]
 
 BACKENDS = ("torch", "cpp", "triton")
 _IMPLS: dict[str, dict[str, Callable]] = {}
@@ -89,6 +90,14 @@ def _reason(backend: str, device: torch.device | None) -> str | None:
     if backend == "cpp":
         return _cpp_reason(device)
     return _triton_reason(device)
+
+
+def unavailable_reason(backend: str, device: torch.device | None = None) -> str | None:
+    """None if ``backend`` can run on tensors of ``device`` (None: on some device of this machine), else why
+    not."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return _reason(backend, device)
 
 
 def backend_info() -> dict[str, dict]:

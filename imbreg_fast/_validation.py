@@ -19,7 +19,7 @@ __all__ = ["Rows", "any_true", "as_rows", "check_all_finite", "check_choice", "c
            "check_labels", "check_mask", "check_noise_var_value", "check_nonnegative", "check_pair",
            "check_positive", "check_prior_weights", "check_real", "check_real_tensor", "check_reduction",
            "check_same_device", "check_target_constant", "compute_dtype", "is_tracing", "noise_var_tensor",
-           "value_checks"]
+           "refuse_batched", "value_checks"]
 
 
 def is_tracing() -> bool:
@@ -39,8 +39,21 @@ def any_true(flags: torch.Tensor) -> bool:
     except RuntimeError as exc:
         if "vmap" not in str(exc) and "data-dependent" not in str(exc):
             raise
-        raise ValueError("check_finite=True reads tensor values, which torch.vmap does not allow: pass "
-                         "check_finite=False under vmap (and validate the inputs outside it)") from None
+        raise _vmap_error() from None
+
+
+def _vmap_error() -> ValueError:
+    return ValueError("check_finite=True reads tensor values, which torch.vmap does not allow: pass "
+                      "check_finite=False under vmap (and validate the inputs outside it)")
+
+
+def refuse_batched(*tensors) -> None:
+    """The error :func:`any_true` gives under ``torch.vmap``, for value checks that run inside a fused kernel
+    (which would otherwise run once per batch element through vmap's fallback): the same behaviour as the
+    explicit checks."""
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and torch._C._functorch.is_batchedtensor(t):
+            raise _vmap_error()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -175,7 +188,7 @@ def check_all_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = Non
     """Raise if ``x`` (restricted to rows kept by ``mask`` [N] when given, x being [N, ...]) has NaN/inf."""
     bad = ~torch.isfinite(x)
     if mask is not None:
-        bad = bad.reshape(mask.shape[0], -1) & mask.reshape(-1, 1)
+        bad = bad.reshape(mask.shape[0], math.prod(bad.shape[1:])) & mask.reshape(-1, 1)   # N = 0 too
     if any_true(bad):
         raise ValueError(f"{name} contains NaN or inf" + (" at kept positions" if mask is not None else "")
                          + " (pass check_finite=False to skip this check)")
@@ -264,8 +277,14 @@ def noise_var_tensor(noise_var, ref: torch.Tensor) -> torch.Tensor:
 
 
 def check_noise_var_value(noise_var: torch.Tensor) -> None:
+    """sigma^2 finite and > 0. On CUDA without a host sync: an asynchronous device-side assert
+    (docs/methods.md §1.8); elsewhere a ValueError."""
     v = noise_var.detach()
-    if any_true(~(torch.isfinite(v) & (v > 0))):
+    ok = torch.isfinite(v) & (v > 0)
+    if v.is_cuda and not torch._C._functorch.is_batchedtensor(v):
+        torch._assert_async(ok, "imbreg_fast: noise_var must be finite and > 0")
+        return
+    if any_true(~ok):
         raise ValueError(f"noise_var must be finite and > 0, got {float(v)}")
 
 

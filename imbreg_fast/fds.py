@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from . import _validation as V
+from . import distributed as D
 from ._dispatch import resolve
 from .lds import bin_edges, kernel_window
 from .ops import fds as _ops
@@ -71,6 +72,10 @@ class FDS(nn.Module):
             :mod:`imbreg_fast._dispatch`).
         check_finite: reject NaN/inf labels (kept ones) and NaN/inf batch statistics in :meth:`accumulate`
             (one device sync per call); skipped under ``torch.compile``.
+        sync, process_group: with ``sync=True``, :meth:`update` merges this epoch's statistics of every
+            process of ``process_group`` (default: the default group) before folding them, so that every
+            process holds the statistics and transforms of the whole epoch's data (see below). A world of one
+            (``torch.distributed`` not initialised) is the single-process behaviour.
 
     Epochs: :meth:`update` marks the end of an epoch; it increments the ``epoch`` buffer. Statistics given to
     :meth:`accumulate` during epochs ``>= start_update`` are folded in by :meth:`update`; :meth:`forward`
@@ -92,6 +97,16 @@ class FDS(nn.Module):
     (``torch.linalg.eigh``): accurate on singular and ill-conditioned covariances (bins with fewer samples
     than C), where an fp32 Newton-Schulz iteration is not. Bins never seen keep the identity transform.
 
+    Several processes (``sync=True``, docs/methods.md §7.2): :meth:`accumulate` stays local (no communication
+    per step); :meth:`update`, which every process of the group must call, merges the per-bin accumulators
+    exactly (Chan's formula, float64: an all-reduce of the counts and count-weighted means, then of the
+    scatters corrected to the global means), so the merged statistics equal those of one process that saw the
+    concatenated data, to float64 rounding, and are bit-identical on every process. With
+    ``covariance='full'`` the eigendecompositions are split between the processes and their results
+    all-gathered: every process gets the same transforms. Under DistributedDataParallel use
+    ``broadcast_buffers=False`` (or keep the FDS module outside the wrapped module): DDP's default buffer
+    broadcast would overwrite each process's accumulators with those of rank 0.
+
     All state is in buffers (float64, except the ``int64`` epoch), so ``state_dict`` round-trips exactly and
     resumed training is bit-identical; dtype casts of the module (``.half()``, ``.double()``) leave them in
     float64 (devices move as usual). Shapes: ``features`` ``[N, C]`` with ``labels`` ``[N]`` or ``[N, 1]``,
@@ -102,8 +117,11 @@ class FDS(nn.Module):
     def __init__(self, feature_dim: int, bins=100, range=None, *, covariance: str = "full",
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, momentum: float | None = 0.9,
                  eps: float = 1e-5, clip=(0.1, 10.0), start_update: int = 0, start_smooth: int = 1,
-                 backend: str = "auto", check_finite: bool = True):
+                 backend: str = "auto", check_finite: bool = True, sync: bool = False, process_group=None):
         super().__init__()
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        self.sync, self.process_group = sync, process_group
         self.feature_dim = V.check_int("feature_dim", feature_dim, 1)
         self.covariance = V.check_choice("covariance", covariance, COVARIANCES)
         if momentum is not None:
@@ -174,7 +192,7 @@ class FDS(nn.Module):
         return (f"feature_dim={self.feature_dim}, num_bins={self.num_bins}, covariance={self.covariance!r}, "
                 f"kernel={self.kernel!r}, ks={self.ks}, sigma={self.sigma}, momentum={self.momentum}, "
                 f"eps={self.eps}, start_update={self.start_update}, start_smooth={self.start_smooth}, "
-                f"backend={self.backend!r}")
+                f"backend={self.backend!r}" + (", sync=True" if self.sync else ""))
 
     def _sync_epoch(self) -> None:
         # Python mirror of the epoch buffer: forward reads a bool (no device sync, one torch.compile guard)
@@ -289,14 +307,42 @@ class FDS(nn.Module):
     def update(self) -> None:
         """End of an epoch: fold this epoch's statistics into the running ones (from epoch ``start_update``
         on), smooth them over the seen bins, recompute every bin's transform, clear the accumulators and
-        increment ``epoch``."""
-        if int(self.epoch) >= self.start_update and self._fold():
-            self._recompute_transforms()
+        increment ``epoch``. With ``sync=True`` a collective: every process of the group calls it, and the
+        statistics folded are those of every process's data (docs/methods.md §7.2)."""
+        group = D.sync_group(self.sync, self.process_group)
+        folding = int(self.epoch) >= self.start_update
+        if group is not None:
+            with D.agreement(group, "FDS.update", self.edges.device) as agreed:
+                agreed.signature = {"feature_dim": self.feature_dim, "bin edges": D.fingerprint(self.edges),
+                                    "covariance": D.fingerprint(self.covariance), "epoch": int(self.epoch),
+                                    "start_update": self.start_update}
+            if folding:
+                self._merge_processes(group)
+        if folding and self._fold():
+            self._recompute_transforms(group)
         self.accum_count.zero_()
         self.accum_mean.zero_()
         self.accum_m2.zero_()
         self.epoch.add_(1)
         self._sync_epoch()
+
+    def _merge_processes(self, group) -> None:
+        """Replace this process's accumulators by those of the concatenated data of every process (Chan):
+            n = sum_r n_r,   mean = sum_r n_r mean_r / n,   M2 = sum_r (M2_r + n_r d_r d_r^T),  d_r = mean_r - mean.
+        Two float64 all-reduces; every process gets the same bits (docs/methods.md §7.2)."""
+        n_r, mean_r = self.accum_count, self.accum_mean
+        sums = D.all_reduce(torch.cat([n_r.unsqueeze(1), n_r.unsqueeze(1) * mean_r], 1), "sum", group)
+        n = sums[:, 0]
+        mean = sums[:, 1:] / n.clamp(min=1.0).unsqueeze(1)
+        delta = mean_r - mean                                          # 0 rows of an empty bin: n_r = 0
+        m2 = self.accum_m2.clone()
+        if self.full:
+            m2.baddbmm_((delta * n_r.unsqueeze(1)).unsqueeze(2), delta.unsqueeze(1))
+        else:
+            m2.addcmul_(delta * n_r.unsqueeze(1), delta)
+        self.accum_m2.copy_(D.all_reduce(m2, "sum", group))
+        self.accum_mean.copy_(mean)
+        self.accum_count.copy_(n)
 
     def _fold(self) -> bool:
         n = self.accum_count
@@ -331,24 +377,42 @@ class FDS(nn.Module):
         out = torch.where(all_seen, num, num / den.clamp(min=torch.finfo(flat.dtype).tiny))
         return torch.where(den > 0, out, flat).reshape(stats.shape)
 
-    def _recompute_transforms(self) -> None:
+    def _full_transforms(self, bins, mean, cov, smoothed_mean, smoothed_cov):
+        """``covariance='full'``: (A_b [k, C, C], shift_b [k, C]) of the bins ``bins`` [k]."""
+        eye = torch.eye(self.feature_dim, dtype=cov.dtype, device=cov.device)
+        # A = (S~ + eps I)^{1/2} (S + eps I)^{-1/2}, both roots from eigh: V f(lambda) V^T; eigenvalues
+        # of a regularised PSD matrix are >= eps (clamped there against rounding).
+        lam, vec = torch.linalg.eigh(cov[bins] + self.eps * eye)
+        inv_root = (vec * lam.clamp(min=self.eps).rsqrt().unsqueeze(-2)) @ vec.mT
+        lam, vec = torch.linalg.eigh(smoothed_cov[bins] + self.eps * eye)
+        root = (vec * lam.clamp(min=self.eps).sqrt().unsqueeze(-2)) @ vec.mT
+        a = root @ inv_root
+        return a, smoothed_mean[bins] - (a @ mean[bins].unsqueeze(2)).squeeze(2)
+
+    def _recompute_transforms(self, group=None) -> None:
         seen = self.num_samples_tracked > 0
         mean, cov = self.running_mean, self.running_cov
         smoothed_mean, smoothed_cov = self._smooth(mean, seen), self._smooth(cov, seen)
         self.smoothed_mean.copy_(smoothed_mean)
         self.smoothed_cov.copy_(smoothed_cov)
         if self.full:
-            eye = torch.eye(self.feature_dim, dtype=cov.dtype, device=cov.device)
+            c = self.feature_dim
             idx = seen.nonzero().squeeze(1)
-            a = eye.expand_as(cov).clone()
-            # A = (S~ + eps I)^{1/2} (S + eps I)^{-1/2}, both roots from eigh: V f(lambda) V^T; eigenvalues
-            # of a regularised PSD matrix are >= eps (clamped there against rounding).
-            lam, vec = torch.linalg.eigh(cov[idx] + self.eps * eye)
-            inv_root = (vec * lam.clamp(min=self.eps).rsqrt().unsqueeze(-2)) @ vec.mT
-            lam, vec = torch.linalg.eigh(smoothed_cov[idx] + self.eps * eye)
-            root = (vec * lam.clamp(min=self.eps).sqrt().unsqueeze(-2)) @ vec.mT
-            a[idx] = root @ inv_root
-            shift = smoothed_mean - (a @ mean.unsqueeze(2)).squeeze(2)
+            stats = (mean, cov, smoothed_mean, smoothed_cov)
+            if group is None:
+                a_seen, shift_seen = self._full_transforms(idx, *stats)
+            else:
+                # the seen bins in world_size contiguous chunks: each process decomposes its chunk and one
+                # all_gather assembles the transforms (the same bits on every process; docs/methods.md §7.2)
+                chunks = torch.tensor_split(idx, D.world_size(group))
+                a_own, shift_own = self._full_transforms(chunks[D.rank(group)], *stats)
+                packed = torch.cat([a_own.reshape(-1, c * c), shift_own], 1)
+                packed = torch.cat(D.all_gather(packed, group, sizes=[chunk.numel() for chunk in chunks]))
+                a_seen, shift_seen = packed[:, :c * c].reshape(-1, c, c), packed[:, c * c:]
+            a = torch.eye(c, dtype=cov.dtype, device=cov.device).expand_as(cov).clone()
+            shift = torch.zeros_like(mean)                                            # unseen: identity, 0
+            a[idx] = a_seen
+            shift[idx] = shift_seen
         else:
             # published calibrate_mean_var: channels with var == 0, and bins with sum(var) < 1e-10, unchanged
             valid = (cov != 0) & (cov.sum(1, keepdim=True) >= _TINY_VARIANCE_SUM)

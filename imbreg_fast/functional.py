@@ -33,8 +33,10 @@ Every op also takes:
 
 - ``backend``: ``'auto'`` | ``'torch'`` | ``'cpp'`` | ``'triton'`` (the one rule: :mod:`imbreg_fast._dispatch`).
 - ``check_finite``: validate values (no NaN/inf in the inputs at kept positions, sigma^2 > 0, weights >= 0,
-  GMM/bin parameters well formed). This reads tensor values (a device sync); pass ``False`` in a hot GPU
-  loop once inputs are known good, and under ``torch.vmap``. Skipped while ``torch.compile`` traces.
+  GMM/bin parameters well formed). On the fused backends the per-element checks run inside the kernels' own
+  pass (no extra pass over the inputs); on CUDA they raise asynchronously (a device-side assert, no host
+  sync; docs/methods.md §1.8). The torch backend checks explicitly (a device sync). Pass ``False`` under
+  ``torch.vmap``. Skipped while ``torch.compile`` traces.
 
 The fused backends (cpp, triton) compute the gradient in the forward pass, so they support first
 derivatives only: differentiating a gradient of these losses (``create_graph=True``, a gradient penalty,
@@ -47,6 +49,7 @@ import torch
 
 from . import _reduction
 from . import _validation as V
+from . import distributed as D
 from ._dispatch import resolve
 from .ops import weighted_losses as _wl   # importing imbreg_fast.ops registers every backend
 
@@ -54,17 +57,36 @@ __all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1
            "weighted_focal_mse_loss", "weighted_focal_l1_loss"]
 
 
-def _prepare(pred, target, noise_var, mask, reduction, check_finite):
+def _in_kernel(backend_name: str) -> bool:
+    """Whether the value checks of the per-element inputs run inside the backend's kernels (the fused
+    backends) rather than as explicit passes (the torch backend, the reference)."""
+    return backend_name != "torch"
+
+
+def _prepare(pred, target, noise_var, mask, reduction, check_finite, op, backend, kernel_checks=True):
+    """Validated rows, reduction code, sigma^2 tensor, whether value checks run, the implementation, and
+    whether the kernel checks pred/target itself (``check_finite`` argument of the fused impls; never with
+    ``kernel_checks=False``: then every check runs here, explicitly)."""
     rows = V.as_rows(pred, target, mask)
     V.check_target_constant(target=target)
     red = V.check_reduction(reduction)
     nv = V.noise_var_tensor(noise_var, rows.pred)
     check_values = V.value_checks(check_finite)
+    name, impl = resolve(op, rows.pred, backend)
+    in_kernel = check_values and kernel_checks and _in_kernel(name)
     if check_values:
         V.check_noise_var_value(nv)
+    if in_kernel:
+        V.refuse_batched(rows.pred, rows.target)
+    elif check_values and rows.pred.shape[0] > 0:          # an empty batch has no value to check
         V.check_all_finite("pred", rows.pred, rows.mask)
         V.check_all_finite("target", rows.target, rows.mask)
-    return rows, red, nv, check_values
+    return rows, red, nv, check_values, impl, in_kernel
+
+
+def _call(impl, in_kernel: bool, *args):
+    """Call a backend implementation; the fused ones get ``check_finite`` (their in-kernel value checks)."""
+    return impl(*args, check_finite=True) if in_kernel else impl(*args)
 
 
 def _finish(loss: torch.Tensor, rows: V.Rows, reduction: int) -> torch.Tensor:
@@ -72,7 +94,7 @@ def _finish(loss: torch.Tensor, rows: V.Rows, reduction: int) -> torch.Tensor:
 
 
 def bmc_loss(pred, target, noise_var, *, candidates=None, mask=None, reduction="mean", backend="auto",
-             check_finite=True):
+             check_finite=True, sync=False, process_group=None):
     """Balanced MSE, batch Monte Carlo (BMC).
 
     Row i's loss is ``2 sigma^2 * cross_entropy(l_i., positive)`` with logits
@@ -81,8 +103,29 @@ def bmc_loss(pred, target, noise_var, *, candidates=None, mask=None, reduction="
     (``[M, d]``, or ``[M]`` for d = 1: e.g. M pixels sampled from a dense batch, or targets gathered from
     all ranks). The fused backends stream over the candidates (online softmax): O(N + M) memory, and the
     backward pass is O(N). With one row the loss is 0.
+
+    ``sync=True`` (with ``process_group``, default the default group; see :mod:`imbreg_fast.distributed`):
+    the candidates come from every process — the kept targets of every process's batch (default), or every
+    process's ``candidates`` concatenated — while the rows stay local. Row i's loss and the gradient into
+    this process's ``pred`` are then those of the single-process loss on the concatenated batch (same rows,
+    same candidate set, docs/methods.md §7.1); ``'mean'`` and ``'sum'`` reduce over this process's rows. Under
+    DDP's gradient averaging, ``'mean'`` gives the gradient of the global mean when every process keeps as
+    many rows; otherwise use ``'sum'`` scaled by ``world_size / global kept count`` (§7.1). Two collectives
+    per call (the sizes, then the targets); every process of the group must call it, an empty batch
+    included. With the default candidates the fused op runs twice (this batch's targets, the other processes'
+    targets) with ``reduction='none'``, and the rows are merged and reduced here.
     """
-    rows, red, nv, check_values = _prepare(pred, target, noise_var, mask, reduction, check_finite)
+    group = D.sync_group(sync, process_group)
+    if group is not None:
+        return _bmc_loss_synced(group, pred, target, noise_var, candidates, mask, reduction, backend, check_finite)
+    rows, red, nv, candidates, impl, in_kernel = _prepare_bmc(pred, target, noise_var, candidates, mask, reduction,
+                                                              check_finite, backend)
+    return _finish(_call(impl, in_kernel, rows.pred, rows.target, candidates, rows.mask, nv, red), rows, red)
+
+
+def _prepare_bmc(pred, target, noise_var, candidates, mask, reduction, check_finite, backend, kernel_checks=True):
+    rows, red, nv, check_values, impl, in_kernel = _prepare(pred, target, noise_var, mask, reduction, check_finite,
+                                                            "bmc_loss", backend, kernel_checks)
     if candidates is not None:
         candidates = V.check_float_tensor("candidates", candidates)
         d = rows.pred.shape[1]
@@ -95,10 +138,69 @@ def bmc_loss(pred, target, noise_var, *, candidates=None, mask=None, reduction="
             raise TypeError(f"candidates must have pred's dtype {rows.pred.dtype}, got {candidates.dtype}")
         V.check_same_device(pred=rows.pred, candidates=candidates)
         V.check_target_constant(candidates=candidates)
-        if check_values:
+        if in_kernel:
+            V.refuse_batched(candidates)
+        elif check_values:
             V.check_all_finite("candidates", candidates)
-    _, impl = resolve("bmc_loss", rows.pred, backend)
-    return _finish(impl(rows.pred, rows.target, candidates, rows.mask, nv, red), rows, red)
+    return rows, red, nv, candidates, impl, in_kernel
+
+
+def _bmc_loss_synced(group, pred, target, noise_var, candidates, mask, reduction, backend, check_finite):
+    """bmc_loss with the candidates of every process of ``group`` (docs/methods.md §7.1)."""
+    # every check runs here, inside the agreement (a bad value on one process must raise on every process
+    # before the collectives), not in the kernels
+    with D.agreement(group, "bmc_loss", getattr(pred, "device", None)) as agreed:
+        rows, red, nv, candidates, impl, in_kernel = _prepare_bmc(pred, target, noise_var, candidates, mask,
+                                                                  reduction, check_finite, backend,
+                                                                  kernel_checks=False)
+        given = candidates is not None
+        if given:
+            local = candidates
+        else:
+            local = rows.target if rows.mask is None else rows.target[rows.mask]
+        agreed.signature = {"target dimension": rows.pred.shape[1], "dtype": D.fingerprint(str(rows.pred.dtype)),
+                            "whether candidates are given": int(given)}
+        agreed.shared = (local.shape[0],)
+    parts = D.all_gather(local.detach(), group, sizes=agreed.table[:, 0].tolist())
+    if given:
+        return _finish(_call(impl, in_kernel, rows.pred, rows.target, torch.cat(parts), rows.mask, nv, red), rows, red)
+    # default candidates: this batch's kept targets (the fused default path, positive included) and the
+    # other processes' kept targets (the candidates path), merged row by row
+    me = D.rank(group)
+    others = torch.cat([part for r, part in enumerate(parts) if r != me])
+    if others.shape[0] == 0:
+        return _finish(_call(impl, in_kernel, rows.pred, rows.target, None, rows.mask, nv, red), rows, red)
+    own_rows = _call(impl, in_kernel, rows.pred, rows.target, None, rows.mask, nv, _reduction.NONE)
+    other_rows = _call(impl, in_kernel, rows.pred, rows.target, others, rows.mask, nv, _reduction.NONE)
+    loss_rows = _merge_candidate_sets(own_rows, other_rows, nv)
+    return _finish(_reduce_kept_rows(loss_rows, rows.mask, red).to(rows.pred.dtype), rows, red)
+
+
+def _merge_candidate_sets(loss_a: torch.Tensor, loss_b: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
+    """Per-row BMC loss over the union of two candidate sets that share only the positive.
+
+    With t_j = l_ij - l_i,pos, each loss is s * a, a = LSE_j t_j over its set (positive included, t = 0), s =
+    sg(2 sigma^2); so exp(a) + exp(b) - 1 is the sum over the union (the positive once), whose log is
+        hi + log1p(exp(lo - hi) * (1 - exp(-lo))),    hi = max(a, b), lo = min(a, b):
+    every term is in [0, 1] (no overflow, and no cancellation when a and b are small). Autograd carries
+    d/da = e^a / (e^a + e^b - 1) (and the same for b) into the two fused ops' per-row gradients.
+    """
+    dtype = V.compute_dtype(loss_a.dtype)
+    scale = (2 * noise_var).detach().to(dtype)
+    a, b = loss_a.to(dtype) / scale, loss_b.to(dtype) / scale
+    hi, lo = torch.maximum(a, b), torch.minimum(a, b)
+    return (hi + torch.log1p(torch.exp(lo - hi) * -torch.expm1(-lo))) * scale
+
+
+def _reduce_kept_rows(loss_rows: torch.Tensor, mask, reduction: int) -> torch.Tensor:
+    """'none' (rows, 0 where dropped), 'sum', or 'mean' over kept rows (0 when none is kept)."""
+    if reduction == _reduction.NONE:
+        return loss_rows
+    total = loss_rows.sum()
+    if reduction == _reduction.SUM:
+        return total
+    count = loss_rows.new_tensor(loss_rows.shape[0]) if mask is None else mask.sum()
+    return total / count.clamp(min=1).to(total.dtype)
 
 
 def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):
@@ -147,10 +249,11 @@ def gai_loss(pred, target, noise_var, gmm, *, mask=None, reduction="mean", backe
     and the multivariate-normal form for d > 1. Fused backends: one pass over the rows, K components per
     row, no [N, K] temporaries, fp32 accumulation for half inputs.
     """
-    rows, red, nv, check_values = _prepare(pred, target, noise_var, mask, reduction, check_finite)
+    rows, red, nv, check_values, impl, in_kernel = _prepare(pred, target, noise_var, mask, reduction, check_finite,
+                                                            "gai_loss", backend)
     weights, means, covariances = _as_gmm(gmm, rows.pred.shape[1], rows.pred, check_values)
-    _, impl = resolve("gai_loss", rows.pred, backend)
-    return _finish(impl(rows.pred, rows.target, rows.mask, nv, weights, means, covariances, red), rows, red)
+    return _finish(_call(impl, in_kernel, rows.pred, rows.target, rows.mask, nv, weights, means, covariances, red),
+                   rows, red)
 
 
 def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, reduction="mean",
@@ -162,7 +265,8 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
     ``2 sigma^2 [ |p-y|^2/(2 sigma^2) + LSE_k(log phi_k - |p-c_k|^2/(2 sigma^2)) ]`` (can be negative, as
     in the reference).
     """
-    rows, red, nv, check_values = _prepare(pred, target, noise_var, mask, reduction, check_finite)
+    rows, red, nv, check_values, impl, in_kernel = _prepare(pred, target, noise_var, mask, reduction, check_finite,
+                                                            "bni_loss", backend)
     d = rows.pred.shape[1]
     V.check_float_tensor("bin_centers", bin_centers)
     V.check_float_tensor("bin_weights", bin_weights)
@@ -180,8 +284,8 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
         V.check_prior_weights("bin_weights", bin_weights)
         if not bool(torch.isfinite(bin_centers).all()):
             raise ValueError("bin_centers contain NaN or inf")
-    _, impl = resolve("bni_loss", rows.pred, backend)
-    return _finish(impl(rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red), rows, red)
+    return _finish(_call(impl, in_kernel, rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red),
+                   rows, red)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -206,7 +310,8 @@ def _as_weight(weight, target: torch.Tensor) -> torch.Tensor | None:
 
 
 def _check_values(p, y, w, m) -> None:
-    """pred/target finite and weight finite and >= 0 at kept elements; one host sync when they are.
+    """pred/target finite and weight finite and >= 0 at kept elements; one host sync when they are. (The
+    torch backend's checks: the fused kernels make the same checks in their own pass.)
 
     Fast path: the sums of pred, target and weight are finite and min(weight) >= 0 (a NaN/inf anywhere
     makes a sum non-finite; NaN fails the comparison). Otherwise (a bad value, a masked-out hole, or a
@@ -239,10 +344,13 @@ def _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite,
     w = _as_weight(weight, target)
     p, y = pred.reshape(-1), target.reshape(-1)
     m = None if mask is None else mask.reshape(-1)
-    if V.value_checks(check_finite):
+    name, impl = resolve(_wl.OP, p, backend)
+    in_kernel = V.value_checks(check_finite) and _in_kernel(name)
+    if in_kernel:
+        V.refuse_batched(p, y, w)
+    elif V.value_checks(check_finite):
         _check_values(p, y, w, m)
-    _, impl = resolve(_wl.OP, p, backend)
-    loss = impl(p, y, w, m, kind, beta, gamma, _wl.ACTIVATIONS[activation], red)
+    loss = _call(impl, in_kernel, p, y, w, m, kind, beta, gamma, _wl.ACTIVATIONS[activation], red)
     return loss.reshape(shape) if red == _reduction.NONE else loss
 
 

@@ -16,6 +16,11 @@ Reference: Yang et al., ICML 2021, code YyzHarry/imbalanced-regression (``get_ld
   depth maps), on the labels' device.
 - :func:`sample_weights` — ``LabelWeights(...).fit(labels).weights(labels)``: the reference's per-sample
   weights w_i = 1/ñ_{b(y_i)}, rescaled to mean 1 over the training set.
+
+Sharded training sets (:mod:`imbreg_fast.distributed`): :func:`label_histogram`, :func:`label_density`,
+:func:`sample_weights` and :meth:`LabelWeights.fit` take ``sync=True`` (and ``process_group``): the counts of
+every process are summed (one float64 all-reduce of ``[K]``, exact), so the result is that of the
+concatenated labels of all processes, on every process (docs/methods.md §7.3).
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from . import _validation as V
+from . import distributed as D
 
 __all__ = ["KERNELS", "SCHEMES", "LabelWeights", "bin_edges", "bin_index", "kernel_window", "label_density",
            "label_histogram", "sample_weights", "smooth_counts"]
@@ -251,15 +257,26 @@ def bin_index(labels: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(labels.to(torch.float64), inner, right=True)
 
 
-def label_histogram(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None,
-                    check_finite: bool = True) -> torch.Tensor:
+def label_histogram(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None, check_finite: bool = True,
+                    sync: bool = False, process_group=None) -> torch.Tensor:
     """Counts per bin, float64 ``[K]`` on the labels' device (kept labels only when ``mask`` is given).
 
     Histograms of several batches add up: ``sum(label_histogram(b, edges) for b in loader)`` gives the
     training counts for :meth:`LabelWeights.from_counts` when the training set does not fit in memory.
+    ``sync=True``: the counts of every process of ``process_group`` summed (see the module docstring); with
+    a loader, count locally and synchronise once (``imbreg_fast.distributed.all_reduce(counts)``).
     """
-    V.check_labels(labels, mask, check_finite=check_finite)
-    edges = bin_edges(bins, range)
+    group = D.sync_group(sync, process_group)
+    with D.agreement(group, "label_histogram", getattr(labels, "device", None)) as agreed:
+        V.check_labels(labels, mask, check_finite=check_finite)
+        edges = bin_edges(bins, range)
+        agreed.signature = {"bin edges": D.fingerprint(edges)}
+    counts = _count(labels, mask, edges)
+    return counts if group is None else D.all_reduce(counts, "sum", group)
+
+
+def _count(labels: torch.Tensor, mask, edges: torch.Tensor) -> torch.Tensor:
+    """float64 counts [K] of the (kept) labels in the bins of ``edges``."""
     idx = bin_index(labels, edges).reshape(-1)
     if mask is not None:
         idx = idx[mask.reshape(-1)]
@@ -297,16 +314,19 @@ def _density_from_counts(counts, scheme, lds, kernel, ks, sigma, mode, clip):
 
 def label_density(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None, scheme: str = "sqrt_inv",
                   lds: bool = True, kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                  mode: str = "constant", clip=(5, 1000), check_finite: bool = True) -> torch.Tensor:
+                  mode: str = "constant", clip=(5, 1000), check_finite: bool = True, sync: bool = False,
+                  process_group=None) -> torch.Tensor:
     """Effective label density ñ per bin, float64 ``[K]``: the weight of a label in bin b is ∝ 1/ñ_b.
 
     ``scheme``: ``'sqrt_inv'`` (√n_b), ``'inv'`` (n_b clipped to ``clip``, default (5, 1000) as the
     reference; ``clip=None`` for raw counts, as its depth code), ``'none'`` (raw counts). With ``lds``, the
     result is smoothed with ``kernel_window(kernel, ks, sigma, 'max')`` by :func:`smooth_counts` with
-    boundary ``mode`` ('constant' for age/STS-B, 'reflect' for depth in the reference).
+    boundary ``mode`` ('constant' for age/STS-B, 'reflect' for depth in the reference). ``sync=True``: the
+    density of the labels of every process of ``process_group`` (see the module docstring).
     """
     _check_scheme(scheme, False, clip)
-    counts = label_histogram(labels, bins, range, mask=mask, check_finite=check_finite)
+    counts = label_histogram(labels, bins, range, mask=mask, check_finite=check_finite, sync=sync,
+                             process_group=process_group)
     return _density_from_counts(counts, scheme, lds, kernel, ks, sigma, mode, clip)
 
 
@@ -348,16 +368,19 @@ class LabelWeights:
     def num_bins(self) -> int:
         return self.edges.shape[0] - 1
 
-    def fit(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None, *,
-            check_finite: bool = True) -> "LabelWeights":
-        """Count the training labels (kept ones when ``mask`` is given) and derive the bin weights."""
-        V.check_labels(labels, mask, check_finite=check_finite)
-        edges = self.edges.to(labels.device)
-        idx = bin_index(labels, edges).reshape(-1)
-        if mask is not None:
-            idx = idx[mask.reshape(-1)]
-        counts = torch.bincount(idx, minlength=self.num_bins).to(torch.float64)
-        return self.fit_counts(counts)
+    def fit(self, labels: torch.Tensor, mask: Optional[torch.Tensor] = None, *, check_finite: bool = True,
+            sync: bool = False, process_group=None) -> "LabelWeights":
+        """Count the training labels (kept ones when ``mask`` is given) and derive the bin weights.
+
+        ``sync=True``: ``labels`` is this process's shard of the training set; the counts of every process of
+        ``process_group`` are summed (module docstring), so every process fits the same weights, those of the
+        whole training set (a process may hold no label)."""
+        group = D.sync_group(sync, process_group)
+        with D.agreement(group, "LabelWeights.fit", getattr(labels, "device", None)) as agreed:
+            V.check_labels(labels, mask, check_finite=check_finite)
+            agreed.signature = {"bin edges": D.fingerprint(self.edges)}
+        counts = _count(labels, mask, self.edges.to(labels.device))
+        return self.fit_counts(counts if group is None else D.all_reduce(counts, "sum", group))
 
     def fit_counts(self, counts: torch.Tensor) -> "LabelWeights":
         """Derive the bin weights from training counts per bin ``[K]`` (e.g. summed :func:`label_histogram`)."""
@@ -432,9 +455,12 @@ class LabelWeights:
 
 def sample_weights(labels: torch.Tensor, bins: BinsArg, scheme: str = "sqrt_inv", lds: bool = True, *,
                    range=None, mask=None, kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                   mode: str = "constant", clip=(5, 1000), check_finite: bool = True) -> torch.Tensor:
+                   mode: str = "constant", clip=(5, 1000), check_finite: bool = True, sync: bool = False,
+                   process_group=None) -> torch.Tensor:
     """Per-sample weights of the training labels themselves, as the reference's ``_prepare_weights``:
     w_i = s/ñ_{b(y_i)} with mean 1 over the (kept) labels; labels' shape, 0 where ``mask`` is False.
-    See :class:`LabelWeights` for the arguments; ``bins``: a number of bins with ``range``, or edges."""
+    See :class:`LabelWeights` for the arguments; ``bins``: a number of bins with ``range``, or edges.
+    ``sync=True``: the weights of this process's labels within the training set of every process (fitted on
+    the summed counts; the mean is 1 over all processes' labels)."""
     lw = LabelWeights(bins, range, scheme=scheme, lds=lds, kernel=kernel, ks=ks, sigma=sigma, mode=mode, clip=clip)
-    return lw.fit(labels, mask, check_finite=check_finite).weights(labels, mask)
+    return lw.fit(labels, mask, check_finite=check_finite, sync=sync, process_group=process_group).weights(labels, mask)

@@ -10,7 +10,10 @@ all samples, and with ``depth=True`` the depth-estimation metrics AbsRel, log10 
 (float64 ``[K]`` states; per slab of the batch one binning pass and one ``index_add_`` of the stacked
 per-element quantities, no Python loop over bins or pixels, no host sync), so memory does not grow with the
 test set, and every state is summed across processes (``dist_reduce_fx="sum"``), which makes distributed
-evaluation exact without any code of ours. :func:`shot_metrics` is the one-call form.
+evaluation exact without any code of ours (torchmetrics synchronises in ``compute`` whenever
+``torch.distributed`` is initialised). The training counts are not states: with a sharded training set give
+every process the global counts, ``train_counts=lds.label_histogram(shard, ..., sync=True)``
+(docs/methods.md §7.5). :func:`shot_metrics` is the one-call form (local unless ``sync=True``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from . import _validation as V
-from .lds import BinsArg, bin_edges, bin_index
+from . import distributed as D
+from .lds import BinsArg, bin_edges, bin_index, label_histogram
 
 __all__ = ["SHOTS", "GM_FLOOR", "DIRMetrics", "shot_metrics"]
 
@@ -90,8 +94,10 @@ class DIRMetrics(Metric):
         range: ``(lo, hi)`` when ``bins`` is a number; None with explicit edges.
         train_counts: training count of each bin, ``[K]``, finite and >= 0 (e.g. summed
             :func:`imbreg_fast.lds.label_histogram` of the training labels, or pixel counts for depth).
-        train_labels: the training labels themselves, any shape, counted into the bins. Pass exactly one of
-            ``train_counts`` and ``train_labels``.
+        train_labels: the training labels themselves, any shape, counted into the bins (on this process
+            only: with a sharded training set pass ``train_counts`` from
+            ``lds.label_histogram(shard, ..., sync=True)``). Pass exactly one of ``train_counts`` and
+            ``train_labels``.
         many: a bin with more than ``many`` training samples is many-shot.
         few: a bin with fewer than ``few`` training samples is few-shot; the others are medium-shot.
             ``0 <= few <= many``.
@@ -422,12 +428,23 @@ class DIRMetrics(Metric):
 
 def shot_metrics(pred: Tensor, target: Tensor, train_labels: Tensor, bins: BinsArg,
                  range: Optional[Sequence[float]] = None, *, many: int = 100, few: int = 20,
-                 mask: Optional[Tensor] = None, depth: bool = False, gm_floor: float = GM_FLOOR
-                 ) -> dict[str, Tensor]:
+                 mask: Optional[Tensor] = None, depth: bool = False, gm_floor: float = GM_FLOOR,
+                 sync: bool = False, process_group=None) -> dict[str, Tensor]:
     """The DIR evaluation in one call: ``DIRMetrics(bins, range, train_labels=train_labels, ...)``, one
-    ``update(pred, target, mask)`` and ``compute()`` (see :class:`DIRMetrics` for the inputs and the keys)."""
+    ``update(pred, target, mask)`` and ``compute()`` (see :class:`DIRMetrics` for the inputs and the keys).
+
+    ``sync=False`` (default): this process's data only, no communication, also when ``torch.distributed`` is
+    initialised (so one process may evaluate alone). ``sync=True``: ``pred``/``target`` and ``train_labels``
+    are this process's shards; the training counts and the metric states are summed over the processes of
+    ``process_group`` (every process must call it; docs/methods.md §7.5).
+    """
     pred, target = V.check_pair(pred, target)
-    metric = DIRMetrics(bins, range, train_labels=train_labels, many=many, few=few, depth=depth,
-                        gm_floor=gm_floor).to(target.device)
+    options = dict(many=many, few=few, depth=depth, gm_floor=gm_floor)
+    if D.sync_group(sync, process_group) is None:
+        metric = DIRMetrics(bins, range, train_labels=train_labels, sync_on_compute=False, **options)
+    else:
+        counts = label_histogram(train_labels, bins, range, sync=True, process_group=process_group)
+        metric = DIRMetrics(bins, range, train_counts=counts, process_group=process_group, **options)
+    metric = metric.to(target.device)
     metric.update(pred, target, mask)
     return metric.compute()

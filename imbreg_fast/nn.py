@@ -52,15 +52,29 @@ class BMCLoss(_BalancedMSELoss):
     """Balanced MSE with batch Monte Carlo; see :func:`imbreg_fast.functional.bmc_loss`.
 
     ``forward(pred, target, *, candidates=None, mask=None)``.
+
+    ``sync=True``: candidates from every process of ``process_group`` (default group), see
+    :func:`imbreg_fast.functional.bmc_loss` and docs/methods.md §7.1. Under DistributedDataParallel the
+    gradient of ``noise_sigma`` must be averaged like the model's: make the criterion a submodule of the
+    wrapped module (its loss computed in that module's ``forward``), or all-reduce ``noise_sigma.grad``
+    yourself; otherwise each process's sigma drifts apart.
     """
 
     def __init__(self, init_noise_sigma: float = 1.0, *, learn_noise: bool = True, reduction: str = "mean",
-                 backend: str = "auto", check_finite: bool = True):
+                 backend: str = "auto", check_finite: bool = True, sync: bool = False, process_group=None):
         super().__init__(init_noise_sigma, learn_noise, reduction, backend, check_finite)
+        if not isinstance(sync, bool):
+            raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
+        self.sync = sync
+        self.process_group = process_group
 
     def forward(self, pred, target, *, candidates=None, mask=None):
         return F.bmc_loss(pred, target, self.noise_var, candidates=candidates, mask=mask,
-                          reduction=self.reduction, backend=self.backend, check_finite=self.check_finite)
+                          reduction=self.reduction, backend=self.backend, check_finite=self.check_finite,
+                          sync=self.sync, process_group=self.process_group)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", sync=True" if self.sync else "")
 
 
 class GAILoss(_BalancedMSELoss):

@@ -10,6 +10,12 @@
 
 These run once before training, on the training labels; they are not hot paths (one host sync per
 iteration to test convergence).
+
+Sharded training sets (``sync=True``, ``process_group``; :mod:`imbreg_fast.distributed`): each process passes
+its shard and every process gets the result on the concatenated labels of all processes (rank order):
+:func:`bin_prior` all-reduces the counts (and the data range), :func:`kmeans` and :func:`fit_gmm` run the
+same iterations with their sums all-reduced and the seeding draws resolved across processes
+(docs/methods.md §7.4).
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validation as V
+from . import distributed as D
 
 __all__ = ["GMM", "ConvergenceWarning", "fit_gmm", "kmeans", "bin_prior"]
 
@@ -82,6 +89,120 @@ def _generator(seed) -> torch.Generator:
 
 
 # --------------------------------------------------------------------------------------------------
+# Where this process's samples sit among every process's (sync=True); the identity without a group
+# --------------------------------------------------------------------------------------------------
+
+
+class _Partition:
+    """The samples of a fit are the concatenation of every process's rows in rank order; this process holds
+    ``sizes[rank]`` of them, from global row ``offset`` on. The k-means and EM code is written once, with
+    the few cross-process steps it needs as methods; without a group (one process) every method is the plain
+    single-process operation, so ``sync=False`` computes exactly what it always did (docs/methods.md §7.4)."""
+
+    def __init__(self, group, sizes):
+        self.group = group
+        self.sizes = [int(v) for v in sizes]
+        self.rank = 0 if group is None else D.rank(group)
+        self.offset = sum(self.sizes[:self.rank])
+        self.total = sum(self.sizes)
+
+    def sum(self, *tensors):
+        """Each tensor summed over the processes (one float64 all-reduce for all of them)."""
+        if self.group is None:
+            return tensors
+        flat = D.all_reduce(torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]), "sum", self.group)
+        out, at = [], 0
+        for t in tensors:
+            out.append(flat[at:at + t.numel()].reshape(t.shape).to(t.dtype))
+            at += t.numel()
+        return tuple(out)
+
+    def mean(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of the rows of x [n, d] over every process."""
+        if self.group is None:
+            return x.mean(0)
+        return self.sum(x.sum(0))[0] / self.total
+
+    def per_process(self, values: torch.Tensor) -> torch.Tensor:
+        """[world_size, T]: every process's ``values`` [T] (one all_gather)."""
+        if self.group is None:
+            return values.unsqueeze(0)
+        return torch.stack(D.all_gather(values.unsqueeze(0), self.group, sizes=[1] * len(self.sizes))).squeeze(1)
+
+    def owned(self, index: torch.Tensor):
+        """(positions in ``index``, local rows) of the global row indices ``index`` held here."""
+        if self.group is None:
+            return torch.arange(index.numel(), device=index.device), index
+        mine = (index >= self.offset) & (index < self.offset + self.sizes[self.rank])
+        return torch.nonzero(mine).squeeze(1), index[mine] - self.offset
+
+    def rows(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Global rows ``index`` [T] of the concatenated x: [T, d], on every process (the holder of each row
+        contributes it, the others zeros, to one all-reduce: exact)."""
+        if self.group is None:
+            return x[index]
+        out = x.new_zeros(index.numel(), x.shape[1])
+        at, local = self.owned(index.to(x.device))
+        out[at] = x[local]
+        return self.sum(out)[0]
+
+    def draw(self, x: torch.Tensor, weights: torch.Tensor, totals: torch.Tensor, draws: torch.Tensor):
+        """(global indices [T], rows [T, d]) of the rows drawn with probability proportional to ``weights``
+        (this process's [n]) for uniform draws u * sum(weights) in ``draws`` [T]: the first row whose
+        cumulative weight reaches the draw. ``totals`` [world_size]: every process's sum of weights. With a
+        group, the cumulative weights are each process's own cumulative sums shifted by the totals of the
+        processes before it; the holder of each drawn row contributes its index and values, the others
+        zeros, to one all-reduce (exact)."""
+        if self.group is None:
+            index = torch.searchsorted(torch.cumsum(weights, 0), draws).clamp_max_(self.total - 1)
+            return index, x[index]
+        prefix = torch.cumsum(totals.to(draws.device), 0)
+        last = max(r for r, n in enumerate(self.sizes) if n > 0)
+        owner = torch.searchsorted(prefix, draws).clamp_max_(last)
+        packed = x.new_zeros(draws.numel(), 1 + x.shape[1])                  # [global index, row]
+        mine = owner == self.rank
+        if bool(mine.any()):
+            before = prefix[self.rank - 1] if self.rank > 0 else prefix.new_zeros(())
+            local = torch.searchsorted(before + torch.cumsum(weights, 0), draws[mine])
+            local = local.clamp_max_(self.sizes[self.rank] - 1)
+            packed[mine, 0] = (local + self.offset).to(x.dtype)
+            packed[mine, 1:] = x[local]
+        packed = self.sum(packed)[0]
+        return packed[:, 0].round().long(), packed[:, 1:]
+
+    def farthest(self, x: torch.Tensor, dist: torch.Tensor, labels: torch.Tensor, count: int):
+        """The ``count`` rows with the largest ``dist`` over every process, farthest first: (rows [count, d],
+        their labels as a list)."""
+        if self.group is None:
+            far = torch.topk(dist, count).indices
+            return x[far], labels[far].tolist()
+        take = min(count, dist.shape[0])
+        values, local = torch.topk(dist, take)
+        packed = x.new_full((count, 2 + x.shape[1]), -math.inf)
+        packed[:take, 0] = values
+        packed[:take, 1] = labels[local].to(x.dtype)
+        packed[:take, 2:] = x[local]
+        packed = torch.cat(D.all_gather(packed, self.group, sizes=[count] * len(self.sizes)))
+        order = torch.sort(packed[:, 0], descending=True, stable=True).indices[:count]
+        return packed[order, 2:], packed[order, 1].round().long().tolist()
+
+    def uniform(self, gen: torch.Generator, k: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """This process's rows of ``torch.rand(total, k, generator=gen)`` [n, k]; every process draws the
+        whole stream (in chunks), so the generator stays in step on every process."""
+        if self.group is None:
+            return torch.rand(self.total, k, generator=gen, dtype=dtype).to(device)
+        start, stop = self.offset, self.offset + self.sizes[self.rank]
+        chunk = max(1, (1 << 20) // k)
+        kept = []
+        for lo in range(0, self.total, chunk):
+            hi = min(lo + chunk, self.total)
+            block = torch.rand(hi - lo, k, generator=gen, dtype=dtype)
+            if lo < stop and hi > start:
+                kept.append(block[max(start - lo, 0):min(stop, hi) - lo])
+        return (torch.cat(kept) if kept else torch.empty(0, k, dtype=dtype)).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
 # k-means (scikit-learn's KMeans(init='k-means++', n_init=1, algorithm='lloyd'))
 # --------------------------------------------------------------------------------------------------
 
@@ -91,26 +212,29 @@ def _sq_dist(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return (c.pow(2).sum(1, keepdim=True) - 2.0 * c @ x.T + x.pow(2).sum(1)).clamp_min_(0.0)
 
 
-def _kmeans_plusplus(x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ seeding: indices [k] of the chosen rows of x [N, d].
+def _kmeans_plusplus(part: _Partition, x: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
+    """Greedy k-means++ seeding: global indices [k] of the chosen rows of the samples (x [n, d] here).
 
     Center 0 is a uniformly drawn row; each further center is the best (lowest potential sum_n min_c
     |x_n - c|^2) of ``2 + int(log k)`` rows drawn with probability proportional to the current squared
-    distance to the nearest center (Arthur & Vassilvitskii; scikit-learn's ``_kmeans_plusplus``).
+    distance to the nearest center (Arthur & Vassilvitskii; scikit-learn's ``_kmeans_plusplus``). Across
+    processes: the potentials are per-process sums gathered, the draws are located in the per-process
+    cumulative sums, and the drawn rows are shared by their holders (docs/methods.md §7.4).
     """
-    n = x.shape[0]
     trials = 2 + int(math.log(k))
     indices = torch.empty(k, dtype=torch.long)
-    indices[0] = int(torch.randint(n, (1,), generator=gen))
-    closest = _sq_dist(x, x[indices[0]].reshape(1, -1))[0]                 # [N]
-    pot = closest.sum()
+    indices[0] = int(torch.randint(part.total, (1,), generator=gen))
+    closest = _sq_dist(x, part.rows(x, indices[:1].to(x.device)))[0]       # [n]
+    totals = part.per_process(closest.sum().reshape(1))[:, 0]              # [world]
+    pot = totals.sum()
     for c in range(1, k):
         draws = torch.rand(trials, generator=gen, dtype=x.dtype).to(x.device) * pot
-        cand = torch.searchsorted(torch.cumsum(closest, 0), draws).clamp_max_(n - 1)   # [T]
-        dist = torch.minimum(closest, _sq_dist(x, x[cand]))                # [T, N]
-        cand_pot = dist.sum(1)
+        cand, cand_rows = part.draw(x, closest, totals, draws)             # [T], [T, d]
+        dist = torch.minimum(closest, _sq_dist(x, cand_rows))              # [T, n]
+        table = part.per_process(dist.sum(1))                              # [world, T]
+        cand_pot = table.sum(0)
         best = int(torch.argmin(cand_pot))
-        pot, closest = cand_pot[best], dist[best]
+        pot, closest, totals = cand_pot[best], dist[best], table[:, best]
         indices[c] = int(cand[best])
     return indices.to(x.device)
 
@@ -120,12 +244,14 @@ def _assign(x: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
     return torch.argmin(_sq_dist(x, centers), dim=0)
 
 
-def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd iterations from ``centers`` [K, d]; (centers, labels).
+def _lloyd(part: _Partition, x: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd iterations from ``centers`` [K, d]; (centers, labels of this process's rows).
 
     Stops when the labels do not change, or when sum_k |c_k' - c_k|^2 <= tol. A cluster left empty takes the
     row farthest from its current center (scikit-learn's relocation rule). Sums use a one-hot matmul, so
-    the result does not depend on atomics or thread count.
+    the result does not depend on atomics or thread count; across processes the per-cluster sums, counts and
+    the number of changed labels are one all-reduce per iteration.
     """
     k = centers.shape[0]
     labels_old = None
@@ -133,21 +259,21 @@ def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float) ->
     for _ in range(max_iter):
         labels = _assign(x, centers)
         onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)       # [N, K]
-        sums, counts = onehot.T @ x, onehot.sum(0)                         # [K, d], [K]
+        changed = onehot.new_zeros(()) if labels_old is None else (labels != labels_old).sum().to(x.dtype)
+        sums, counts, changed = part.sum(onehot.T @ x, onehot.sum(0), changed)   # [K, d], [K], []
         empty = torch.nonzero(counts == 0).flatten()
         if empty.numel() > 0:
             dist = (x - centers[labels]).pow(2).sum(1)
-            far = torch.topk(dist, empty.numel()).indices
-            for new_id, row in zip(empty.tolist(), far.tolist()):
-                old_id = int(labels[row])
-                sums[old_id] -= x[row]
+            rows, old_ids = part.farthest(x, dist, labels, empty.numel())
+            for new_id, row, old_id in zip(empty.tolist(), rows, old_ids):
+                sums[old_id] -= row
                 counts[old_id] -= 1
-                sums[new_id] = x[row]
+                sums[new_id] = row
                 counts[new_id] = 1
         new_centers = sums / counts.clamp_min(1).unsqueeze(1)
         shift = float((new_centers - centers).pow(2).sum())
         centers = new_centers
-        if labels_old is not None and torch.equal(labels, labels_old):
+        if labels_old is not None and int(changed) == 0:
             strict = True
             break
         if shift <= tol:
@@ -162,7 +288,7 @@ def _lloyd(x: torch.Tensor, centers: torch.Tensor, max_iter: int, tol: float) ->
 
 
 def kmeans(x: torch.Tensor, n_clusters: int, *, init="k-means++", max_iter: int = 300, tol: float = 1e-4,
-           seed=0):
+           seed=0, sync: bool = False, process_group=None):
     """k-means clustering with k-means++ seeding and Lloyd iterations (scikit-learn's ``KMeans`` with
     ``n_init=1``, ``algorithm='lloyd'``).
 
@@ -177,40 +303,56 @@ def kmeans(x: torch.Tensor, n_clusters: int, *, init="k-means++", max_iter: int 
             per-feature variance of ``x`` (or when no label changes).
         seed: int or CPU ``torch.Generator`` (random draws are made on the CPU, so the result does not
             depend on the device).
+        sync, process_group: ``sync=True``: ``x`` is this process's shard; the clustering is that of the
+            concatenated samples of every process of ``process_group`` (module docstring), the same centers
+            on every process (a generator must be in the same state on every process).
 
     Returns:
-        ``(centers [K, d] float64, labels [N] int64)`` on ``x``'s device.
+        ``(centers [K, d] float64, labels [N] int64)`` on ``x``'s device (with ``sync``, the labels of this
+        process's rows).
     """
-    x = _as_samples("x", x, torch.float64)
-    k = V.check_int("n_clusters", n_clusters, 1)
-    if isinstance(init, str):
-        if init != "k-means++":
-            raise ValueError(f"init must be 'k-means++' or initial centers [K, d], got {init!r}")
-        init = None
-    else:
-        init = _as_samples("init", init, torch.float64).to(x.device)
-        if tuple(init.shape) != (k, x.shape[1]):
-            raise ValueError(f"init centers must have shape {(k, x.shape[1])}, got {tuple(init.shape)}")
-    _check_distinct(x, k, "n_clusters")
-    return _kmeans(x, k, V.check_int("max_iter", max_iter, 1), V.check_nonnegative("tol", tol), _generator(seed),
-                   init)
+    group = D.sync_group(sync, process_group)
+    with D.agreement(group, "kmeans", getattr(x, "device", None)) as agreed:
+        x = _as_samples("x", x, torch.float64)
+        k = V.check_int("n_clusters", n_clusters, 1)
+        if isinstance(init, str):
+            if init != "k-means++":
+                raise ValueError(f"init must be 'k-means++' or initial centers [K, d], got {init!r}")
+            init = None
+        else:
+            init = _as_samples("init", init, torch.float64).to(x.device)
+            if tuple(init.shape) != (k, x.shape[1]):
+                raise ValueError(f"init centers must have shape {(k, x.shape[1])}, got {tuple(init.shape)}")
+        max_iter = V.check_int("max_iter", max_iter, 1)
+        tol = V.check_nonnegative("tol", tol)
+        gen = _generator(seed)
+        agreed.signature = {"the sample dimension": x.shape[1], "n_clusters": k,
+                            "max_iter and tol": D.fingerprint(max_iter, tol), "init": D.fingerprint(init),
+                            "the generator state": D.fingerprint(gen.get_state())}
+        agreed.shared = (x.shape[0],)
+    part = _Partition(group, [x.shape[0]] if group is None else agreed.table[:, 0].tolist())
+    _check_distinct(part, x, k, "n_clusters")
+    return _kmeans(part, x, k, max_iter, tol, gen, init)
 
 
-def _kmeans(x: torch.Tensor, k: int, max_iter: int, tol: float, gen: torch.Generator, init=None):
-    mean = x.mean(0)
+def _kmeans(part: _Partition, x: torch.Tensor, k: int, max_iter: int, tol: float, gen: torch.Generator, init=None):
+    mean = part.mean(x)
     xc = x - mean                                       # centred for accurate |c|^2 - 2 x.c distances
-    tol = float(xc.pow(2).mean(0).mean()) * tol         # mean per-feature (population) variance * tol
-    start = xc[_kmeans_plusplus(xc, k, gen)] if init is None else init - mean
-    centers, labels = _lloyd(xc, start, max_iter, tol)
+    tol = float(part.mean(xc.pow(2)).mean()) * tol      # mean per-feature (population) variance * tol
+    start = part.rows(xc, _kmeans_plusplus(part, xc, k, gen)) if init is None else init - mean
+    centers, labels = _lloyd(part, xc, start, max_iter, tol)
     return centers + mean, labels
 
 
-def _check_distinct(x: torch.Tensor, k: int, name: str) -> None:
-    if x.shape[0] < k:
-        raise ValueError(f"{name}={k} needs at least {k} samples, got {x.shape[0]}")
-    distinct = torch.unique(x, dim=0).shape[0]
-    if distinct < k:
-        raise ValueError(f"{name}={k} is more than the number of distinct samples ({distinct}); "
+def _check_distinct(part: _Partition, x: torch.Tensor, k: int, name: str) -> None:
+    if part.total < k:
+        raise ValueError(f"{name}={k} needs at least {k} samples, got {part.total}")
+    distinct = torch.unique(x, dim=0)
+    if part.group is not None:
+        # at least k distinct rows overall iff the union of every process's first k distinct rows has k
+        distinct = torch.unique(torch.cat(D.all_gather(distinct[:k], part.group)), dim=0)
+    if distinct.shape[0] < k:
+        raise ValueError(f"{name}={k} is more than the number of distinct samples ({distinct.shape[0]}); "
                          f"use fewer components")
 
 
@@ -246,40 +388,45 @@ def _cholesky(cov: torch.Tensor) -> torch.Tensor:
     return chol
 
 
-def _m_step(x: torch.Tensor, resp: torch.Tensor, reg_covar: float):
-    """(unnormalised weights nk [K], means [K, d], covariances [K, d, d]) from responsibilities resp [N, K].
+def _m_step(part: _Partition, x: torch.Tensor, resp: torch.Tensor, reg_covar: float, *extra: torch.Tensor):
+    """(unnormalised weights nk [K], means [K, d], covariances [K, d, d], *extra) from responsibilities resp [N, K].
 
     nk = sum_n r_nk + 10 eps;  mu_k = sum_n r_nk x_n / nk;
     Sigma_k = sum_n r_nk (x_n - mu_k)(x_n - mu_k)^T / nk + reg_covar I.
+    Across processes the sums run over every process's rows: two all-reduces (nk with sum_n r_nk x_n, and the
+    ``extra`` tensors summed along; then the centred scatter, around the global means).
     """
-    nk = resp.sum(0) + 10.0 * torch.finfo(resp.dtype).eps
-    means = (resp.T @ x) / nk.unsqueeze(1)
+    nk, weighted_sum, *extra = part.sum(resp.sum(0), resp.T @ x, *extra)
+    nk = nk + 10.0 * torch.finfo(resp.dtype).eps
+    means = weighted_sum / nk.unsqueeze(1)
     diff = x.unsqueeze(0) - means.unsqueeze(1)                                   # [K, N, d]
-    cov = (resp.T.unsqueeze(2) * diff).transpose(1, 2) @ diff / nk.reshape(-1, 1, 1)
+    cov = part.sum((resp.T.unsqueeze(2) * diff).transpose(1, 2) @ diff)[0] / nk.reshape(-1, 1, 1)
     cov = 0.5 * (cov + cov.transpose(1, 2))
     cov = cov + reg_covar * torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
-    return nk, means, cov
+    return (nk, means, cov, *extra)
 
 
-def _initial_params(x: torch.Tensor, k: int, init, reg_covar: float, gen: torch.Generator):
+def _initial_params(part: _Partition, x: torch.Tensor, k: int, init, reg_covar: float, gen: torch.Generator):
     """(weights, means, covariances) before the first E-step, as scikit-learn's ``_initialize_parameters``."""
-    n = x.shape[0]
+    n = part.total
     if not isinstance(init, str):
         return init
     if init == "kmeans":
-        _, labels = _kmeans(x, k, 300, 1e-4, gen)
+        _, labels = _kmeans(part, x, k, 300, 1e-4, gen)
         resp = torch.nn.functional.one_hot(labels, k).to(x.dtype)
     elif init == "k-means++":
-        mean = x.mean(0)
-        resp = x.new_zeros(n, k)
-        resp[_kmeans_plusplus(x - mean, k, gen), torch.arange(k, device=x.device)] = 1.0
+        mean = part.mean(x)
+        resp = x.new_zeros(x.shape[0], k)
+        cols, rows = part.owned(_kmeans_plusplus(part, x - mean, k, gen))
+        resp[rows, cols] = 1.0
     elif init == "random":
-        resp = torch.rand(n, k, generator=gen, dtype=x.dtype).to(x.device)
+        resp = part.uniform(gen, k, x.dtype, x.device)
         resp = resp / resp.sum(1, keepdim=True)
     else:  # random_from_data
-        resp = x.new_zeros(n, k)
-        resp[torch.randperm(n, generator=gen)[:k].to(x.device), torch.arange(k, device=x.device)] = 1.0
-    nk, means, cov = _m_step(x, resp, reg_covar)
+        resp = x.new_zeros(x.shape[0], k)
+        cols, rows = part.owned(torch.randperm(n, generator=gen)[:k].to(x.device))
+        resp[rows, cols] = 1.0
+    nk, means, cov = _m_step(part, x, resp, reg_covar)
     return nk / n, means, cov
 
 
@@ -307,7 +454,7 @@ def _check_init_params(init, k: int, d: int, x: torch.Tensor):
 
 def fit_gmm(targets: torch.Tensor, n_components: int, *, tol: float = 1e-3, reg_covar: float = 1e-6,
             max_iter: int = 100, n_init: int = 1, init="kmeans", seed=0,
-            dtype: torch.dtype = torch.float64) -> GMM:
+            dtype: torch.dtype = torch.float64, sync: bool = False, process_group=None) -> GMM:
     """Fit a Gaussian mixture with full covariances to the training labels by EM: the GAI prior.
 
     The algorithm and defaults of scikit-learn's ``GaussianMixture(n_components, covariance_type='full')``:
@@ -338,33 +485,47 @@ def fit_gmm(targets: torch.Tensor, n_components: int, *, tol: float = 1e-3, reg_
         seed: int, or a CPU ``torch.Generator`` to draw from.
         dtype: dtype of the returned tensors. EM always runs in float64 (like the reference, whose GMM
             comes from numpy); the Balanced MSE losses cast the prior to their compute dtype.
+        sync, process_group: ``sync=True``: ``targets`` is this process's shard (it may be empty); the fit is
+            that of the concatenated labels of every process of ``process_group`` (module docstring), the same
+            mixture on every process. Every iteration all-reduces the E-step's sufficient statistics; the
+            seeding draws are resolved across processes (docs/methods.md §7.4). ``seed`` must give the same
+            draws on every process (an int, or generators in the same state).
 
     Returns:
         :class:`GMM` ``(weights [K], means [K, d], covariances [K, d, d])`` on ``targets``' device.
 
     Memory: O(N K d) per iteration (responsibilities and centred samples).
     """
-    x = _as_samples("targets", targets, torch.float64)
-    k = V.check_int("n_components", n_components, 1)
-    tol = V.check_nonnegative("tol", tol)
-    reg_covar = V.check_nonnegative("reg_covar", reg_covar)
-    max_iter = V.check_int("max_iter", max_iter, 0)
-    n_init = V.check_int("n_init", n_init, 1)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if isinstance(init, str):
-        if init not in _INITS:
-            raise ValueError(f"init must be one of {_INITS} or a (weights, means, covariances) tuple, got {init!r}")
-    else:
-        init = _check_init_params(init, k, x.shape[1], x)
-    if x.shape[0] < 2:
-        raise ValueError(f"targets must have at least 2 samples, got {x.shape[0]}")
-    _check_distinct(x, k, "n_components")
-    gen = _generator(seed)
+    group = D.sync_group(sync, process_group)
+    with D.agreement(group, "fit_gmm", getattr(targets, "device", None)) as agreed:
+        x = _as_samples("targets", targets, torch.float64)
+        k = V.check_int("n_components", n_components, 1)
+        tol = V.check_nonnegative("tol", tol)
+        reg_covar = V.check_nonnegative("reg_covar", reg_covar)
+        max_iter = V.check_int("max_iter", max_iter, 0)
+        n_init = V.check_int("n_init", n_init, 1)
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if isinstance(init, str):
+            if init not in _INITS:
+                raise ValueError(f"init must be one of {_INITS} or a (weights, means, covariances) tuple, "
+                                 f"got {init!r}")
+        else:
+            init = _check_init_params(init, k, x.shape[1], x)
+        gen = _generator(seed)
+        agreed.signature = {"the target dimension": x.shape[1], "n_components": k,
+                            "tol, reg_covar, max_iter and n_init": D.fingerprint(tol, reg_covar, max_iter, n_init),
+                            "init": D.fingerprint(*init) if isinstance(init, tuple) else D.fingerprint(init),
+                            "the generator state": D.fingerprint(gen.get_state())}
+        agreed.shared = (x.shape[0],)
+    part = _Partition(group, [x.shape[0]] if group is None else agreed.table[:, 0].tolist())
+    if part.total < 2:
+        raise ValueError(f"targets must have at least 2 samples, got {part.total}")
+    _check_distinct(part, x, k, "n_components")
 
     best, best_lb, best_converged = None, -math.inf, False
     for _ in range(n_init):
-        weights, means, cov = _initial_params(x, k, init, reg_covar, gen)
+        weights, means, cov = _initial_params(part, x, k, init, reg_covar, gen)
         chol = _cholesky(cov)
         lower_bound, converged = -math.inf, False
         for _ in range(max_iter):
@@ -373,11 +534,11 @@ def fit_gmm(targets: torch.Tensor, n_components: int, *, tol: float = 1e-3, reg_
             weighted = torch.log(weights) + _gaussian_log_prob(x, means, chol)     # [N, K]
             log_norm = torch.logsumexp(weighted, dim=1)
             resp = torch.exp(weighted - log_norm.unsqueeze(1))
-            # M-step
-            nk, means, cov = _m_step(x, resp, reg_covar)
+            # M-step (its first all-reduce also sums the log-likelihoods)
+            nk, means, cov, log_norm_sum = _m_step(part, x, resp, reg_covar, log_norm.sum())
             weights = nk / nk.sum()
             chol = _cholesky(cov)
-            lower_bound = float(log_norm.mean())
+            lower_bound = float(log_norm.mean()) if group is None else float(log_norm_sum) / part.total
             if abs(lower_bound - prev) < tol:
                 converged = True
                 break
@@ -423,7 +584,8 @@ def _smooth_counts(counts: torch.Tensor, smooth) -> torch.Tensor:
 
 
 def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, drop_empty: bool = True,
-              dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+              dtype: torch.dtype = torch.float64, sync: bool = False, process_group=None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram prior of the training labels for BNI: ``(bin_centers [K], bin_weights [K])``.
 
     ``bin_weights[k] = count_k / sum_j count_j`` over the bins, bins with zero weight dropped (docs/methods.md
@@ -447,42 +609,63 @@ def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, 
         drop_empty: drop bins with zero (smoothed) count. ``False`` keeps every bin, for inspection only: the
             BNI loss needs weights > 0.
         dtype: floating dtype of the results (counting is exact; results are computed in float64).
+        sync, process_group: ``sync=True``: ``targets`` is this process's shard (it may be empty); the prior
+            is that of the concatenated labels of every process of ``process_group``, on every process (the
+            counts all-reduced, and without ``range`` the data range first; docs/methods.md §7.3).
 
     Returns:
         ``(bin_centers [K], bin_weights [K])`` on ``targets``' device.
     """
-    t = V.check_real_tensor("targets", targets).detach().reshape(-1).to(torch.float64)
-    if t.numel() == 0:
-        raise ValueError("targets is empty")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError("targets contains NaN or inf")
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if isinstance(edges_or_bins, bool):
-        raise TypeError("edges_or_bins must be an int (number of bins) or a 1-D tensor of bin edges, got bool")
-    if isinstance(edges_or_bins, int):
-        n_bins = V.check_int("edges_or_bins", edges_or_bins, 1)
-        if range is None:
+    group = D.sync_group(sync, process_group)
+    with D.agreement(group, "bin_prior", getattr(targets, "device", None)) as agreed:
+        t = V.check_real_tensor("targets", targets).detach().reshape(-1).to(torch.float64)
+        if t.numel() == 0 and group is None:
+            raise ValueError("targets is empty")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError("targets contains NaN or inf")
+        if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+        if isinstance(edges_or_bins, bool):
+            raise TypeError("edges_or_bins must be an int (number of bins) or a 1-D tensor of bin edges, got bool")
+        edges = bounds = None
+        if isinstance(edges_or_bins, int):
+            n_bins = V.check_int("edges_or_bins", edges_or_bins, 1)
+            if range is not None:
+                try:
+                    bounds = tuple(float(v) for v in range)
+                    lo, hi = bounds
+                except (TypeError, ValueError):
+                    raise TypeError(f"range must be None or (lo, hi), got {range!r}") from None
+                if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
+                    raise ValueError(f"range must be finite with lo <= hi, got {range!r}")
+        else:
+            if range is not None:
+                raise ValueError("range is only used with an int number of bins; the edges already fix the range")
+            edges = _check_edges(edges_or_bins)
+        agreed.signature = {"the bins": D.fingerprint(edges_or_bins if edges is None else edges, bounds),
+                            "smooth": D.fingerprint(smooth)}
+    if edges is None:
+        if bounds is not None:
+            lo, hi = bounds
+        elif group is None:
             lo, hi = float(t.min()), float(t.max())
         else:
-            try:
-                lo, hi = (float(v) for v in range)
-            except (TypeError, ValueError):
-                raise TypeError(f"range must be None or (lo, hi), got {range!r}") from None
-            if not (math.isfinite(lo) and math.isfinite(hi)) or lo > hi:
-                raise ValueError(f"range must be finite with lo <= hi, got {range!r}")
+            extremes = D.min_max(t, group)
+            if extremes is None:
+                raise ValueError("targets is empty on every process")
+            lo, hi = extremes
         if lo == hi:
             lo, hi = lo - 0.5, hi + 0.5
         edges = torch.linspace(lo, hi, n_bins + 1, dtype=torch.float64)
-    else:
-        if range is not None:
-            raise ValueError("range is only used with an int number of bins; the edges already fix the range")
-        edges = _check_edges(edges_or_bins)
     edges = edges.to(t.device)
     n_bins = edges.numel() - 1
     # index = number of inner edges <= t: [e_k, e_{k+1}) -> k; below e_1 -> 0, at or above e_{K-1} -> K-1
     index = torch.bucketize(t, edges[1:-1], right=True)
     counts = torch.bincount(index, minlength=n_bins).to(torch.float64)
+    if group is not None:
+        counts = D.all_reduce(counts, "sum", group)
+        if not bool(counts.sum() > 0):
+            raise ValueError("targets is empty on every process")
     if smooth is not None:
         counts = _smooth_counts(counts, smooth)
     centers = 0.5 * (edges[:-1] + edges[1:])

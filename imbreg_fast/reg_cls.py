@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _validation as V
+from . import distributed as D
 from .lds import bin_edges, bin_index, label_histogram
 
 __all__ = ["ClassBins", "RegClsLoss", "RegClsOutput", "balanced_class_mask", "equalize_histogram"]
@@ -113,7 +114,7 @@ class ClassBins(nn.Module):
     @classmethod
     def fit(cls, train_targets: torch.Tensor, num_classes: int, range: Optional[Sequence[float]] = None,
             equalize: bool = True, *, num_bins: Optional[int] = None, mask: Optional[torch.Tensor] = None,
-            check_finite: bool = True) -> "ClassBins":
+            check_finite: bool = True, sync: bool = False, process_group=None) -> "ClassBins":
         """A new :class:`ClassBins` fitted on the training targets (a classmethod: ``ClassBins.fit(...)``).
 
         Args:
@@ -129,6 +130,10 @@ class ClassBins(nn.Module):
                 ``num_classes`` (the reference). With ``equalize=False`` it must be None or ``num_classes``.
             mask: optional bool tensor of the targets' shape; only the kept targets are counted.
             check_finite: refuse NaN/inf targets (where kept) with a ValueError.
+            sync, process_group: ``sync=True``: ``train_targets`` is this process's shard (it may keep no
+                target); the classes are fitted on the targets of every process of ``process_group`` (the
+                range without ``range`` and the fine counts all-reduced, docs/methods.md §7.3), the same on
+                every process.
 
         Equalisation (:func:`equalize_histogram`): the leading empty fine bins are dropped, then the M
         remaining bins are merged into at most ``T = min(num_classes, M)`` classes of near-equal counts. With
@@ -138,18 +143,32 @@ class ClassBins(nn.Module):
         ValueError asks for more fine bins or ``equalize=False`` (the reference silently falls back to the
         unequalised bins there).
         """
-        V.check_labels(train_targets, mask, check_finite=check_finite, name="train_targets")
-        num_classes, num_bins = _check_num_classes(num_classes, num_bins, equalize)
-        kept = train_targets if mask is None else train_targets[mask]
-        if kept.numel() == 0:
-            raise ValueError("train_targets has no (kept) element to fit the classes on")
+        group = D.sync_group(sync, process_group)
+        with D.agreement(group, "ClassBins.fit", getattr(train_targets, "device", None)) as agreed:
+            V.check_labels(train_targets, mask, check_finite=check_finite, name="train_targets")
+            num_classes, num_bins = _check_num_classes(num_classes, num_bins, equalize)
+            kept = train_targets if mask is None else train_targets[mask]
+            if kept.numel() == 0 and group is None:
+                raise ValueError("train_targets has no (kept) element to fit the classes on")
+            if range is not None:
+                bin_edges(num_bins, range)                      # validates range here, on every process
+            agreed.signature = {"num_classes": num_classes, "num_bins": num_bins, "equalize": int(equalize),
+                                "range": D.fingerprint(None if range is None else tuple(float(v) for v in range))}
         if range is None:
-            lo, hi = float(kept.min()), float(kept.max())
+            if group is None:
+                lo, hi = float(kept.min()), float(kept.max())
+            else:
+                extremes = D.min_max(kept, group)
+                if extremes is None:
+                    raise ValueError("train_targets has no (kept) element on any process to fit the classes on")
+                lo, hi = extremes
             if not hi > lo:
                 raise ValueError(f"train_targets are all equal to {lo}: pass range=(lo, hi) explicitly")
             range = (lo, hi)
         edges = bin_edges(num_bins, range, device=train_targets.device)
         counts = label_histogram(train_targets, edges, mask=mask, check_finite=False)
+        if group is not None:
+            counts = D.all_reduce(counts, "sum", group)
         return cls._from_fine(counts, edges, num_classes, equalize)
 
     @classmethod

@@ -1,23 +1,11 @@
-"""Independent references for FDS (docs/methods.md §3), never the code under test.
+"""Naive oracles for FDS (docs/methods.md §3), never the code under test: plain Python loops over pixels /
+bins / window taps on Python floats (scipy for the matrix square roots: a Schur-based algorithm, independent
+of the eigendecomposition the module uses): :func:`naive_bins`, :func:`naive_accumulate`,
+:func:`naive_recolor`, :func:`naive_smooth`, and :class:`NaiveFDS`, the whole module's state machine (it
+keeps every raw feature vector of the epoch, not sufficient statistics).
 
-1. Naive oracles, plain Python loops over pixels / bins / window taps on Python floats (scipy for the
-   matrix square roots: a Schur-based algorithm, independent of the eigendecomposition the module uses):
-   :func:`naive_bins`, :func:`naive_accumulate`, :func:`naive_recolor`, :func:`naive_smooth`, and
-   :class:`NaiveFDS`, the whole module's state machine (it keeps every raw feature vector of the epoch,
-   not sufficient statistics).
-2. :func:`published_smooth`: the published code's smoothing, ``F.conv1d`` over ``F.pad(mode='reflect')``.
-3. Reference-style formulations of the two kernels, imported by bench/bench_fds.py as baselines. They
-   take dense features ``[B, C, H, W]`` and bins ``[B, H*W]`` (every pixel in ``[0, nb)``) and return
-   ``[B, C, H, W]``, differentiable w.r.t. the features:
-
-   (a) :func:`recolor_gathered`  -- gathered per-pixel matrices, ``bmm(A[bins], z)`` ([N, C, C] memory);
-   (b) :func:`recolor_masked_loop` -- a Python loop over bins with boolean masks;
-   (c) :func:`recolor_sorted_loop` -- sort pixels by bin, one matmul per bin segment;
-   (d) :func:`recolor_grouped_mm` -- sort pixels by bin, ``torch.nn.functional.grouped_mm`` over the bin
-       offsets (CPU: fp32 only, C a multiple of 4);
-
-   and for the statistics: :func:`accumulate_masked_loop` (per-bin loop) and
-   :func:`accumulate_outer` (``index_add`` of per-pixel outer products, [N, C, C] memory).
+The published formulations (the published smoothing and dense FDS, and the reference-style formulations of
+our two kernels that bench/bench_fds.py times) are in :mod:`imbreg_fast.experiments.published`.
 """
 from __future__ import annotations
 
@@ -27,9 +15,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["NaiveFDS", "naive_accumulate", "naive_bins", "naive_recolor", "naive_smooth", "published_smooth",
-           "accumulate_masked_loop", "accumulate_outer", "recolor_gathered", "recolor_grouped_mm",
-           "recolor_masked_loop", "recolor_sorted_loop", "rows_of"]
+__all__ = ["NaiveFDS", "naive_accumulate", "naive_bins", "naive_recolor", "naive_smooth", "rows_of"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -150,15 +136,6 @@ def naive_smooth(stats, seen, window) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64).reshape(x.shape)
 
 
-def published_smooth(stats, window) -> torch.Tensor:
-    """The published FDS smoothing of [nb, D] statistics: conv1d over the bin axis, reflect padding."""
-    half = (window.shape[0] - 1) // 2
-    x = stats.detach().double().reshape(stats.shape[0], -1)
-    padded = torch.nn.functional.pad(x.t().unsqueeze(1), (half, half), mode="reflect")       # [D, 1, nb + 2h]
-    out = torch.nn.functional.conv1d(padded, window.double().view(1, 1, -1)).squeeze(1).t()
-    return out.reshape(stats.shape)
-
-
 class NaiveFDS:
     """The FDS module's state machine, naively: raw feature vectors kept per bin during an epoch; at
     ``update()``: per-bin mean and unbiased covariance (numpy), EMA (first fold replaces; bins with < 2
@@ -249,107 +226,3 @@ class NaiveFDS:
                 z = np.array(z)
                 out.append(list((t @ z if self.full else t * z) + s))
         return torch.tensor(np.array(out), dtype=torch.float64).reshape(b_, p_, c).permute(0, 2, 1).contiguous()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Reference-style formulations (bench baselines). Dense features [B, C, H, W], bins [B, H*W].
-# ----------------------------------------------------------------------------------------------------
-
-
-def _rows(features):
-    b, c = features.shape[:2]
-    return features.permute(0, 2, 3, 1).reshape(-1, c)
-
-
-def _dense(rows, like):
-    b, c, h, w = like.shape
-    return rows.reshape(b, h, w, c).permute(0, 3, 1, 2)
-
-
-def recolor_gathered(features, bins, transform, shift):
-    """(a) y_i = A[k_i] z_i + s[k_i] with the per-pixel matrices gathered: [N, C, C] memory."""
-    z, k = _rows(features), bins.reshape(-1)
-    y = torch.bmm(transform[k], z.unsqueeze(2)).squeeze(2) + shift[k]
-    return _dense(y, features)
-
-
-def recolor_masked_loop(features, bins, transform, shift):
-    """(b) a Python loop over bins, each selecting its pixels with a boolean mask."""
-    z, k = _rows(features), bins.reshape(-1)
-    y = torch.zeros_like(z)
-    for b in range(transform.shape[0]):
-        sel = k == b
-        y = y.index_put((sel,), z[sel] @ transform[b].t() + shift[b])
-    return _dense(y, features)
-
-
-def _sort(k, num_bins):
-    order = torch.argsort(k, stable=True)
-    counts = torch.bincount(k, minlength=num_bins)
-    return order, counts
-
-
-def recolor_sorted_loop(features, bins, transform, shift):
-    """(c) plain PyTorch: sort pixels by bin, one matmul per bin segment, un-sort."""
-    z, k = _rows(features), bins.reshape(-1)
-    order, counts = _sort(k, transform.shape[0])
-    zs = z[order]
-    parts, start = [], 0
-    for b, n in enumerate(counts.tolist()):
-        if n:
-            parts.append(zs[start:start + n] @ transform[b].t() + shift[b])
-            start += n
-    ys = torch.cat(parts)
-    return _dense(ys[torch.argsort(order)], features)
-
-
-def recolor_grouped_mm(features, bins, transform, shift, presorted=None):
-    """(d) sort pixels by bin, then one grouped_mm over the bin offsets (pass ``presorted=(order, offsets,
-    inverse)`` to leave the sort out of the timing)."""
-    z, k = _rows(features), bins.reshape(-1)
-    if presorted is None:
-        order, counts = _sort(k, transform.shape[0])
-        offsets = torch.cumsum(counts, 0).to(torch.int32)
-        inverse = torch.argsort(order)
-    else:
-        order, offsets, inverse = presorted
-    ys = torch.nn.functional.grouped_mm(z[order], transform.transpose(1, 2), offs=offsets)
-    ys = ys + shift[k[order]]
-    return _dense(ys[inverse], features)
-
-
-def grouped_mm_presort(bins, num_bins):
-    order, counts = _sort(bins.reshape(-1), num_bins)
-    return order, torch.cumsum(counts, 0).to(torch.int32), torch.argsort(order)
-
-
-def accumulate_masked_loop(features, bins, num_bins, full=True):
-    """Per-bin loop: (count, mean, m2) float64 from each bin's boolean-masked pixels (two-pass, centred)."""
-    z, k = _rows(features), bins.reshape(-1)
-    c = z.shape[1]
-    count = torch.zeros(num_bins, dtype=torch.float64)
-    mean = torch.zeros(num_bins, c, dtype=torch.float64)
-    m2 = torch.zeros((num_bins, c, c) if full else (num_bins, c), dtype=torch.float64)
-    for b in range(num_bins):
-        zb = z[k == b]
-        if zb.shape[0] == 0:
-            continue
-        mu = zb.mean(0)
-        e = zb - mu
-        count[b] = zb.shape[0]
-        mean[b] = mu.double()
-        m2[b] = (e.t() @ e).double() if full else (e * e).sum(0).double()
-    return count, mean, m2
-
-
-def accumulate_outer(features, bins, num_bins):
-    """Outer-product formulation: index_add of z z^T per pixel ([N, C, C] memory), then
-    m2 = sum z z^T - n mean mean^T."""
-    z, k = _rows(features), bins.reshape(-1)
-    c = z.shape[1]
-    count = torch.bincount(k, minlength=num_bins).to(z.dtype)
-    total = torch.zeros(num_bins, c, dtype=z.dtype).index_add_(0, k, z)
-    second = torch.zeros(num_bins, c, c, dtype=z.dtype).index_add_(0, k, z.unsqueeze(2) * z.unsqueeze(1))
-    mean = total / count.clamp(min=1).unsqueeze(1)
-    m2 = second - count.view(-1, 1, 1) * mean.unsqueeze(2) * mean.unsqueeze(1)
-    return count.double(), mean.double(), m2.double()

@@ -9,14 +9,15 @@ Conventions: elements are flattened; ``weight`` is a list (already expanded) or 
 list of bools or None. Reductions: 'mean' = sum_kept w l / kept count, 'weighted_mean' = sum_kept w l /
 sum_kept w (0 when that is 0), 'sum', 'none' (w l per element, 0 on dropped ones). The result is for
 ``sum(grad_output * loss)``: grad_output a float (reduced) or a list (per element, 'none').
+
+The published formulation (tensor code, the benchmarks' baseline) is in :mod:`imbreg_fast.experiments.published`.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-__all__ = ["NaiveWeighted", "weighted_loss_naive", "flat", "published_weighted_mse_loss", "published_weighted_l1_loss",
-           "published_weighted_huber_loss", "published_weighted_focal_mse_loss", "published_weighted_focal_l1_loss"]
+__all__ = ["NaiveWeighted", "weighted_loss_naive", "element_loss", "flat"]
 
 
 @dataclass
@@ -103,54 +104,3 @@ def weighted_loss_naive(pred, target, weight, mask, kind, reduction, grad_output
     else:
         c = 1.0 / wsum if wsum > 0 else 0.0
     return NaiveWeighted(total * c, [grad_output * c * d for d in dper], scale * c)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The published formulation (YyzHarry/imbalanced-regression, imdb-wiki-dir/loss.py), as tensor code: the
-# benchmarks' baseline and a parity check of 'mean' (torch.mean of w * l). weights: expandable to the loss.
-# ----------------------------------------------------------------------------------------------------
-
-
-def published_weighted_mse_loss(inputs, targets, weights=None):
-    import torch
-    loss = (inputs - targets) ** 2
-    if weights is not None:
-        loss = loss * weights.expand_as(loss)
-    return torch.mean(loss)
-
-
-def published_weighted_l1_loss(inputs, targets, weights=None):
-    import torch
-    loss = torch.abs(inputs - targets)
-    if weights is not None:
-        loss = loss * weights.expand_as(loss)
-    return torch.mean(loss)
-
-
-def published_weighted_focal_mse_loss(inputs, targets, weights=None, activate="sigmoid", beta=0.2, gamma=1):
-    import torch
-    loss = (inputs - targets) ** 2
-    loss = loss * ((torch.tanh(beta * torch.abs(inputs - targets))) ** gamma if activate == "tanh" else
-                   (2 * torch.sigmoid(beta * torch.abs(inputs - targets)) - 1) ** gamma)
-    if weights is not None:
-        loss = loss * weights.expand_as(loss)
-    return torch.mean(loss)
-
-
-def published_weighted_focal_l1_loss(inputs, targets, weights=None, activate="sigmoid", beta=0.2, gamma=1):
-    import torch
-    loss = torch.abs(inputs - targets)
-    loss = loss * ((torch.tanh(beta * torch.abs(inputs - targets))) ** gamma if activate == "tanh" else
-                   (2 * torch.sigmoid(beta * torch.abs(inputs - targets)) - 1) ** gamma)
-    if weights is not None:
-        loss = loss * weights.expand_as(loss)
-    return torch.mean(loss)
-
-
-def published_weighted_huber_loss(inputs, targets, weights=None, beta=1.0):
-    import torch
-    l1_loss = torch.abs(inputs - targets)
-    loss = torch.where(l1_loss < beta, 0.5 * l1_loss ** 2 / beta, l1_loss - 0.5 * beta)
-    if weights is not None:
-        loss = loss * weights.expand_as(loss)
-    return torch.mean(loss)

@@ -691,7 +691,7 @@ def test_bit_identical_across_thread_counts(op, backend, reduction):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Agreement with the published formulation (tests/published_reference.py, materialising N x N / N x K)
+# Agreement with the published formulation (imbreg_fast/experiments/published.py, materialising N x N / N x K)
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -710,8 +710,8 @@ def _published_params():
 @pytest.mark.parametrize("op,d,m,backend", _published_params())
 def test_agrees_with_published_reference(op, d, m, backend):
     """fp32, random inputs: loss and gradients (pred, noise_var) agree with the published formulation
-    (tests/published_reference.py: N x N logits and cross-entropy, MVN.log_prob for d > 1, [N, K] terms)."""
-    import published_reference as pub
+    (imbreg_fast/experiments/published.py: N x N logits and cross-entropy, MVN.log_prob for d > 1, [N, K] terms)."""
+    import imbreg_fast.experiments.published as pub
 
     n = 64
     case = make_case(op, n, d, torch.float32, k=8, m=m)

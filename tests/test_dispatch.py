@@ -154,9 +154,9 @@ def test_env_override_selects_the_backend_that_runs(monkeypatch):
     real = _dispatch._IMPLS["bmc_loss"]
 
     def spy(name):
-        def impl(*args):
+        def impl(*args, **kwargs):
             calls.append(name)
-            return real[name](*args)
+            return real[name](*args, **kwargs)
         return impl
 
     monkeypatch.setitem(_dispatch._IMPLS, "bmc_loss", {name: spy(name) for name in real})

@@ -19,7 +19,8 @@ from imbreg_fast.lds import kernel_window
 from imbreg_fast.ops import fds as ops
 
 from conftest import CPP_OK
-from fds_reference import NaiveFDS, naive_accumulate, naive_recolor, naive_smooth, published_smooth
+from fds_reference import NaiveFDS, naive_accumulate, naive_recolor, naive_smooth
+from imbreg_fast.experiments.published import published_smooth
 
 CPU_BACKENDS = ["torch", pytest.param("cpp", marks=pytest.mark.requires_cpp)]
 # (dtype, atol, rtol) of a backend against the float64 naive oracle on the same input values

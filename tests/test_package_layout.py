@@ -137,5 +137,5 @@ def test_reduction_codes_are_defined_once():
 
 def test_public_api_imports():
     for name in ("functional", "nn", "lds", "metrics", "FDS", "fit_gmm", "bin_prior", "available_backends",
-                 "selected_backend", "backend_info", "cpu_capability"):
+                 "selected_backend", "backend_info", "cpu_capability", "distributed", "rrt"):
         assert hasattr(imbreg_fast, name), name

@@ -552,11 +552,11 @@ def test_bin_prior_bad_smooth():
 
 
 # --------------------------------------------------------------------------------------------------
-# the demo job (python -m imbreg_fast) that uses these priors
+# shot metrics of a 1-D task (the priors' users are evaluated with them)
 # --------------------------------------------------------------------------------------------------
 
 
-def test_demo_shot_metrics_matches_naive_loop():
+def test_shot_metrics_matches_naive_loop():
     from imbreg_fast.metrics import shot_metrics
 
     gen = torch.Generator().manual_seed(0)
@@ -578,32 +578,3 @@ def test_demo_shot_metrics_matches_naive_loop():
     empty = shot_metrics(pred, target, train, edges, many=10 ** 6)
     assert empty["many/count"].item() == 0
     assert math.isnan(empty["many/mse"].item()) and math.isnan(empty["many/mae"].item())
-
-
-def test_demo_runs_and_is_deterministic():
-    from imbreg_fast.experiments import demo
-
-    cfg = demo.SyntheticConfig(n_train=1024, n_test=256)
-    lines = []
-    rows = demo.run(backend="torch", steps=6, seed=1, cfg=cfg, print_fn=lines.append)
-    again = demo.run(backend="torch", steps=6, seed=1, cfg=cfg, print_fn=lambda s: None)
-    assert [r.loss.split()[0] for r in rows] == ["MSE", "BMC", "GAI", "BNI", "reg-cls", "SQINV"]
-    assert [r.backend for r in rows] == ["torch"] * 6
-    assert all(math.isfinite(r.metrics["all/mse"]) for r in rows)
-    assert math.isnan(rows[0].sigma) and all(0 < r.sigma < 10 for r in rows[1:4])
-    assert all(math.isnan(r.sigma) for r in rows[4:])   # reg+cls and BSAM train no noise scale
-    assert [r.metrics for r in rows] == [r.metrics for r in again]
-    assert [r.sigma for r in rows[1:4]] == [r.sigma for r in again[1:4]]
-    assert any("MAE few" in line for line in lines)
-
-
-def test_demo_cli_arguments():
-    from imbreg_fast.experiments import demo
-
-    with pytest.raises(SystemExit) as exc:
-        demo.main(["--help"])
-    assert exc.value.code == 0
-    with pytest.raises(SystemExit):
-        demo.main(["--steps", "0"])
-    with pytest.raises(SystemExit):
-        demo.main(["--backend", "cuda"])

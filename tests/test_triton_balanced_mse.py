@@ -494,7 +494,8 @@ SM90_COMPILE = """
 
     def types(p):
         acc = "fp64" if p == "fp64" else "fp32"
-        special = {"mask_ptr": "*i1", "count_ptr": "*i32", "denom_ptr": "*i32", "noise_var_ptr": "*fp32"}
+        special = {"mask_ptr": "*i1", "count_ptr": "*i32", "denom_ptr": "*i32", "noise_var_ptr": "*fp32",
+                   "flag_ptr": "*i32"}
         return lambda n: special.get(n) or (f"*{p}" if n in ("pred_ptr", "target_ptr", "grad_pred_ptr", "src_ptr")
                                             else f"*{acc}" if n.endswith("_ptr") else "i32")
 
@@ -514,12 +515,12 @@ SM90_COMPILE = """
     for p, d, mode in (("fp32", 1, True), ("fp16", 4, False), ("bf16", 2, True)):
         acc = tl.float32
         compile_(K._bmc_fwd_kernel, p, dict(D=d, TARGETS_AS_CANDS=mode, HAS_MASK=mode, REDUCTION=1 if mode else 0,
-                 COMPUTE_GRAD=True, ACC=acc, BLOCK_ROWS=K.bmc_block_rows(d, dt[p]), BLOCK_CANDS=K.BMC_BLOCK_CANDS),
+                 COMPUTE_GRAD=True, CHECK=mode, ACC=acc, BLOCK_ROWS=K.bmc_block_rows(d, dt[p]), BLOCK_CANDS=K.BMC_BLOCK_CANDS),
                  K.BMC_NUM_WARPS)
         compile_(K._mixture_nll_fwd_kernel, p, dict(D=d, HAS_MASK=mode, REDUCTION=0 if mode else 2, COMPUTE_GRAD=True,
-                 ACC=acc, BLOCK_ROWS=K.mixture_block_rows(d, dt[p]), BLOCK_COMPS=K.MIXTURE_BLOCK_COMPS),
+                 CHECK=mode, ACC=acc, BLOCK_ROWS=K.mixture_block_rows(d, dt[p]), BLOCK_COMPS=K.MIXTURE_BLOCK_COMPS),
                  K.MIXTURE_NUM_WARPS)
-    compile_(K._bmc_candidates_kernel, "fp32", dict(D=2, HAS_MASK=True, ACC=tl.float32, BLOCK=K.PROLOGUE_BLOCK), 4)
+    compile_(K._bmc_candidates_kernel, "fp32", dict(D=2, HAS_MASK=True, CHECK=True, ACC=tl.float32, BLOCK=K.PROLOGUE_BLOCK), 4)
     compile_(K._mixture_tables_kernel, "fp32", dict(D=3, ACC=tl.float32, BLOCK=K.PROLOGUE_BLOCK), 4)
     compile_(C.finalize_kernel, "fp32", dict(REDUCTION=C.MEAN.value, READ_DENOM=True, TWO=True, DIVIDE=False,
              ACC=tl.float32, BLOCK=C.FINALIZE_BLOCK), 4)

@@ -13,7 +13,7 @@ import torch
 
 import imbreg_fast.functional as F
 from conftest import backend_params, interpreted, op_kernel_registered
-import naive_weighted_losses as pub
+import imbreg_fast.experiments.published as pub
 from naive_weighted_losses import flat, weighted_loss_naive
 
 OP = "weighted_regression_loss"

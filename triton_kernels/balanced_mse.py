@@ -34,7 +34,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_DIM, MEAN, NONE, SUM, acc_dtype, compute_dtype, device_guard, finalize, reduction_scale
+from .common import (MAX_DIM, MEAN, NONE, SUM, acc_dtype, compute_dtype, device_guard, finalize, flag_bits,
+                     flag_non_finite, new_flag, non_finite_message, raise_flagged, reduction_scale)
+
+# Bits of the value-check flag (check_finite): a NaN / inf at a kept row of pred, target; in a candidate.
+_PRED, _TARGET, _CANDIDATES = 1, 2, 4
 
 __all__ = ["MAX_DIM", "bmc_fwd", "mixture_nll_fwd"]
 
@@ -103,8 +107,9 @@ def _bmc_candidates_kernel(
     cand_ptr,         # [D, M_pad] out (ACC): candidates, planar; 0 where dropped or padding
     cand_scaled_ptr,  # [D, M_pad] out (ACC): candidates * log2(e) / (2 sigma^2)
     bias_ptr,         # [M_pad] out (ACC): 0 for kept candidates, -inf for dropped ones and padding
+    flag_ptr,         # [] int32: value-check flag (CHECK: bit 4 for a NaN / inf candidate)
     M, M_pad,
-    D: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    D: tl.constexpr, HAS_MASK: tl.constexpr, CHECK: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     in_pad = idx < M_pad
@@ -115,6 +120,8 @@ def _bmc_candidates_kernel(
     tl.store(bias_ptr + idx, tl.where(kept, 0.0, float("-inf")).to(ACC), mask=in_pad)
     for k in tl.static_range(D):
         c = _load_dim(src_ptr, idx, k, D, kept, ACC)
+        if CHECK:
+            flag_non_finite(flag_ptr, c, 4)
         tl.store(cand_ptr + k * M_pad + idx, c, mask=in_pad)
         tl.store(cand_scaled_ptr + k * M_pad + idx, c * scale, mask=in_pad)
 
@@ -161,6 +168,18 @@ def _bmc_tile(start, cand_ptr, cand_scaled_ptr, bias_ptr, M_pad,
 
 
 @triton.jit
+def _row_bits(p, y):
+    """Per row: bit 1 if p is NaN / inf, bit 2 if y is (dropped rows are loaded as 0)."""
+    return tl.where(tl.abs(p) < float("inf"), 0, 1) | tl.where(tl.abs(y) < float("inf"), 0, 2)
+
+
+@triton.jit
+def _flag_rows(flag_ptr, p, y):
+    """Value check of one coordinate of a block of rows (dropped rows loaded as 0)."""
+    flag_bits(flag_ptr, _row_bits(p, y))
+
+
+@triton.jit
 def _bmc_fwd_kernel(
     pred_ptr,         # [N, D] predictions
     target_ptr,       # [N, D] targets (the positives)
@@ -173,10 +192,12 @@ def _bmc_fwd_kernel(
     loss_ptr,         # [N] row losses ('none') or [num_programs] partial sums (ACC)
     grad_pred_ptr,    # [N, D] d loss / d pred, scaled by the reduction weight
     grad_var_ptr,     # [N] row d loss / d sigma^2 ('none') or [num_programs] partial sums (ACC)
+    flag_ptr,         # [] int32: value-check flag (CHECK: bits 1 / 2 for a NaN / inf in a kept pred / target)
     N, M_pad,
     M_UNBIASED,       # candidates [0, M_UNBIASED) need no bias (whole tiles, none dropped)
     D: tl.constexpr, TARGETS_AS_CANDS: tl.constexpr, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_CANDS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr, CHECK: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_CANDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -223,6 +244,18 @@ def _bmc_fwd_kernel(
         m, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3 = _bmc_tile(
             start, cand_ptr, cand_scaled_ptr, bias_ptr, M_pad, y0, y1, y2, y3, a0, a1, a2, a3,
             m, sum_e, sum_et, sum_ed0, sum_ed1, sum_ed2, sum_ed3, D, True, COMPUTE_GRAD, BLOCK_CANDS)
+
+    if CHECK:
+        # after the candidate loop, pred re-read (N D values, cached): checked at the top, its values would
+        # stay live through the loop and spill registers; one OR-reduction and one atomic for all bits
+        bits = _row_bits(_load_dim(pred_ptr, rows, 0, D, row_ok, ACC), y0)
+        if D > 1:
+            bits = bits | _row_bits(_load_dim(pred_ptr, rows, 1, D, row_ok, ACC), y1)
+        if D > 2:
+            bits = bits | _row_bits(_load_dim(pred_ptr, rows, 2, D, row_ok, ACC), y2)
+        if D > 3:
+            bits = bits | _row_bits(_load_dim(pred_ptr, rows, 3, D, row_ok, ACC), y3)
+        flag_bits(flag_ptr, bits)
 
     in_range = rows < N
     sum_e = tl.where(row_ok, sum_e, 1.0)           # kept rows: >= 1 (the max term); dropped rows: unused
@@ -425,9 +458,10 @@ def _mixture_nll_fwd_kernel(
     loss_ptr,          # [N] row losses ('none') or [num_programs] partial sums (ACC)
     grad_pred_ptr,     # [N, D] d loss / d pred, scaled by the reduction weight
     grad_var_ptr,      # [N] row d loss / d sigma^2 ('none') or [num_programs] partial sums (ACC)
+    flag_ptr,          # [] int32: value-check flag (CHECK: bits 1 / 2 for a NaN / inf in a kept pred / target)
     N, K_pad,
     D: tl.constexpr, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COMPS: tl.constexpr,
+    CHECK: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COMPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -489,16 +523,28 @@ def _mixture_nll_fwd_kernel(
                 sum_eb3 = sum_eb3 * rescale + tl.sum(e * beta3, axis=0)
         m = m_new
 
-    u0 = p0 - _load_dim(target_ptr, rows, 0, D, row_ok, ACC)                 # u = p - y
+    y0 = _load_dim(target_ptr, rows, 0, D, row_ok, ACC)
+    if CHECK:
+        _flag_rows(flag_ptr, p0, y0)
+    u0 = p0 - y0                 # u = p - y
     sq_err = u0 * u0
     if D > 1:
-        u1 = p1 - _load_dim(target_ptr, rows, 1, D, row_ok, ACC)
+        y1 = _load_dim(target_ptr, rows, 1, D, row_ok, ACC)
+        if CHECK:
+            _flag_rows(flag_ptr, p1, y1)
+        u1 = p1 - y1
         sq_err += u1 * u1
     if D > 2:
-        u2 = p2 - _load_dim(target_ptr, rows, 2, D, row_ok, ACC)
+        y2 = _load_dim(target_ptr, rows, 2, D, row_ok, ACC)
+        if CHECK:
+            _flag_rows(flag_ptr, p2, y2)
+        u2 = p2 - y2
         sq_err += u2 * u2
     if D > 3:
-        u3 = p3 - _load_dim(target_ptr, rows, 3, D, row_ok, ACC)
+        y3 = _load_dim(target_ptr, rows, 3, D, row_ok, ACC)
+        if CHECK:
+            _flag_rows(flag_ptr, p3, y3)
+        u3 = p3 - y3
         sq_err += u3 * u3
 
     in_range = rows < N
@@ -584,13 +630,16 @@ def _check_rows(pred, target, mask, noise_var, reduction):
 
 
 def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_grad: bool, *,
-            block_rows: int | None = None, block_cands: int = BMC_BLOCK_CANDS):
+            check_finite: bool = False, block_rows: int | None = None, block_cands: int = BMC_BLOCK_CANDS):
     """BMC loss and its gradients in one streaming pass (contract of ``imbreg_fast::bmc_fwd``).
 
     pred, target [N, d]; candidates [M, d] or None (then the kept targets); mask [N] bool or None;
     noise_var [] = sigma^2; reduction one of the codes NONE / MEAN / SUM of ``common``.
     Returns (loss, grad_pred, grad_noise_var).
     O(N + M) memory: the N x M logits are never stored.
+    ``check_finite``: the kernels flag a NaN / inf in a kept pred / target row or a given candidate while
+    loading them; then ``common.raise_flagged`` (ValueError naming the argument; on CUDA an asynchronous
+    device-side assert).
     """
     _check_rows(pred, target, mask, noise_var, reduction)
     n, d = pred.shape
@@ -616,32 +665,39 @@ def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_g
     num_programs = max(triton.cdiv(n, block_rows), 1)
     loss, grad_pred, grad_var, loss_buf, var_buf = _outputs(pred, noise_var, reduction, compute_grad, num_programs)
     count = _kept_count(mask, reduction, loss_buf)
+    check = bool(check_finite)
+    flag = new_flag(pred) if check else count
     with device_guard(pred):
         if m_pad > 0:
             _bmc_candidates_kernel[(triton.cdiv(m_pad, PROLOGUE_BLOCK),)](
-                candidates, candidates if cand_mask is None else cand_mask, noise_var, cand, cand_scaled, bias,
-                m, m_pad, D=d, HAS_MASK=cand_mask is not None, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
+                candidates, candidates if cand_mask is None else cand_mask, noise_var, cand, cand_scaled, bias, flag,
+                m, m_pad, D=d, HAS_MASK=cand_mask is not None, CHECK=check and not targets_as_cands, ACC=acc,
+                BLOCK=PROLOGUE_BLOCK, num_warps=4)
         _bmc_fwd_kernel[(num_programs,)](
             pred, target, cand, cand_scaled, bias, pred if mask is None else mask, count, noise_var,
-            loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf,
+            loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf, flag,
             n, m_pad, m_unbiased,
             D=d, TARGETS_AS_CANDS=targets_as_cands, HAS_MASK=mask is not None, REDUCTION=reduction,
-            COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK_ROWS=block_rows, BLOCK_CANDS=block_cands,
+            COMPUTE_GRAD=compute_grad, CHECK=check, ACC=acc, BLOCK_ROWS=block_rows, BLOCK_CANDS=block_cands,
             num_warps=BMC_NUM_WARPS)
         if reduction != NONE:
             finalize(loss_buf, count, loss, n, reduction, mask is not None, acc,
                      partial2=var_buf if compute_grad else None, out2=grad_var if compute_grad else None)
+    if check:
+        masked = mask is not None
+        raise_flagged(flag, [non_finite_message("pred", masked), non_finite_message("target", masked),
+                             non_finite_message("candidates", False)])
     return loss, grad_pred, grad_var
 
 
 def mixture_nll_fwd(pred, target, mask, noise_var, log_weight, log_norm, means, precision, grad_var_bias,
-                    reduction: int, compute_grad: bool, *,
+                    reduction: int, compute_grad: bool, *, check_finite: bool = False,
                     block_rows: int | None = None, block_comps: int = MIXTURE_BLOCK_COMPS):
     """GAI / BNI loss and gradients in one pass over the rows (contract of ``imbreg_fast::mixture_nll_fwd``).
 
     Tables (from ``gai_tables`` / ``bni_tables``): log_weight [K] (normalised), log_norm [K], means [K, d],
     precision [K, d, d] (symmetric), grad_var_bias [K].
-    Returns (loss, grad_pred, grad_noise_var).
+    Returns (loss, grad_pred, grad_noise_var). ``check_finite``: as :func:`bmc_fwd` (pred and target).
     """
     _check_rows(pred, target, mask, noise_var, reduction)
     n, d = pred.shape
@@ -667,16 +723,21 @@ def mixture_nll_fwd(pred, target, mask, noise_var, log_weight, log_norm, means, 
     num_programs = max(triton.cdiv(n, block_rows), 1)
     loss, grad_pred, grad_var, loss_buf, var_buf = _outputs(pred, noise_var, reduction, compute_grad, num_programs)
     count = _kept_count(mask, reduction, loss_buf)
+    check = bool(check_finite)
+    flag = new_flag(pred) if check else count
     with device_guard(pred):
         _mixture_tables_kernel[(triton.cdiv(k_pad, PROLOGUE_BLOCK),)](
             *tables, a2, n2, w, mu, q, g2, k, k_pad, D=d, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
         _mixture_nll_fwd_kernel[(num_programs,)](
             pred, target, pred if mask is None else mask, count, noise_var, a2, n2, w, mu, q, g2,
-            loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf,
+            loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf, flag,
             n, k_pad,
-            D=d, HAS_MASK=mask is not None, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, ACC=acc,
+            D=d, HAS_MASK=mask is not None, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, CHECK=check, ACC=acc,
             BLOCK_ROWS=block_rows, BLOCK_COMPS=block_comps, num_warps=MIXTURE_NUM_WARPS)
         if reduction != NONE:
             finalize(loss_buf, count, loss, n, reduction, mask is not None, acc,
                      partial2=var_buf if compute_grad else None, out2=grad_var if compute_grad else None)
+    if check:
+        masked = mask is not None
+        raise_flagged(flag, [non_finite_message("pred", masked), non_finite_message("target", masked)])
     return loss, grad_pred, grad_var

@@ -10,6 +10,9 @@ Installed as ``imbreg_fast.triton_kernels.common``. Holds what every family need
   per-program partial sums of one or two buffers in a fixed order (no atomics) and applies the scale;
 - the accumulation dtype (``compute_dtype`` for torch buffers, ``acc_dtype`` for kernels) and the CUDA
   device guard of the launchers;
+- the in-kernel value checks (``check_finite``): ``flag_non_finite`` ORs a bit into an int32 flag when a
+  kept value is NaN / inf, and ``raise_flagged`` turns the flag into the ValueError naming the argument (CPU
+  tensors, i.e. the interpreter) or an asynchronous device-side assert (CUDA: no host sync);
 - ``MAX_DIM``, the largest target dimension of the Balanced MSE kernels (one register accumulator per
   dimension). ``imbreg_fast.ops`` keeps a copy it can read without importing Triton.
 """
@@ -25,7 +28,8 @@ from .. import _reduction
 from .._validation import compute_dtype
 
 __all__ = ["NONE", "MEAN", "SUM", "WEIGHTED_MEAN", "MAX_DIM", "FINALIZE_BLOCK", "compute_dtype", "acc_dtype",
-           "device_guard", "reduction_scale", "finalize_kernel", "finalize"]
+           "device_guard", "reduction_scale", "finalize_kernel", "finalize", "flag_non_finite", "flag_where",
+           "flag_bits", "new_flag", "raise_flagged", "non_finite_message"]
 
 # Kernels compare REDUCTION with these names; on the host `reduction == MEAN` gives a truthy or falsy
 # tl.constexpr: wrap it in bool() before storing it or passing it to a kernel.
@@ -46,6 +50,58 @@ def acc_dtype(dtype: torch.dtype):
 def device_guard(t: torch.Tensor):
     """Make ``t``'s CUDA device current while launching (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+@triton.jit
+def _bitwise_or(a, b):
+    return a | b
+
+
+@triton.jit
+def flag_bits(flag_ptr, bits):
+    """OR the int32 ``bits`` of a block (one OR-reduction) into the int32 flag [], with one atomic per
+    program, only when a bit is set."""
+    hit = tl.reduce(bits, 0, _bitwise_or)
+    tl.atomic_or(flag_ptr, hit, mask=hit != 0)
+
+
+@triton.jit
+def flag_where(flag_ptr, bad, BIT: tl.constexpr):
+    """OR ``BIT`` into the int32 flag [] when any lane of the bool block ``bad`` is set (one atomic per
+    program, only then: an OR does not depend on the order of the programs)."""
+    hit = tl.max(bad.to(tl.int32), axis=0)
+    tl.atomic_or(flag_ptr, hit * BIT, mask=hit != 0)
+
+
+@triton.jit
+def flag_non_finite(flag_ptr, x, BIT: tl.constexpr):
+    """OR ``BIT`` into the int32 flag [] when a lane of ``x`` is NaN or +-inf (dropped lanes must hold 0)."""
+    flag_where(flag_ptr, ~(tl.abs(x) < float("inf")), BIT)
+
+
+def new_flag(ref: torch.Tensor) -> torch.Tensor:
+    """The zeroed int32 [] flag of the value checks, on ``ref``'s device."""
+    return torch.zeros((), dtype=torch.int32, device=ref.device)
+
+
+def non_finite_message(name: str, masked: bool) -> str:
+    """The wording of the Python value checks (imbreg_fast._validation.check_all_finite)."""
+    return (f"{name} contains NaN or inf" + (" at kept positions" if masked else "")
+            + " (pass check_finite=False to skip this check)")
+
+
+def raise_flagged(flag: torch.Tensor, messages: list) -> None:
+    """After kernels that ORed bit ``1 << i`` into ``flag`` for a bad value of kind i: raise
+    ``ValueError(messages[i])`` for the lowest bit set. On CUDA the flag is not read (that would be a host
+    sync per call): ``torch._assert_async`` makes a set flag an asynchronous device-side assert instead
+    (docs/methods.md §1.8)."""
+    if flag.is_cuda:
+        torch._assert_async(flag == 0, "imbreg_fast: " + " / ".join(messages))
+        return
+    bits = int(flag)
+    for i, message in enumerate(messages):
+        if bits >> i & 1:
+            raise ValueError(message)
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .common import (MEAN, NONE, SUM, WEIGHTED_MEAN, acc_dtype, compute_dtype, device_guard, finalize,
-                     reduction_scale)
+                     flag_non_finite, flag_where, new_flag, non_finite_message, raise_flagged, reduction_scale)
 
 __all__ = ["weighted_regression_fwd"]
 
@@ -60,10 +60,12 @@ def _weighted_regression_fwd_kernel(
     denom_ptr,       # [] ACC: kept count ('mean' with mask) or sum of kept weights ('weighted_mean')
     loss_ptr,        # [N] w l ('none') or [num_programs] partial sums (ACC)
     grad_ptr,        # [N] d loss / d pred, scaled by the reduction
+    flag_ptr,        # [] int32 value-check flag (CHECK): bits 1 / 2 / 4 NaN or inf in a kept pred / target /
+                     # weight, 8 a kept weight < 0
     N, beta_bits, kappa_bits, gamma_bits,     # float64 bit patterns (see _from_bits)
     LOSS: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
-    REDUCTION: tl.constexpr, READ_DENOM: tl.constexpr, COMPUTE_GRAD: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, READ_DENOM: tl.constexpr, COMPUTE_GRAD: tl.constexpr, CHECK: tl.constexpr,
+    ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -74,11 +76,19 @@ def _weighted_regression_fwd_kernel(
     kappa = _from_bits(kappa_bits, ACC)
     gamma = _from_bits(gamma_bits, ACC)
     # Dropped elements load e = 0 and w = 0 (NaN holes never reach the sums); l(0) = 0 for every kind.
-    e = tl.load(pred_ptr + offs, mask=ok, other=0.0).to(ACC) - tl.load(target_ptr + offs, mask=ok, other=0.0).to(ACC)
+    p = tl.load(pred_ptr + offs, mask=ok, other=0.0).to(ACC)
+    y = tl.load(target_ptr + offs, mask=ok, other=0.0).to(ACC)
+    e = p - y
     if HAS_WEIGHT:
         w = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(ACC)
     else:
         w = tl.where(ok, 1.0, 0.0).to(ACC)
+    if CHECK:
+        flag_non_finite(flag_ptr, p, 1)
+        flag_non_finite(flag_ptr, y, 2)
+        if HAS_WEIGHT:
+            flag_non_finite(flag_ptr, w, 4)
+            flag_where(flag_ptr, w < 0, 8)
     a = tl.abs(e)
     sign = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)).to(ACC)
     if LOSS == 0 or LOSS == 3:
@@ -124,9 +134,12 @@ def _bits(value: float) -> int:
 
 
 def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, gamma: float, activation: int,
-                            reduction: int, compute_grad: bool, *, block: int = BLOCK):
+                            reduction: int, compute_grad: bool, *, check_finite: bool = False, block: int = BLOCK):
     """Weighted regression loss and d loss / d pred in one pass (contract of
-    ``imbreg_fast::weighted_regression_fwd``, csrc/weighted_losses.cpp). Returns (loss, grad_pred)."""
+    ``imbreg_fast::weighted_regression_fwd``, csrc/weighted_losses.cpp). Returns (loss, grad_pred).
+    ``check_finite``: the kernel flags a NaN / inf in a kept pred / target / weight or a kept weight < 0
+    while loading them; then ``common.raise_flagged`` (ValueError naming the argument; on CUDA an
+    asynchronous device-side assert)."""
     if target.shape != pred.shape or target.dtype != pred.dtype:
         raise ValueError(f"target must have pred's shape and dtype, got {tuple(target.shape)} {target.dtype} "
                          f"for pred {tuple(pred.shape)} {pred.dtype}")
@@ -170,14 +183,21 @@ def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, 
         loss_buf = torch.empty(num_programs, dtype=acc_torch, device=pred.device)
     kappa = 0.5 * beta if activation == 0 else beta
     gamma_case = 0 if gamma == 0 else 1 if gamma == 1 else 2 if gamma == 2 else 3
+    check = bool(check_finite)
+    flag = new_flag(p) if check else denom
     with device_guard(pred):
         if n > 0 or reduction != NONE:
             _weighted_regression_fwd_kernel[(num_programs,)](
                 p, y, p if w is None else w, p if m is None else m, denom, loss_buf, grad if compute_grad else loss_buf,
-                n, _bits(beta), _bits(kappa), _bits(gamma),
+                flag, n, _bits(beta), _bits(kappa), _bits(gamma),
                 LOSS=loss, GAMMA_CASE=gamma_case, HAS_WEIGHT=w is not None, HAS_MASK=m is not None,
-                REDUCTION=reduction, READ_DENOM=read_denom, COMPUTE_GRAD=compute_grad, ACC=acc, BLOCK=block,
-                num_warps=NUM_WARPS)
+                REDUCTION=reduction, READ_DENOM=read_denom, COMPUTE_GRAD=compute_grad, CHECK=check, ACC=acc,
+                BLOCK=block, num_warps=NUM_WARPS)
         if reduction != NONE:
             finalize(loss_buf, denom, out, n, reduction, read_denom, acc, divide=True)
+    if check:
+        masked = m is not None
+        raise_flagged(flag, [non_finite_message("pred", masked), non_finite_message("target", masked),
+                             non_finite_message("weight", masked),
+                             "weight must be >= 0" + (" at kept elements" if masked else "")])
     return out, grad

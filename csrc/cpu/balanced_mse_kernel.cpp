@@ -107,6 +107,10 @@ struct RowOutputs {
   at::Tensor grad_pred;   // [N, d] or undefined (compute_grad false)
   at::Tensor grad_rows;   // [N] ('none' and compute_grad) or undefined
   std::vector<double> block_loss, block_grad;
+  // check_finite: per block, sum of x * 0 over the kept rows' pred and target (0, or NaN after a NaN / inf:
+  // cpu::finite_acc); for BMC also the same over the given candidates
+  std::vector<double> block_check;
+  double cand_check = 0.0;
 };
 
 RowOutputs make_row_outputs(int64_t n, int64_t d, int64_t n_blocks, at::ScalarType cdt, int64_t reduction,
@@ -120,7 +124,22 @@ RowOutputs make_row_outputs(int64_t n, int64_t d, int64_t n_blocks, at::ScalarTy
   }
   out.block_loss.assign(n_blocks, 0.0);
   out.block_grad.assign(n_blocks, 0.0);
+  out.block_check.assign(n_blocks, 0.0);
   return out;
+}
+
+// check_finite: raise the ValueError of the first argument (pred, then target) with a NaN / inf at a kept row
+// when the in-pass flag fired. p, t: the compute-dtype copies (a half input's NaN / inf is kept by the cast).
+void check_rows_flag(const RowOutputs& out, const at::Tensor& p, const at::Tensor& t, const bool* mask) {
+  double flag = 0.0;
+  for (double v : out.block_check) flag += v;
+  if (std::isfinite(flag)) return;
+  AT_DISPATCH_FLOATING_TYPES(p.scalar_type(), "check_rows_flag", [&] {
+    const int64_t n = p.size(0), d = p.size(1);
+    if (cpu::any_non_finite(p.data_ptr<scalar_t>(), n, d, mask)) cpu::raise_non_finite("pred", mask != nullptr);
+    if (cpu::any_non_finite(t.data_ptr<scalar_t>(), n, d, mask)) cpu::raise_non_finite("target", mask != nullptr);
+  });
+  // otherwise a finite product overflowed: not an input error
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_outputs(RowOutputs& out, const at::Tensor& pred,
@@ -157,6 +176,8 @@ template <typename T>
 struct BmcProblem {
   const T* pred;          // [N, d], scaled: r * pred
   const T* target;        // [N, d], scaled: r * target
+  const T* raw_pred;      // [N, d] pred and target as given (compute dtype), read by the value check
+  const T* raw_target;
   const bool* mask;       // [N] or nullptr
   const T* cand;          // [d, m_pad]: r * (candidate j, coordinate c) at cand[c * m_pad + j]
   int64_t n, d, m, m_pad;
@@ -297,7 +318,7 @@ void bmc_run(const BmcProblem<T>& P, RowOutputs& out, int64_t n_blocks, double s
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
     BmcScratch<T> scratch(P.d, P.m_pad);
     for (int64_t b = b0; b < b1; ++b) {
-      double block_loss = 0.0, block_grad = 0.0;
+      double block_loss = 0.0, block_grad = 0.0, block_check = 0.0;
       const int64_t r1 = std::min(P.n, (b + 1) * kBmcBlockRows);
       for (int64_t i = b * kBmcBlockRows; i < r1; ++i) {
         T* grad = grad_pred != nullptr ? grad_pred + i * P.d : nullptr;
@@ -308,6 +329,9 @@ void bmc_run(const BmcProblem<T>& P, RowOutputs& out, int64_t n_blocks, double s
           continue;
         }
         double loss_i = 0.0, dvar_i = 0.0;
+        for (int64_t c = 0; c < P.d; ++c) {   // value check: x * 0 is 0, or NaN for a NaN / inf
+          block_check += double(P.raw_pred[i * P.d + c]) * 0.0 + double(P.raw_target[i * P.d + c]) * 0.0;
+        }
         bmc_row<T, D>(P, i, scratch, grad, scale, loss_i, dvar_i);
         if (loss_rows) loss_rows[i] = T(loss_i);
         if (grad_rows) grad_rows[i] = T(dvar_i);
@@ -316,6 +340,7 @@ void bmc_run(const BmcProblem<T>& P, RowOutputs& out, int64_t n_blocks, double s
       }
       out.block_loss[b] = block_loss;
       out.block_grad[b] = block_grad;
+      out.block_check[b] = block_check;
     }
   });
 }
@@ -341,8 +366,15 @@ void bmc_impl(const at::Tensor& pred, const at::Tensor& target, const std::optio
   if (candidates.has_value()) {
     cand_s = at::mul(*candidates, r_t).contiguous();
     const T* src = cand_s.data_ptr<T>();
-    for (int64_t j = 0; j < m; ++j)
-      for (int64_t c = 0; c < d; ++c) ct[c * m_pad + j] = src[j * d + c];
+    const T* raw = candidates->data_ptr<T>();
+    double check = 0.0;   // value check of the candidates, in the same loop (cpu::finite_acc)
+    for (int64_t j = 0; j < m; ++j) {
+      for (int64_t c = 0; c < d; ++c) {
+        ct[c * m_pad + j] = src[j * d + c];
+        check += double(raw[j * d + c]) * 0.0;
+      }
+    }
+    out.cand_check = check;
   } else {
     int64_t j = 0;
     for (int64_t i = 0; i < n; ++i) {
@@ -354,6 +386,8 @@ void bmc_impl(const at::Tensor& pred, const at::Tensor& target, const std::optio
   BmcProblem<T> P;
   P.pred = pred_s.data_ptr<T>();
   P.target = tgt;
+  P.raw_pred = pred.data_ptr<T>();
+  P.raw_target = target.data_ptr<T>();
   P.mask = mask;
   P.cand = ct;
   P.n = n;
@@ -376,7 +410,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bmc_fwd_cpu(const at::Tensor& pre
                                                            const std::optional<at::Tensor>& candidates,
                                                            const std::optional<at::Tensor>& mask,
                                                            const at::Tensor& noise_var, int64_t reduction,
-                                                           bool compute_grad) {
+                                                           bool compute_grad, bool check_finite) {
   const char* op = "imbreg_fast::bmc_fwd";
   const double s2_in = check_loss_args(op, pred, target, mask, noise_var, reduction);
   const int64_t n = pred.size(0), d = pred.size(1);
@@ -401,6 +435,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bmc_fwd_cpu(const at::Tensor& pre
     // s2 as the torch backend sees it: noise_var.to(compute dtype)
     bmc_impl<scalar_t>(p, t, cands, mask_ptr, double(scalar_t(s2_in)), out, n_blocks, scale);
   });
+  if (check_finite) {
+    check_rows_flag(out, p, t, mask_ptr);
+    if (!std::isfinite(out.cand_check)) cpu::raise_non_finite("candidates", false);
+  }
   return finish_outputs(out, pred, noise_var, reduction, compute_grad, scale);
 }
 
@@ -638,6 +676,7 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
     T* lanes = S.lanes.data();
     for (int64_t b = b0; b < b1; ++b) {
       double block_loss = 0.0, block_grad = 0.0;
+      Vec check(T(0));   // value check of the kept rows' pred and target (cpu::finite_acc)
       const int64_t r1 = std::min(P.n, (b + 1) * kMixtureBlockRows);
       for (int64_t i0 = b * kMixtureBlockRows; i0 < r1; i0 += W) {
         const int64_t cnt = std::min(W, r1 - i0);
@@ -657,6 +696,7 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
           // contiguous rows, all kept: direct vector loads and stores
           pv[0] = Vec::loadu(P.pred + i0);
           yv[0] = Vec::loadu(P.target + i0);
+          check = cpu::finite_acc(cpu::finite_acc(check, pv[0]), yv[0]);
           mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar);
           if (grad_pred) (gv[0] * Vec(tscale)).store(grad_pred + i0);
           loss.store(loss_l);
@@ -678,7 +718,10 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
             const bool k_r = is_kept(r);
             for (int64_t c = 0; c < d; ++c) lanes[c * W + r] = k_r ? src[(i0 + r) * d + c] : T(0);
           }
-          for (int64_t c = 0; c < d; ++c) dst[c] = Vec::loadu(lanes + c * W);
+          for (int64_t c = 0; c < d; ++c) {
+            dst[c] = Vec::loadu(lanes + c * W);
+            check = cpu::finite_acc(check, dst[c]);   // dropped rows and the tail are zeros
+          }
         }
         mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar);
         loss.store(loss_l);
@@ -698,6 +741,7 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
       }
       out.block_loss[b] = block_loss;
       out.block_grad[b] = block_grad;
+      out.block_check[b] = hsum(check);
     }
   });
 }
@@ -705,7 +749,8 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& mask,
     const at::Tensor& noise_var, const at::Tensor& log_weight, const at::Tensor& log_norm, const at::Tensor& means,
-    const at::Tensor& precision, const at::Tensor& grad_var_bias, int64_t reduction, bool compute_grad) {
+    const at::Tensor& precision, const at::Tensor& grad_var_bias, int64_t reduction, bool compute_grad,
+    bool check_finite) {
   const char* op = "imbreg_fast::mixture_nll_fwd";
   const double s2_in = check_loss_args(op, pred, target, mask, noise_var, reduction);
   const int64_t n = pred.size(0), d = pred.size(1);
@@ -791,6 +836,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
       default: mixture_run<T, 0>(P, out, n_blocks, scale); break;
     }
   });
+  if (check_finite) check_rows_flag(out, p, t, mask_ptr);
   return finish_outputs(out, pred, noise_var, reduction, compute_grad, scale);
 }
 

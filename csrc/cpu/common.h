@@ -4,6 +4,7 @@
 #include <ATen/core/Reduction.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <cmath>
 #include <cstdint>
 
 namespace imbreg_fast {
@@ -28,6 +29,35 @@ inline double hsum(const at::vec::Vectorized<T>& v) {
   double s = 0.0;
   for (int64_t l = 0; l < at::vec::Vectorized<T>::size(); ++l) s += lanes[l];
   return s;
+}
+
+// In-kernel value checks (check_finite=true). finite_acc(acc, x) = acc + x * 0 stays exactly acc while every
+// x is finite and becomes NaN at the first NaN / +-inf (inf * 0 = NaN): one fma per vector, reduced with the
+// outputs; nothing a compiler may fold (no fast-math). The name of the argument comes from an exact scan
+// that runs only after the flag fired (bad input, or a finite product that overflowed: then nothing raises).
+template <typename T>
+inline at::vec::Vectorized<T> finite_acc(const at::vec::Vectorized<T>& acc, const at::vec::Vectorized<T>& x) {
+  return at::vec::fmadd(x, at::vec::Vectorized<T>(T(0)), acc);
+}
+
+// Whether x [n, row] (row values per row; rows dropped by mask [n], when given, skipped) holds a NaN / inf.
+template <typename T>
+bool any_non_finite(const T* x, int64_t n, int64_t row, const bool* mask) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (mask != nullptr && !mask[i]) continue;
+    for (int64_t c = 0; c < row; ++c) {
+      if (!std::isfinite(x[i * row + c])) return true;
+    }
+  }
+  return false;
+}
+
+// The ValueError of a failed value check, worded as the Python checks (imbreg_fast/_validation.py
+// check_all_finite): "<name> contains NaN or inf[ at kept positions] (pass check_finite=False ...)".
+[[noreturn]] inline void raise_non_finite(const char* name, bool masked) {
+  TORCH_CHECK_VALUE(false, name, " contains NaN or inf", masked ? " at kept positions" : "",
+                    " (pass check_finite=False to skip this check)");
+  __builtin_unreachable();
 }
 
 }  // namespace cpu

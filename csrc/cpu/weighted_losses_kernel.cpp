@@ -143,9 +143,15 @@ inline void loss_and_grad(const Vectorized<T>& e, const Coeffs<T>& c, Vectorized
 
 // Main pass over blocks: loss_out[i] = w_i l_i ('none'), grad_out[i] = scale w_i dl_i/de, block_sums[b] =
 // sum over block b of w_i l_i. Dropped elements get e = 0 and w = 0 (NaN holes never reach the sums).
-template <int64_t Kind, typename T>
+// Check (check_finite): block_flags[b] gets kNonFinite when a kept e = pred - target or weight is NaN / inf
+// (e is non-finite when pred or target is, or when a finite difference overflows: the exact scan after the
+// pass tells them apart), kNegativeWeight when a kept weight is < 0; three vector ops per vector.
+constexpr uint8_t kNonFinite = 1;
+constexpr uint8_t kNegativeWeight = 2;
+
+template <int64_t Kind, bool Check, typename T>
 void run_blocks(const T* pred, const T* target, const T* weight, const bool* mask, int64_t n, const Coeffs<T>& c,
-                T grad_scale, T* loss_out, T* grad_out, double* block_sums) {
+                T grad_scale, T* loss_out, T* grad_out, double* block_sums, uint8_t* block_flags) {
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const int64_t n_blocks = (n + kBlock - 1) / kBlock;
@@ -154,7 +160,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock;
       const int64_t end = std::min(n, start + kBlock);
-      V acc(T(0));
+      V acc(T(0)), check(T(0)), wmin(T(0));
       for (int64_t i = start; i < end; i += W) {
         const int64_t cnt = std::min<int64_t>(W, end - i);   // tail lanes load 0: e = 0, l = 0
         V e = V::loadu(pred + i, cnt) - V::loadu(target + i, cnt);
@@ -164,6 +170,13 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
           e = V::blendv(zero, e, keep);
           w = V::blendv(zero, w, keep);
         }
+        if constexpr (Check) {
+          check = cpu::finite_acc(check, e);
+          if (weight != nullptr) {
+            check = cpu::finite_acc(check, w);
+            wmin = at::vec::clamp_max(w, wmin);   // plain min: a NaN here is caught by check
+          }
+        }
         V l, dl;
         loss_and_grad<Kind, T>(e, c, l, dl);
         const V wl = w * l;
@@ -172,8 +185,28 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
         if (grad_out != nullptr) (dl * w * V(grad_scale)).store(grad_out + i, cnt);
       }
       block_sums[b] = hsum(acc);
+      if constexpr (Check) {
+        __at_align__ T lanes[W];
+        wmin.store(lanes);
+        uint8_t flags = std::isfinite(hsum(check)) ? 0 : kNonFinite;
+        for (int64_t l = 0; l < W; ++l) flags |= lanes[l] < T(0) ? kNegativeWeight : 0;
+        block_flags[b] = flags;
+      }
     }
   });
+}
+
+// check_finite, after the pass: the ValueError of the first bad argument at a kept element (the order and
+// wording of the Python checks, imbreg_fast.functional._check_values); nothing when the flag came from an
+// overflowing difference of finite values.
+template <typename T>
+void raise_flagged(uint8_t flags, const T* pred, const T* target, const T* weight, const bool* mask, int64_t n) {
+  if (flags & kNonFinite) {
+    if (cpu::any_non_finite(pred, n, 1, mask)) cpu::raise_non_finite("pred", mask != nullptr);
+    if (cpu::any_non_finite(target, n, 1, mask)) cpu::raise_non_finite("target", mask != nullptr);
+    if (weight != nullptr && cpu::any_non_finite(weight, n, 1, mask)) cpu::raise_non_finite("weight", mask != nullptr);
+  }
+  TORCH_CHECK_VALUE(!(flags & kNegativeWeight), "weight must be >= 0", mask != nullptr ? " at kept elements" : "");
 }
 
 // Denominator of 'mean' (kept count) or 'weighted_mean' (sum of kept weights), fixed-block order.
@@ -211,9 +244,14 @@ double kept_total(const T* weight, const bool* mask, int64_t n) {
 }
 
 template <typename T>
-void dispatch_kind(int64_t kind, const T* pred, const T* target, const T* weight, const bool* mask, int64_t n,
-                   const Coeffs<T>& c, T grad_scale, T* loss_out, T* grad_out, double* block_sums) {
-#define IMBREG_RUN(K) run_blocks<K, T>(pred, target, weight, mask, n, c, grad_scale, loss_out, grad_out, block_sums)
+void dispatch_kind(int64_t kind, bool check, const T* pred, const T* target, const T* weight, const bool* mask,
+                   int64_t n, const Coeffs<T>& c, T grad_scale, T* loss_out, T* grad_out, double* block_sums,
+                   uint8_t* block_flags) {
+#define IMBREG_RUN(K)                                                                                              \
+  (check ? run_blocks<K, true, T>(pred, target, weight, mask, n, c, grad_scale, loss_out, grad_out, block_sums,     \
+                                  block_flags)                                                                       \
+         : run_blocks<K, false, T>(pred, target, weight, mask, n, c, grad_scale, loss_out, grad_out, block_sums,    \
+                                   block_flags))
   switch (kind) {
     case kMSE: IMBREG_RUN(kMSE); break;
     case kL1: IMBREG_RUN(kL1); break;
@@ -227,7 +265,7 @@ void dispatch_kind(int64_t kind, const T* pred, const T* target, const T* weight
 std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& mask, int64_t loss, double beta, double gamma, int64_t activation,
-    int64_t reduction, bool compute_grad) {
+    int64_t reduction, bool compute_grad, bool check_finite) {
   constexpr const char* op = "weighted_regression_fwd";
   const auto dt = pred.scalar_type();
   TORCH_CHECK(pred.device().is_cpu() && target.device().is_cpu(), op,
@@ -277,6 +315,7 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
   at::Tensor loss_rows = reduction == at::Reduction::None ? at::empty(pred.sizes(), opt) : at::Tensor();
   at::Tensor grad = compute_grad ? at::empty(pred.sizes(), opt) : at::Tensor();
   std::vector<double> block_sums((n + kBlock - 1) / kBlock, 0.0);
+  std::vector<uint8_t> block_flags(block_sums.size(), 0);
   double scale = 1.0;
 
   AT_DISPATCH_FLOATING_TYPES(cdt, op, [&] {
@@ -294,9 +333,12 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
     c.kappa = static_cast<T>(activation == kActivationSigmoid ? 0.5 * beta : beta);
     c.gamma = static_cast<T>(gamma);
     c.gamma_case = gamma == 0.0 ? 0 : gamma == 1.0 ? 1 : gamma == 2.0 ? 2 : 3;
-    dispatch_kind<T>(loss, p.const_data_ptr<T>(), y.const_data_ptr<T>(), w_ptr, m_ptr, n, c, static_cast<T>(scale),
-                     loss_rows.defined() ? loss_rows.mutable_data_ptr<T>() : nullptr,
-                     grad.defined() ? grad.mutable_data_ptr<T>() : nullptr, block_sums.data());
+    dispatch_kind<T>(loss, check_finite, p.const_data_ptr<T>(), y.const_data_ptr<T>(), w_ptr, m_ptr, n, c,
+                     static_cast<T>(scale), loss_rows.defined() ? loss_rows.mutable_data_ptr<T>() : nullptr,
+                     grad.defined() ? grad.mutable_data_ptr<T>() : nullptr, block_sums.data(), block_flags.data());
+    uint8_t flags = 0;
+    for (uint8_t f : block_flags) flags |= f;
+    if (flags != 0) raise_flagged<T>(flags, p.const_data_ptr<T>(), y.const_data_ptr<T>(), w_ptr, m_ptr, n);
   });
 
   at::Tensor out_loss;

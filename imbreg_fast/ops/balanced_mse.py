@@ -291,32 +291,36 @@ def bni_torch(pred, target, mask, noise_var, bin_centers, bin_weights, reduction
 # --------------------------------------------------------------------------------------------------
 
 
-def _fused_bmc(op, pred, target, candidates, mask, noise_var, reduction):
+def _fused_bmc(op, pred, target, candidates, mask, noise_var, reduction, check_finite):
     grad = compute_grad_flag(pred, noise_var)
     cands = None if candidates is None else candidates.contiguous()
     mask = None if mask is None else mask.contiguous()
-    return op(pred.contiguous(), target.contiguous(), cands, mask, noise_var, reduction, grad)[0]
+    return op(pred.contiguous(), target.contiguous(), cands, mask, noise_var, reduction, grad, check_finite)[0]
 
 
-def _fused_mixture(op, pred, target, mask, noise_var, tables, reduction):
+def _fused_mixture(op, pred, target, mask, noise_var, tables, reduction, check_finite):
     grad = compute_grad_flag(pred, noise_var)
     mask = None if mask is None else mask.contiguous()
-    return op(pred.contiguous(), target.contiguous(), mask, noise_var, *tables, reduction, grad)[0]
+    return op(pred.contiguous(), target.contiguous(), mask, noise_var, *tables, reduction, grad, check_finite)[0]
 
 
 def _fused_impls(bmc_op, mixture_op) -> dict:
-    """The public ops ``bmc_loss``, ``gai_loss``, ``bni_loss`` on one backend's fused ops."""
+    """The public ops ``bmc_loss``, ``gai_loss``, ``bni_loss`` on one backend's fused ops.
 
-    def bmc(pred, target, candidates, mask, noise_var, reduction):
-        return _fused_bmc(bmc_op, pred, target, candidates, mask, noise_var, reduction)
+    ``check_finite=True``: the kernels check pred and target (kept rows) and BMC's candidates for NaN / inf
+    in their own pass and raise ValueError naming the argument (docs/methods.md §1.8); the prior's
+    parameters and sigma^2 are checked by the caller (imbreg_fast.functional)."""
 
-    def gai(pred, target, mask, noise_var, weights, means, covariances, reduction):
+    def bmc(pred, target, candidates, mask, noise_var, reduction, *, check_finite=False):
+        return _fused_bmc(bmc_op, pred, target, candidates, mask, noise_var, reduction, check_finite)
+
+    def gai(pred, target, mask, noise_var, weights, means, covariances, reduction, *, check_finite=False):
         tables = gai_tables(noise_var, weights, means, covariances, compute_dtype(pred.dtype))
-        return _fused_mixture(mixture_op, pred, target, mask, noise_var, tables, reduction)
+        return _fused_mixture(mixture_op, pred, target, mask, noise_var, tables, reduction, check_finite)
 
-    def bni(pred, target, mask, noise_var, bin_centers, bin_weights, reduction):
+    def bni(pred, target, mask, noise_var, bin_centers, bin_weights, reduction, *, check_finite=False):
         tables = bni_tables(noise_var, bin_centers, bin_weights, compute_dtype(pred.dtype))
-        return _fused_mixture(mixture_op, pred, target, mask, noise_var, tables, reduction)
+        return _fused_mixture(mixture_op, pred, target, mask, noise_var, tables, reduction, check_finite)
 
     return {"bmc_loss": bmc, "gai_loss": gai, "bni_loss": bni}
 
@@ -335,19 +339,21 @@ def _triton_kernels():
 @torch.library.custom_op("imbreg_fast::triton_bmc_fwd", mutates_args=())
 def triton_bmc_fwd(pred: torch.Tensor, target: torch.Tensor, candidates: Optional[torch.Tensor],
                    mask: Optional[torch.Tensor], noise_var: torch.Tensor, reduction: int,
-                   compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   compute_grad: bool, check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton BMC: (loss, d loss/d pred, d loss/d sigma^2); see ``imbreg_fast::bmc_fwd``."""
-    return _triton_kernels().bmc_fwd(pred, target, candidates, mask, noise_var, reduction, compute_grad)
+    return _triton_kernels().bmc_fwd(pred, target, candidates, mask, noise_var, reduction, compute_grad,
+                                     check_finite=check_finite)
 
 
 @torch.library.custom_op("imbreg_fast::triton_mixture_nll_fwd", mutates_args=())
 def triton_mixture_nll_fwd(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
                            noise_var: torch.Tensor, log_weight: torch.Tensor, log_norm: torch.Tensor,
                            means: torch.Tensor, precision: torch.Tensor, grad_var_bias: torch.Tensor,
-                           reduction: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                           reduction: int, compute_grad: bool,
+                           check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Triton GAI/BNI mixture NLL: (loss, d loss/d pred, d loss/d sigma^2); see ``imbreg_fast::mixture_nll_fwd``."""
     return _triton_kernels().mixture_nll_fwd(pred, target, mask, noise_var, log_weight, log_norm, means, precision,
-                                             grad_var_bias, reduction, compute_grad)
+                                             grad_var_bias, reduction, compute_grad, check_finite=check_finite)
 
 
 def _triton_supports(pred: torch.Tensor) -> str | None:

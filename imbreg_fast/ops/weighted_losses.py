@@ -135,12 +135,15 @@ def weighted_regression_torch(pred, target, weight, mask, kind, beta, gamma, act
 
 
 def _fused_impl(op):
-    def weighted_regression(pred, target, weight, mask, kind, beta, gamma, activation, reduction):
+    def weighted_regression(pred, target, weight, mask, kind, beta, gamma, activation, reduction, *,
+                            check_finite=False):
+        """``check_finite=True``: the kernel checks pred, target and weight (finite, weight >= 0) at kept
+        elements in its own pass and raises ValueError naming the argument (docs/methods.md §2)."""
         grad = compute_grad_flag(pred, target)
         w = None if weight is None else weight.contiguous()
         m = None if mask is None else mask.contiguous()
         return op(pred.contiguous(), target.contiguous(), w, m, kind, float(beta), float(gamma), activation,
-                  reduction, grad)[0]
+                  reduction, grad, check_finite)[0]
 
     return weighted_regression
 
@@ -148,13 +151,13 @@ def _fused_impl(op):
 @torch.library.custom_op("imbreg_fast::triton_weighted_regression_fwd", mutates_args=())
 def triton_weighted_regression_fwd(pred: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor],
                                    mask: Optional[torch.Tensor], loss: int, beta: float, gamma: float,
-                                   activation: int, reduction: int,
-                                   compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                                   activation: int, reduction: int, compute_grad: bool,
+                                   check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton weighted regression loss: (loss, d loss/d pred); see ``imbreg_fast::weighted_regression_fwd``."""
     from ..triton_kernels import weighted_losses
 
     return weighted_losses.weighted_regression_fwd(pred, target, weight, mask, loss, beta, gamma, activation,
-                                                   reduction, compute_grad)
+                                                   reduction, compute_grad, check_finite=check_finite)
 
 
 def register_backends(cpp: bool) -> None:

@@ -1,0 +1,221 @@
+"""Value checks (``check_finite=True``, the default) on every backend: a NaN / +inf / -inf at the first, middle
+or last element of any input raises the ValueError naming the argument; one in a masked-out row does not;
+``check_finite=False`` lets it through.
+
+On the fused backends the per-element checks run inside the kernels' own pass (a flag reduced with the
+outputs; docs/methods.md §1.8); on the torch backend they are explicit passes. The Triton cases run in the
+``TRITON_INTERPRET=1`` pass of ``make test`` (tiny shapes: the interpreter is slow).
+"""
+import math
+
+import pytest
+import torch
+
+import imbreg_fast.functional as F
+from conftest import CPP_OK
+
+N = 12
+BAD = {"nan": math.nan, "+inf": math.inf, "-inf": -math.inf}
+
+
+def _backends():
+    out = [pytest.param("torch", id="torch")]
+    out.append(pytest.param("cpp", id="cpp", marks=pytest.mark.requires_cpp))
+    out.append(pytest.param("triton", id="triton", marks=pytest.mark.requires_triton))
+    return out
+
+
+BACKENDS = _backends()
+
+
+def _inputs(d, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(N, d, generator=g, dtype=dtype) * 4
+    pred = target + 0.3 * torch.randn(N, d, generator=g, dtype=dtype)
+    return pred.squeeze(-1) if d == 1 else pred, target.squeeze(-1) if d == 1 else target
+
+
+def _gmm(d):
+    w = torch.tensor([0.2, 0.3, 0.5])
+    mu = torch.tensor([[0.5] * d, [2.0] * d, [3.5] * d])
+    cov = torch.eye(d).expand(3, d, d) * 0.4
+    return [w, mu, cov.contiguous()]
+
+
+# case -> (d, builder of the keyword arguments, the per-element arguments the kernels check)
+def _case(name):
+    if name == "bmc":
+        pred, target = _inputs(1)
+        return dict(pred=pred, target=target), ("pred", "target")
+    if name == "bmc_candidates":
+        pred, target = _inputs(2)
+        return dict(pred=pred, target=target, candidates=torch.rand(7, 2) * 4), ("pred", "target", "candidates")
+    if name == "gai":
+        pred, target = _inputs(2)
+        return dict(pred=pred, target=target, gmm=_gmm(2)), ("pred", "target")
+    if name == "bni":
+        pred, target = _inputs(1)
+        return (dict(pred=pred, target=target, bin_centers=torch.linspace(0, 4, 5), bin_weights=torch.full((5,), 0.2)),
+                ("pred", "target"))
+    if name == "weighted_mse":
+        pred, target = _inputs(1)
+        return dict(pred=pred, target=target, weight=torch.rand(N) + 0.5), ("pred", "target", "weight")
+    if name == "focal_l1":
+        pred, target = _inputs(1)
+        return dict(pred=pred.reshape(3, 1, 2, 2), target=target.reshape(3, 1, 2, 2),
+                    weight=torch.rand(3, 1, 2, 2) + 0.5), ("pred", "target", "weight")
+    raise KeyError(name)
+
+
+CASES = ["bmc", "bmc_candidates", "gai", "bni", "weighted_mse", "focal_l1"]
+
+
+def _call(name, kw, backend, **extra):
+    kw = dict(kw, **extra)
+    if name.startswith("bmc"):
+        return F.bmc_loss(kw.pop("pred"), kw.pop("target"), 0.5, backend=backend, **kw)
+    if name == "gai":
+        return F.gai_loss(kw.pop("pred"), kw.pop("target"), 0.5, kw.pop("gmm"), backend=backend, **kw)
+    if name == "bni":
+        return F.bni_loss(kw.pop("pred"), kw.pop("target"), 0.5, kw.pop("bin_centers"), kw.pop("bin_weights"),
+                          backend=backend, **kw)
+    fn = F.weighted_mse_loss if name == "weighted_mse" else F.weighted_focal_l1_loss
+    return fn(kw.pop("pred"), kw.pop("target"), kw.pop("weight"), backend=backend, **kw)
+
+
+def _with_bad(kw, arg, index, value):
+    kw = dict(kw)
+    x = kw[arg].clone()
+    x.view(-1)[index] = value
+    kw[arg] = x
+    return kw
+
+
+def _positions(x):
+    return {"first": 0, "middle": x.numel() // 2, "last": x.numel() - 1}
+
+
+def _element_cases():
+    for name in CASES:
+        _, args = _case(name)
+        for arg in args:
+            yield name, arg
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,arg", list(_element_cases()))
+def test_nan_at_first_middle_last_element_raises_naming_the_argument(name, arg, backend):
+    kw, _ = _case(name)
+    for where, index in _positions(kw[arg]).items():
+        for label, value in BAD.items():
+            if where != "middle" and label != "nan":
+                continue   # +-inf at the middle element only: the interpreter pass is slow
+            with pytest.raises(ValueError, match=rf"^{arg} contains NaN or inf \(pass check_finite=False"):
+                _call(name, _with_bad(kw, arg, index, value), backend)
+    # check_finite=False lets it through (the value is garbage, by the caller's choice)
+    _call(name, _with_bad(kw, arg, 0, math.nan), backend, check_finite=False)
+
+
+def _set_rows(x, n_rows, values_by_row):
+    """x with every value of row i (x viewed as [n_rows, -1]) set to values_by_row[i]."""
+    rows = x.clone().reshape(n_rows, -1)
+    for i, v in values_by_row.items():
+        rows[i] = v
+    return rows.reshape(x.shape)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", CASES)
+def test_nan_in_a_masked_out_row_is_ignored_and_a_kept_one_is_named(name, backend):
+    kw, args = _case(name)
+    rows = [a for a in args if a != "candidates"]          # candidates have no mask
+    shape = kw["pred"].shape[:1] if name in ("bmc_candidates", "gai") else kw["pred"].shape
+    mask = torch.ones(shape, dtype=torch.bool)
+    n_rows = mask.numel()
+    dropped = [0, n_rows // 2, n_rows - 1]
+    mask.view(-1)[dropped] = False
+    dirty = dict(kw)
+    for arg in rows:
+        dirty[arg] = _set_rows(kw[arg], n_rows, dict(zip(dropped, BAD.values())))
+    clean = _call(name, kw, backend, mask=mask, reduction="none", check_finite=False)
+    got = _call(name, dirty, backend, mask=mask, reduction="none")          # check_finite=True: no error
+    assert torch.equal(got, clean)
+    # a NaN in a kept row is named, with "at kept positions"
+    for arg in rows:
+        bad = dict(dirty, **{arg: _set_rows(dirty[arg], n_rows, {1: math.nan})})
+        with pytest.raises(ValueError, match=rf"^{arg} contains NaN or inf at kept positions"):
+            _call(name, bad, backend, mask=mask)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negative_weight_raises_at_kept_elements_only(backend):
+    kw, _ = _case("weighted_mse")
+    bad = _with_bad(kw, "weight", N - 1, -0.5)
+    with pytest.raises(ValueError, match=r"^weight must be >= 0$"):
+        _call("weighted_mse", bad, backend)
+    mask = torch.ones(N, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"^weight must be >= 0 at kept elements"):
+        _call("weighted_mse", bad, backend, mask=mask)
+    mask[N - 1] = False
+    _call("weighted_mse", bad, backend, mask=mask)
+    _call("weighted_mse", bad, backend, check_finite=False)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_noise_var_and_prior_parameters(backend):
+    """sigma^2 and the GMM / bin parameters are checked on the host (K values) on every backend."""
+    pred, target = _inputs(1)
+    for bad in (math.nan, math.inf, -1.0):
+        with pytest.raises(ValueError, match=r"^noise_var must be finite and > 0"):
+            F.bni_loss(pred, target, torch.tensor(bad), torch.linspace(0, 4, 5), torch.full((5,), 0.2), backend=backend)
+    centers, weights = torch.linspace(0, 4, 5), torch.full((5,), 0.2)
+    for i in (0, 2, 4):
+        with pytest.raises(ValueError, match=r"^bin_centers contain NaN or inf"):
+            F.bni_loss(pred, target, 0.5, _with_bad(dict(c=centers), "c", i, math.inf)["c"], weights, backend=backend)
+        with pytest.raises(ValueError, match=r"^bin_weights must be finite and > 0"):
+            F.bni_loss(pred, target, 0.5, centers, _with_bad(dict(w=weights), "w", i, math.nan)["w"], backend=backend)
+    w, mu, cov = _gmm(1)
+    for i in (0, 1, 2):
+        with pytest.raises(ValueError, match=r"^gmm means contain NaN or inf"):
+            F.gai_loss(pred, target, 0.5, (w, _with_bad(dict(m=mu), "m", i, -math.inf)["m"], cov), backend=backend)
+        with pytest.raises(ValueError, match=r"^gmm weights must be finite and > 0"):
+            F.gai_loss(pred, target, 0.5, (_with_bad(dict(w=w), "w", i, math.nan)["w"], mu, cov), backend=backend)
+        with pytest.raises(ValueError, match=r"^gmm covariances must be finite"):
+            F.gai_loss(pred, target, 0.5, (w, mu, _with_bad(dict(c=cov), "c", i, math.nan)["c"]), backend=backend)
+
+
+@pytest.mark.requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_cpp_checks_in_other_dtypes_and_overflow_is_not_an_input_error(dtype):
+    """fp64 and half inputs are checked alike; a finite pred - target that overflows fires the in-kernel
+    flag, and the exact scan after it finds no bad input: no error."""
+    pred, target = _inputs(1, dtype)
+    with pytest.raises(ValueError, match=r"^target contains NaN"):
+        F.weighted_l1_loss(pred, _with_bad(dict(t=target), "t", 5, math.nan)["t"], backend="cpp")
+    with pytest.raises(ValueError, match=r"^pred contains NaN"):
+        F.bni_loss(_with_bad(dict(p=pred), "p", 5, math.inf)["p"], target, 0.5, torch.linspace(0, 4, 5),
+                   torch.full((5,), 0.2), backend="cpp")
+    big = torch.finfo(dtype).max
+    p, t = torch.full((N,), big, dtype=dtype), torch.full((N,), -big, dtype=dtype)
+    loss = F.weighted_l1_loss(p, t, backend="cpp")   # |p - t| overflows: inf, not an input error
+    assert torch.isinf(loss)
+
+
+def test_fused_backends_check_inside_the_kernel(monkeypatch):
+    """The fused backends make no separate isfinite pass over pred / target / weight / candidates."""
+    if not CPP_OK:
+        pytest.skip("C++ extension not built")
+    from imbreg_fast import _validation as V
+    import imbreg_fast.functional as fn
+
+    def fail(*args, **kwargs):
+        raise AssertionError("an explicit value-check pass ran on a fused backend")
+
+    monkeypatch.setattr(V, "check_all_finite", fail)
+    monkeypatch.setattr(fn, "_check_values", fail)
+    for name in CASES:
+        kw, args = _case(name)
+        _call(name, kw, "cpp")
+        for arg in args:
+            with pytest.raises(ValueError, match=rf"^{arg} contains NaN"):
+                _call(name, _with_bad(kw, arg, 1, math.nan), "cpp")
