@@ -173,7 +173,7 @@ def _bmc_loss_synced(group, pred, target, noise_var, candidates, mask, reduction
     own_rows = _call(impl, in_kernel, rows.pred, rows.target, None, rows.mask, nv, _reduction.NONE)
     other_rows = _call(impl, in_kernel, rows.pred, rows.target, others, rows.mask, nv, _reduction.NONE)
     loss_rows = _merge_candidate_sets(own_rows, other_rows, nv)
-    return _finish(_reduce_kept_rows(loss_rows, rows.mask, red).to(rows.pred.dtype), rows, red)
+    return _finish(_reduction.reduce_rows(loss_rows, rows.mask, red).to(rows.pred.dtype), rows, red)
 
 
 def _merge_candidate_sets(loss_a: torch.Tensor, loss_b: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
@@ -190,17 +190,6 @@ def _merge_candidate_sets(loss_a: torch.Tensor, loss_b: torch.Tensor, noise_var:
     a, b = loss_a.to(dtype) / scale, loss_b.to(dtype) / scale
     hi, lo = torch.maximum(a, b), torch.minimum(a, b)
     return (hi + torch.log1p(torch.exp(lo - hi) * -torch.expm1(-lo))) * scale
-
-
-def _reduce_kept_rows(loss_rows: torch.Tensor, mask, reduction: int) -> torch.Tensor:
-    """'none' (rows, 0 where dropped), 'sum', or 'mean' over kept rows (0 when none is kept)."""
-    if reduction == _reduction.NONE:
-        return loss_rows
-    total = loss_rows.sum()
-    if reduction == _reduction.SUM:
-        return total
-    count = loss_rows.new_tensor(loss_rows.shape[0]) if mask is None else mask.sum()
-    return total / count.clamp(min=1).to(total.dtype)
 
 
 def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):

@@ -126,8 +126,13 @@ def test_demo_runs_synthetic_then_depth_quick(tmp_path, monkeypatch):
     for name in ("synthetic", "depth"):
         monkeypatch.setattr(cli._module(name), "run", fake_run(name))
     lines = []
-    assert cli.main(["demo", "--seed", "3", "--out", str(tmp_path), "--no-plots", "--no-progress"],
-                    print_fn=lines.append) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert cli.main(["demo", "--seed", "3", "--out", str(tmp_path), "--no-plots", "--no-progress"],
+                        print_fn=lines.append) == 0
+        assert torch.get_num_threads() == 1            # the demo's default
+    finally:
+        torch.set_num_threads(threads)
     assert calls == [("synthetic", True, 3, True), ("depth", True, 3, True)]
     assert any(str(tmp_path / "synthetic.json") in line for line in lines)
     assert any(str(tmp_path / "depth.json") in line for line in lines)

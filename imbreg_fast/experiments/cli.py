@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="the quick tour: `benchmark synthetic --quick`, then `train depth --quick`",
         description="The quick tour (what `make demo` runs): the synthetic benchmark and the depth run in their "
                     "--quick configurations, a few minutes on a laptop CPU; then where the artefacts are.")
-    add_common_arguments(demo, default_out=DEFAULT_OUT)
+    add_common_arguments(demo, default_out=DEFAULT_OUT, default_threads=1)
     demo.set_defaults(experiments=["synthetic", "depth"], quick=True)
     return parser
 

@@ -44,7 +44,8 @@ class CommonArgs:
     threads: int
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str,
+                         default_threads: Optional[int] = None) -> None:
     """Add ``--device --backend --seed --out --quick --threads --no-progress --no-plots`` to ``parser``."""
     g = parser.add_argument_group("common options")
     g.add_argument("--device", default="cpu",
@@ -62,8 +63,10 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, default_out: str) -
                         f"(default: {default_out})")
     g.add_argument("--quick", action="store_true",
                    help="a small configuration (few epochs, one seed) that finishes in a minute or two")
-    g.add_argument("--threads", type=int, default=None,
-                   help="torch intra-op threads (default: torch's default, the number of cores)")
+    g.add_argument("--threads", type=int, default=default_threads,
+                   help="torch intra-op threads (default: " + ("torch's default, the number of cores)"
+                        if default_threads is None else f"{default_threads}: the quick problems are small, and "
+                        "on a busy machine threads that wait on each other cost more than they bring)"))
     g.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are also off when stderr is not a terminal)")
     g.add_argument("--no-plots", action="store_true", help="write no figures (matplotlib is then not needed)")

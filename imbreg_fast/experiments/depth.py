@@ -762,16 +762,16 @@ def _figures(out: Path, doc: dict, train: DepthSet) -> list[Path]:
 
     paths = []
     fig, ax = plt.subplots(figsize=(9, 5))
-    shade(ax)
+    twin = ax.twinx()                           # behind the curves: shot shading and training histogram
+    shade(twin)
     for name, curve in doc["error_by_bin"].items():
         ax.plot(centres, [math.nan if v is None or v != v else v for v in curve["rmse"]], lw=1.4,
                 label=doc["methods"][name]["display"], zorder=3)
     ax.set_xlabel("depth bin (m)")
     ax.set_ylabel("test RMSE in the bin (m)")
     ax.set_xlim(0, MAX_DEPTH)
-    twin = ax.twinx()
-    twin.bar(centres, _log_heights(counts), width=BIN_WIDTH, color="0.6", alpha=0.35, zorder=1)
-    twin.set_yscale("log")
+    twin.set_yscale("log")                      # before the bars: they start at 1 pixel, not at log(0)
+    twin.bar(centres, _log_heights(counts), width=BIN_WIDTH, bottom=1.0, color="0.45", alpha=0.3, zorder=1)
     twin.set_ylabel("training pixels per 0.1 m bin (grey, log)")
     ax.set_zorder(twin.get_zorder() + 1)
     ax.patch.set_visible(False)

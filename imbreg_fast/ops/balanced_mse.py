@@ -162,22 +162,6 @@ def bni_tables(noise_var, bin_centers, bin_weights, dtype):
 # --------------------------------------------------------------------------------------------------
 
 
-def _reduce_rows(loss_rows: torch.Tensor, mask, reduction: int) -> torch.Tensor:
-    """loss_rows [N] -> 'none' [N] (0 on dropped rows), 'mean' over kept rows (0 if none), 'sum'.
-
-    Rows are dropped with ``torch.where`` rather than boolean indexing, so the shapes do not depend on
-    the mask's values and ``torch.compile(fullgraph=True)`` traces the masked case too."""
-    if mask is not None:
-        loss_rows = torch.where(mask, loss_rows, 0.0)
-    if reduction == _reduction.NONE:
-        return loss_rows
-    total = loss_rows.sum()
-    if reduction == _reduction.SUM:
-        return total
-    count = loss_rows.new_tensor(loss_rows.shape[0]) if mask is None else mask.sum()
-    return total / count.clamp(min=1).to(total.dtype)
-
-
 def _kept(x: torch.Tensor, mask, dtype) -> torch.Tensor:
     """x [N, d] in dtype with dropped rows zeroed (they may hold NaN; their gradient is 0)."""
     x = x.to(dtype)
@@ -243,7 +227,7 @@ def bmc_torch(pred, target, candidates, mask, noise_var, reduction):
         gaps = _sq_dist_gap(p, t, candidates.to(dtype)) / (2 * s2)             # [N, M]
         logits = torch.cat([gaps.new_zeros(gaps.shape[0], 1), gaps], dim=1)    # the positive first
     loss_rows = _logsumexp(logits) * (2 * s2).detach()
-    return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
+    return _reduction.reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
 def gai_torch(pred, target, mask, noise_var, weights, means, covariances, reduction):
@@ -272,7 +256,7 @@ def gai_torch(pred, target, mask, noise_var, weights, means, covariances, reduct
         quad = (x * (covariances @ delta)).sum((-2, -1))                                        # [N, K]
     logits = (gap + quad) / (2 * s2) - half_logdet
     loss_rows = _log_mixture(weights, logits) * (2 * s2).detach()
-    return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
+    return _reduction.reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
 def bni_torch(pred, target, mask, noise_var, bin_centers, bin_weights, reduction):
@@ -283,7 +267,7 @@ def bni_torch(pred, target, mask, noise_var, bin_centers, bin_weights, reduction
     # t_k = (|p - y|^2 - |p - c_k|^2)/(2 s2)
     logits = _sq_dist_gap(p, t, bin_centers.to(dtype)) / (2 * s2)
     loss_rows = _log_mixture(bin_weights.to(dtype), logits) * (2 * s2).detach()
-    return _reduce_rows(loss_rows, mask, reduction).to(out_dtype)
+    return _reduction.reduce_rows(loss_rows, mask, reduction).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------------
