@@ -142,7 +142,14 @@ def test_vmap(loss, backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")   # the batched fallback of a custom op warns about performance
         got = torch.vmap(fns[loss])(batch)
+        # an ordinary backward through the vmapped call (the fused forward must produce its gradients
+        # although the tensors vmap wraps do not report requires_grad)
+        x = batch.clone().requires_grad_(True)
+        (torch.vmap(fns[loss])(x) * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     torch.testing.assert_close(got, torch.stack([fns[loss](b) for b in batch]))
+    y = batch.clone().requires_grad_(True)
+    sum(w * fns[loss](b) for w, b in zip((1.0, -2.0, 0.5), y)).backward()
+    torch.testing.assert_close(x.grad, y.grad)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -25,7 +25,18 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["FusedOp", "register_fused_op"]
+__all__ = ["FusedOp", "grad_required", "register_fused_op"]
+
+
+def grad_required(*tensors: torch.Tensor) -> bool:
+    """Whether a fused forward must also produce its gradients: grad mode is on and an input requires grad,
+    or a ``torch.func`` transform is active (the tensors it wraps do not report ``requires_grad`` although an
+    outer autograd level may differentiate through them, e.g. ``vmap(loss)(x).sum().backward()``)."""
+    if not torch.is_grad_enabled():
+        return False
+    if any(t.requires_grad for t in tensors):
+        return True
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def _op_packet(qualname: str):

@@ -23,7 +23,7 @@ import torch
 from .. import _reduction
 from .._dispatch import register
 from .._validation import compute_dtype
-from ._registration import register_fused_op
+from ._registration import grad_required, register_fused_op
 
 # --------------------------------------------------------------------------------------------------
 # Fake kernel and autograd shared by the fused loss ops (C++ and Triton alike).
@@ -83,7 +83,7 @@ LOSS_AUTOGRAD = dict(fake=_loss_fake, setup_context=_loss_setup_context, backwar
 
 def compute_grad_flag(pred: torch.Tensor, noise_var: torch.Tensor) -> bool:
     """Whether the fused forward must also produce the gradients."""
-    return torch.is_grad_enabled() and (pred.requires_grad or noise_var.requires_grad)
+    return grad_required(pred, noise_var)
 
 
 # --------------------------------------------------------------------------------------------------

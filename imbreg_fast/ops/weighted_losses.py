@@ -23,7 +23,7 @@ import torch
 from .. import _reduction
 from .._dispatch import register
 from .._validation import compute_dtype
-from ._registration import register_fused_op
+from ._registration import grad_required, register_fused_op
 
 OP = "weighted_regression_loss"   # the public op of the dispatcher
 
@@ -70,7 +70,7 @@ AUTOGRAD = dict(fake=_fake, setup_context=_setup_context, backward=_backward)
 
 def compute_grad_flag(pred: torch.Tensor, target: torch.Tensor) -> bool:
     """Whether the fused forward must also produce d loss / d pred (needed for pred or target grads)."""
-    return torch.is_grad_enabled() and (pred.requires_grad or target.requires_grad)
+    return grad_required(pred, target)
 
 
 # --------------------------------------------------------------------------------------------------
