@@ -378,6 +378,19 @@ class DIRMetrics(Metric):
                     out[f"{shot}/{key}"] = values[key][gi]
         return out
 
+    def per_bin(self) -> dict[str, Tensor]:
+        """The errors of each bin, float64 ``[K]`` on the metric's device: ``count`` (test samples), ``mae``,
+        ``mse``, ``rmse`` (NaN for a bin without test samples) — e.g. error-by-label curves. Synchronised
+        across processes like :meth:`compute`."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=self._to_sync,
+                               should_unsync=self._should_unsync):
+            count = self.count.clone()
+            safe = count.clamp_min(1.0)
+            nan = torch.full_like(count, math.nan)
+            mae = torch.where(count > 0, self.sum_abs / safe, nan)
+            mse = torch.where(count > 0, self.sum_sq / safe, nan)
+        return {"count": count, "mae": mae, "mse": mse, "rmse": mse.sqrt()}
+
     def _pearson(self, s: dict[str, Tensor]) -> Tensor:
         """Pearson r over all samples from the per-bin shifted sums: each bin's centred moments, merged with
         the between-bin terms n_b (mean_b - mean)(...) (the parallel-axis / Chan merge)."""

@@ -696,3 +696,34 @@ def test_bad_update():
     with pytest.raises(TypeError, match="pred"):
         shot_metrics([1.0], x, x, 4, (0, 1))
     assert all(bool((getattr(metric, n) == 0).all()) for n in metric._state_names)     # nothing half-added
+
+
+def test_per_bin_matches_a_plain_loop():
+    """per_bin(): count, MAE, MSE, RMSE of each bin over several updates with a mask; NaN for an empty bin."""
+    gen = torch.Generator().manual_seed(3)
+    edges = [0.0, 1.0, 2.5, 4.0, 5.0]
+    metric = DIRMetrics(torch.tensor(edges, dtype=torch.float64), train_counts=torch.tensor([5.0, 50, 500, 0]))
+    sums = defaultdict(lambda: [0, 0.0, 0.0])
+    for _ in range(3):
+        target = torch.rand(40, generator=gen, dtype=torch.float64) * 3.9
+        pred = target + torch.randn(40, generator=gen, dtype=torch.float64)
+        mask = torch.rand(40, generator=gen) > 0.3
+        metric.update(pred, target, mask)
+        for p, t, m in zip(pred.tolist(), target.tolist(), mask.tolist()):
+            if m:
+                b = max(i for i in range(4) if t >= edges[i])
+                sums[b][0] += 1
+                sums[b][1] += abs(p - t)
+                sums[b][2] += (p - t) ** 2
+    out = metric.per_bin()
+    assert set(out) == {"count", "mae", "mse", "rmse"}
+    for b in range(4):
+        n, a, q = sums[b]
+        assert out["count"][b].item() == n
+        if n == 0:
+            assert all(math.isnan(out[k][b].item()) for k in ("mae", "mse", "rmse"))
+        else:
+            assert out["mae"][b].item() == pytest.approx(a / n, rel=1e-12)
+            assert out["mse"][b].item() == pytest.approx(q / n, rel=1e-12)
+            assert out["rmse"][b].item() == pytest.approx(math.sqrt(q / n), rel=1e-12)
+    assert sums[3][0] == 0 and sums[0][0] > 0

@@ -23,7 +23,7 @@ from .. import _dispatch
 
 __all__ = ["CommonArgs", "add_common_arguments", "common_args", "resolve_device", "check_backend",
            "backend_of", "progress", "pyplot", "out_dir", "write_json", "time_step", "mean_std",
-           "format_table", "fmt_mean_std", "synchronize", "Timing", "environment"]
+           "format_table", "fmt_mean_std", "synchronize", "Timing", "environment", "int_at_least"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -90,6 +90,19 @@ def common_args(args: argparse.Namespace) -> CommonArgs:
         pyplot()   # fail now, not after an hour of training
     return CommonArgs(device, backend, args.seed, out, bool(args.quick), not args.no_progress, plots,
                       torch.get_num_threads())
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """argparse type: an integer >= ``low`` (a clear message otherwise)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
 
 
 def resolve_device(name: str) -> torch.device:

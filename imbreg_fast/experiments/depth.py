@@ -99,7 +99,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _dispatch
-from ..lds import bin_edges, bin_index
+from ..lds import bin_edges, bin_index, label_histogram
 from ..metrics import SHOTS, DIRMetrics
 from . import common
 from . import methods as M
@@ -394,19 +394,6 @@ def _backends(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _positive(name: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < 1:
-            raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-        return value
-    parse.__name__ = name
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This experiment's flags (the common ones are added by :mod:`.cli`)."""
     q, f = PRESETS["quick"], PRESETS["full"]
@@ -420,20 +407,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"comma-separated methods to train and time, from {','.join(M.METHODS)} "
                         f"(default: all). rrt re-trains the head of the mse model (trained anyway when mse is "
                         f"not listed)")
-    g.add_argument("--epochs", type=_positive("epochs"), default=None,
+    g.add_argument("--epochs", type=common.int_at_least(1), default=None,
                    help=f"training epochs of every method (RRT: of its re-training stage); {both('epochs')}")
-    g.add_argument("--train-images", type=_positive("train_images"), default=None,
+    g.add_argument("--train-images", type=common.int_at_least(1), default=None,
                    help=f"generated training scenes (steps per epoch = ceil(train images / batch size)); "
                         f"{both('train_images')}")
-    g.add_argument("--test-images", type=_positive("test_images"), default=None,
+    g.add_argument("--test-images", type=common.int_at_least(1), default=None,
                    help=f"generated test scenes, before the per-bin balancing mask; {both('test_images')}")
     g.add_argument("--image-size", type=_image_size, default=None, metavar="HxW",
                    help=f"image height x width, multiples of 8; {both('image_size', size)}")
-    g.add_argument("--batch-size", type=_positive("batch_size"), default=None,
+    g.add_argument("--batch-size", type=common.int_at_least(1), default=None,
                    help=f"images per training step (also the timed batch); {both('batch_size')}")
-    g.add_argument("--width", type=_positive("width"), default=None,
+    g.add_argument("--width", type=common.int_at_least(1), default=None,
                    help=f"base channel width of the CNN (FDS features: 2x); {both('width')}")
-    g.add_argument("--bmc-candidates", type=_positive("bmc_candidates"), default=1024,
+    g.add_argument("--bmc-candidates", type=common.int_at_least(1), default=1024,
                    help="BMC: candidate labels sampled per step from the batch's valid pixels (the loss is "
                         "O(pixels x candidates)); default: 1024")
     g.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate, cosine-annealed (default: 1e-3)")
@@ -444,7 +431,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="backends to time each method's step on, e.g. torch,cpp (default: every backend "
                         "available on --device: torch and cpp on CPU when the extension is built, torch and "
                         "triton on CUDA)")
-    g.add_argument("--timing-repeats", type=_positive("timing_repeats"), default=None,
+    g.add_argument("--timing-repeats", type=common.int_at_least(1), default=None,
                    help=f"timed calls per measurement (after 2 warm-up calls); the median is reported; "
                         f"{both('timing_repeats')}")
 
@@ -500,33 +487,16 @@ def _method_config(s: _Settings) -> M.MethodConfig:
                           fds_eps=0.1, fds_momentum=0.5)
 
 
-def _per_bin_errors(pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, edges: torch.Tensor,
-                    sums: torch.Tensor) -> None:
-    """Add the squared errors and counts of the kept pixels per bin into ``sums [2, K]`` (float64)."""
-    k = edges.numel() - 1
-    idx = bin_index(y, edges).reshape(-1)
-    keep = mask.reshape(-1)
-    idx = torch.where(keep, idx, torch.full_like(idx, k))
-    err = (pred.double() - y.double()).reshape(-1) ** 2
-    rows = torch.stack([err, torch.ones_like(err)])
-    acc = torch.zeros(2, k + 1, dtype=torch.float64, device=y.device).index_add_(1, idx, rows)
-    sums.add_(acc[:, :k])
-
-
 def _evaluate(run: M.MethodRun, test: DepthSet, test_mask: torch.Tensor, edges: torch.Tensor,
               train_counts: torch.Tensor, many: int, few: int, progress) -> tuple[dict, dict]:
     metric = DIRMetrics(edges, train_counts=train_counts, many=many, few=few, depth=True).to(test.depth.device)
-    sums = torch.zeros(2, edges.numel() - 1, dtype=torch.float64, device=test.depth.device)
     eval_batch = 32
     batches = list(DepthSet(test.image, test.depth, test_mask).batches(eval_batch))
     for x, y, m in progress(batches, desc=f"{run.name} eval"):
-        pred = run.predict(x).clamp(*CLAMP)
-        metric.update(pred, y, m)
-        _per_bin_errors(pred, y, m, edges, sums)
+        metric.update(run.predict(x).clamp(*CLAMP), y, m)
     metrics = {k: (float(v) if v.is_floating_point() else int(v)) for k, v in metric.compute().items()}
-    count = sums[1]
-    rmse = torch.where(count > 0, (sums[0] / count.clamp(min=1)).sqrt(), torch.full_like(count, math.nan))
-    return metrics, {"rmse": rmse.tolist(), "count": count.long().tolist()}
+    per_bin = metric.per_bin()
+    return metrics, {"rmse": per_bin["rmse"].tolist(), "count": per_bin["count"].long().tolist()}
 
 
 def _time_round_robin(steps: dict, device: torch.device, repeats: int, progress) -> dict:
@@ -571,8 +541,8 @@ def run(common_args: common.CommonArgs, args: argparse.Namespace, *, print_fn: C
     test_mask, cap = balance_mask(test.depth, test.mask, edges, start=BALANCE_FROM, seed=seed)
     generate_seconds = time.perf_counter() - start
     valid = train.depth[train.mask]
-    train_counts = torch.bincount(bin_index(valid, edges), minlength=NUM_BINS).double()
-    test_counts = torch.bincount(bin_index(test.depth[test_mask], edges), minlength=NUM_BINS).double()
+    train_counts = label_histogram(valid, edges)
+    test_counts = label_histogram(test.depth[test_mask], edges)
     total = float(train_counts.sum())
     many, few = int(round(MANY_SHARE * total)), int(round(FEW_SHARE * total))
     groups = ["many" if c > many else "few" if c < few else "medium" for c in train_counts.tolist()]

@@ -122,7 +122,7 @@ and for the statistics: :func:`accumulate_masked_loop` (per-bin loop) and :func:
 from __future__ import annotations
 
 from array import array
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

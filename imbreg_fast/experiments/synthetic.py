@@ -82,8 +82,8 @@ from .. import nn as inn
 from .._dispatch import selected_backend
 from ..functional import weighted_mse_loss
 from ..priors import GMM, ConvergenceWarning, bin_prior, fit_gmm
-from .common import (CommonArgs, backend_of, environment, fmt_mean_std, format_table, mean_std, progress, pyplot,
-                     write_json)
+from .common import (CommonArgs, backend_of, environment, fmt_mean_std, format_table, int_at_least, mean_std,
+                     progress, pyplot, write_json)
 
 __all__ = ["METHODS", "SETTINGS", "Setting", "SyntheticData", "RunResult", "Options", "SeedResult", "make_data",
            "label_log_density", "gai_prior", "bni_prior", "make_model", "make_criterion", "train_run",
@@ -512,18 +512,6 @@ def _choices(kind: str, valid: Sequence[str]) -> Callable[[str], list[str]]:
     return parse
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-    return parse
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """This experiment's own flags (``cli`` adds the common ones)."""
     settings = ", ".join(f"{name} = {s.describe()}" for name, s in SETTINGS.items())
@@ -533,10 +521,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--methods", type=_choices("method", list(METHODS)), default=None, metavar="M1,M2",
                    help="comma-separated methods, or 'all' (default: all): "
                         + ", ".join(f"{k} = {v}" for k, v in METHODS.items()))
-    g.add_argument("--seeds", type=_int_at_least(1), default=None, metavar="N",
+    g.add_argument("--seeds", type=int_at_least(1), default=None, metavar="N",
                    help=f"repetitions per (setting, method), with seeds --seed, --seed + 1, ...; the table shows "
                         f"mean ± std over them (default: {DEFAULT_SEEDS}; 1 with --quick)")
-    g.add_argument("--epochs", type=_int_at_least(1), default=None, metavar="E",
+    g.add_argument("--epochs", type=int_at_least(1), default=None, metavar="E",
                    help="training epochs of every setting (4 steps of batch 256 each); default: the published "
                         "2000 for the 1-D settings and 10000 for mvn; with --quick "
                         f"{SETTINGS['normal-high'].quick_epochs} and {SETTINGS['mvn'].quick_epochs} at "
@@ -547,10 +535,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "reports). The validation labels are balanced and noise-free, so 'best-val' can pick an "
                         "early iterate of plain MSE that lies near the oracle line before MSE has learned the "
                         "skewed p_train(y|x); both are in the JSON")
-    g.add_argument("--eval-every", type=_int_at_least(1), default=None, metavar="E",
+    g.add_argument("--eval-every", type=int_at_least(1), default=None, metavar="E",
                    help="compute the validation MSE every E epochs (and after the last) for 'best-val' "
                         f"(default: epochs / {EVALS_PER_RUN}, at least 1)")
-    g.add_argument("--jobs", type=_int_at_least(1), default=1, metavar="N",
+    g.add_argument("--jobs", type=int_at_least(1), default=1, metavar="N",
                    help="worker processes (CPU only), each training whole (setting, seed) units on one torch "
                         "thread (or --threads); default: 1, in this process. The numbers do not depend on it")
     p = parser.add_argument_group("priors")
@@ -558,10 +546,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"what the GAI GMM is fitted to: 'true' = {GMM_SAMPLES} samples of the true training-label "
                         "distribution (as the published script), 'train' = the 1024 training labels "
                         "(default: true)")
-    p.add_argument("--gmm-components", type=_int_at_least(1), default=None, metavar="K",
+    p.add_argument("--gmm-components", type=int_at_least(1), default=None, metavar="K",
                    help="GMM components of the GAI prior (default: as published, 1 for the Normal and MVN "
                         "settings, 64 for the Exponential ones)")
-    p.add_argument("--bni-bins", type=_int_at_least(1), default=DEFAULT_BNI_BINS, metavar="B",
+    p.add_argument("--bni-bins", type=int_at_least(1), default=DEFAULT_BNI_BINS, metavar="B",
                    help=f"BNI histogram bins per label dimension over the label range (default: "
                         f"{DEFAULT_BNI_BINS}; mvn uses a B x B grid)")
     o = parser.add_argument_group("output")

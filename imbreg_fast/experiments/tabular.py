@@ -61,7 +61,7 @@ from . import methods as M
 from .common import CommonArgs, environment, format_table, progress, pyplot, write_json
 
 __all__ = ["MIN_ROWS", "MAX_TEST_SHARE", "Table", "read_table", "check_rows", "Split", "balanced_split",
-           "default_bins", "Standardizer", "Prepared", "prepare", "TabularMLP", "per_bin_mae", "smogn_available",
+           "default_bins", "Standardizer", "Prepared", "prepare", "TabularMLP", "smogn_available",
            "smogn_resample", "add_arguments", "run"]
 
 MIN_ROWS = 20
@@ -702,15 +702,6 @@ def _predict(run: M.MethodRun, x: Tensor, y_scaler: Standardizer) -> Tensor:
     return y_scaler.inverse(torch.cat(parts).double().cpu())
 
 
-def per_bin_mae(pred: Tensor, target: Tensor, edges: Tensor) -> Tensor:
-    """Mean absolute error of the test rows of each label bin, float64 ``[K]`` (NaN for a bin without rows)."""
-    k = edges.numel() - 1
-    idx = bin_index(target, edges)
-    total = torch.zeros(k, dtype=torch.float64).index_add_(0, idx, (pred - target).abs().double())
-    count = torch.bincount(idx, minlength=k).double()
-    return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))
-
-
 class _Trainer:
     """Builds, trains and evaluates one method after another on the same :class:`Prepared` data (the RRT
     stage-one model is the MSE run: trained here when MSE is not a row of its own)."""
@@ -792,11 +783,12 @@ class _Trainer:
         metric = data.metric(opts)
         metric.update(pred, data.y_test)
         metrics = {k: (int(v) if v.dtype == torch.int64 else float(v)) for k, v in metric.compute().items()}
+        per_bin_mae = metric.per_bin()["mae"].tolist()
         sigma = run.noise_sigma
         return {"name": name, "display": display, "backend": backends[M.METHOD_OPS[op_of][0]], "backends": backends,
                 "metrics": metrics, "train_seconds": trained.seconds, "epoch_losses": trained.epoch_losses,
                 "noise_sigma": None if sigma is None else sigma * float(data.y_scaler.std),
-                "per_bin_mae": per_bin_mae(pred, data.y_test, data.edges).tolist(), "error": None, **extra}
+                "per_bin_mae": per_bin_mae, "error": None, **extra}
 
 
 def _tables(results: list[dict]) -> str:
