@@ -105,6 +105,12 @@ def test_unavailable_backend_is_refused_with_the_reason(tmp_path, monkeypatch):
     assert exc.value.code == 2
 
 
+def test_bad_imbreg_backend_variable_is_a_clear_exit(tmp_path, monkeypatch):
+    monkeypatch.setenv("IMBREG_BACKEND", "banana")
+    with pytest.raises(SystemExit, match="IMBREG_BACKEND='banana'"):
+        _common(["--no-plots"], tmp_path)
+
+
 def test_unavailable_reason_validates_the_name():
     assert imbreg_fast._dispatch.unavailable_reason("torch") is None
     with pytest.raises(ValueError, match="backend must be one of"):

@@ -127,6 +127,10 @@ def resolve_device(name: str) -> torch.device:
 def check_backend(backend: str, device: torch.device) -> str:
     """``backend`` if it can run on ``device`` (``'auto'`` always can); ``SystemExit`` saying why not."""
     if backend == "auto":
+        try:                        # $IMBREG_BACKEND is read by 'auto': a bad value fails here, not mid-run
+            _dispatch.selected_backend(torch.empty(0, device=device), "bmc_loss", backend)
+        except (ValueError, RuntimeError) as exc:
+            raise SystemExit(f"--backend auto: {exc}") from None
         return backend
     reason = _dispatch.unavailable_reason(backend, device)
     if reason is not None:
