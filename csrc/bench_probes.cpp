@@ -4,7 +4,7 @@
 
 TORCH_LIBRARY(imbreg_fast_bench, m) {
   // Vectorised-exp throughput probe (bench/bench_exp.py): sum(exp(x)) computed `repeats` times with
-  // variant 0 = Sleef exp (1 ulp), 1 = exp_u20 (the kernels' exp). x: contiguous float32 CPU tensor.
+  // variant 0 = Sleef exp (1 ulp), 1 = the kernels' exp (fast_exp.h), 2 = ATen exp_u20. x: contiguous float32 CPU tensor.
   // Returns the sum of the last pass as a float32 scalar tensor.
   m.def("exp_throughput(Tensor x, int variant, int repeats) -> Tensor");
 }

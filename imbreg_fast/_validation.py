@@ -84,6 +84,28 @@ def check_real(name: str, value) -> float:
     return value
 
 
+def check_momentum(name: str, momentum) -> float | None:
+    """An EMA momentum in [0, 1], or None (kept as None) -> float or None."""
+    if momentum is None:
+        return None
+    momentum = check_real(name, momentum)
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1] or None, got {momentum}")
+    return momentum
+
+
+def check_clip(name: str, clip) -> tuple[float, float]:
+    """``clip`` is a pair ``(lo, hi)`` of finite reals with ``0 < lo <= hi`` -> (float, float)."""
+    try:
+        lo, hi = clip
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (lo, hi), got {clip!r}") from None
+    lo, hi = check_real(f"{name}[0]", lo), check_real(f"{name}[1]", hi)
+    if not 0 < lo <= hi:
+        raise ValueError(f"{name} must satisfy 0 < lo <= hi, got ({lo}, {hi})")
+    return lo, hi
+
+
 def check_positive(name: str, value) -> float:
     value = _number(name, value)
     if not (value > 0 and math.isfinite(value)):

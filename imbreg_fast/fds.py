@@ -31,7 +31,7 @@ from torch import nn
 from . import _validation as V
 from . import distributed as D
 from ._dispatch import resolve
-from .lds import bin_edges, kernel_window
+from .lds import bin_edges, bin_index, check_edge_rule, kernel_window
 from .ops import fds as _ops
 
 __all__ = ["FDS"]
@@ -56,6 +56,9 @@ class FDS(nn.Module):
         feature_dim: C, the number of feature channels.
         bins, range: ``bins`` equal-width bins over ``range = (lo, hi)``, or explicit increasing edges (then
             ``range=None``), as :func:`imbreg_fast.lds.bin_edges`; labels outside clamp to the edge bins.
+        edge_rule: how labels are assigned to bins, :func:`imbreg_fast.lds.bin_index`: ``'closed-left'``
+            (default, ``[e_b, e_{b+1})`` compared in float64) or ``'float32-truncate'`` (the published depth
+            code's float32 ``floor(depth * 10)``: float32 7.2 m in bin 72, not 71; equal-width bins only).
         covariance: ``'full'`` — ``A_b = S~_b^{1/2} S_b^{-1/2}`` with ``S = Sigma + eps I`` (the paper);
             ``'diag'`` — the published code's rule, per channel ``sqrt(clamp(var~ / var, *clip))`` on
             channels with ``var != 0`` (other channels, and bins whose variances sum below 1e-10, unchanged).
@@ -117,32 +120,22 @@ class FDS(nn.Module):
     def __init__(self, feature_dim: int, bins=100, range=None, *, covariance: str = "full",
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, momentum: float | None = 0.9,
                  eps: float = 1e-5, clip=(0.1, 10.0), start_update: int = 0, start_smooth: int = 1,
-                 backend: str = "auto", check_finite: bool = True, sync: bool = False, process_group=None):
+                 backend: str = "auto", check_finite: bool = True, sync: bool = False, process_group=None,
+                 edge_rule: str = "closed-left"):
         super().__init__()
         if not isinstance(sync, bool):
             raise TypeError(f"sync must be a bool, got {type(sync).__name__}")
         self.sync, self.process_group = sync, process_group
         self.feature_dim = V.check_int("feature_dim", feature_dim, 1)
         self.covariance = V.check_choice("covariance", covariance, COVARIANCES)
-        if momentum is not None:
-            momentum = V.check_real("momentum", momentum)
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
-        self.momentum = momentum
+        self.momentum = V.check_momentum("momentum", momentum)
         self.eps = V.check_real("eps", eps)
         if covariance == "full" and not self.eps > 0:
             raise ValueError(f"eps must be > 0 with covariance='full' (it regularises singular covariances), "
                              f"got {self.eps}")
         if self.eps < 0:
             raise ValueError(f"eps must be >= 0, got {self.eps}")
-        try:
-            lo, hi = clip
-        except (TypeError, ValueError):
-            raise TypeError(f"clip must be a pair (lo, hi), got {clip!r}") from None
-        lo, hi = V.check_real("clip[0]", lo), V.check_real("clip[1]", hi)
-        if not 0 < lo <= hi:
-            raise ValueError(f"clip must satisfy 0 < lo <= hi, got ({lo}, {hi})")
-        self.clip = (lo, hi)
+        self.clip = V.check_clip("clip", clip)
         self.start_update = V.check_int("start_update", start_update, 0)
         self.start_smooth = V.check_int("start_smooth", start_smooth, 0)
         self.kernel, self.ks, self.sigma = kernel, ks, sigma
@@ -150,6 +143,7 @@ class FDS(nn.Module):
         self.check_finite = bool(check_finite)
 
         edges = bin_edges(bins, range)
+        self.edge_rule = check_edge_rule(edge_rule, edges)
         nb, c = edges.shape[0] - 1, self.feature_dim
         window = kernel_window(kernel, ks, sigma, normalize="sum")                   # [ks] float64
         half = (window.shape[0] - 1) // 2
@@ -192,7 +186,8 @@ class FDS(nn.Module):
         return (f"feature_dim={self.feature_dim}, num_bins={self.num_bins}, covariance={self.covariance!r}, "
                 f"kernel={self.kernel!r}, ks={self.ks}, sigma={self.sigma}, momentum={self.momentum}, "
                 f"eps={self.eps}, start_update={self.start_update}, start_smooth={self.start_smooth}, "
-                f"backend={self.backend!r}" + (", sync=True" if self.sync else ""))
+                f"backend={self.backend!r}" + (", sync=True" if self.sync else "")
+                + ("" if self.edge_rule == "closed-left" else f", edge_rule={self.edge_rule!r}"))
 
     def _sync_epoch(self) -> None:
         # Python mirror of the epoch buffer: forward reads a bool (no device sync, one torch.compile guard)
@@ -250,7 +245,12 @@ class FDS(nn.Module):
         V.check_labels(labels, mask, check_finite=self.check_finite)
         f3 = _ops.as_pixels(features)
         b, p = f3.shape[0], f3.shape[2]
-        bins = _ops.bin_index(labels.reshape(b, p), self.edges, None if mask is None else mask.reshape(b, p))
+        if self.edge_rule == "closed-left":
+            bins = _ops.bin_index(labels.reshape(b, p), self.edges, None if mask is None else mask.reshape(b, p))
+        else:
+            bins = bin_index(labels.reshape(b, p), self.edges, self.edge_rule)
+            if mask is not None:
+                bins = bins.masked_fill(~mask.reshape(b, p), -1)
         return f3, bins.contiguous()
 
     def _tables(self, dtype: torch.dtype):

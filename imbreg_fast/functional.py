@@ -45,6 +45,9 @@ transforms (``grad``, ``vmap`` with ``check_finite=False``, ``jacrev``) work on 
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
+
 import torch
 
 from . import _reduction
@@ -192,6 +195,37 @@ def _merge_candidate_sets(loss_a: torch.Tensor, loss_b: torch.Tensor, noise_var:
     return (hi + torch.log1p(torch.exp(lo - hi) * -torch.expm1(-lo))) * scale
 
 
+_COMPAT = "imbreg_fast.compat.balanced_mse"
+
+
+def _published_gmm(x) -> str | None:
+    """What ``x`` is, if it is the published code's form of a GMM (its joblib file or its dict), else None."""
+    if isinstance(x, (str, os.PathLike)):
+        return f"a path ({os.fspath(x)!r})"
+    if isinstance(x, Mapping):
+        return f"a {type(x).__name__} with keys {sorted(map(str, x))}"
+    return None
+
+
+def _check_gai_order(noise_var, gmm) -> None:
+    """The published ``gai_loss(pred, target, gmm, noise_var)`` order, or its GMM dict, refused with the fix."""
+    scalar_gmm = isinstance(gmm, (int, float)) or (isinstance(gmm, torch.Tensor) and gmm.numel() == 1)
+    # a str noise_var is the published GMM path only when gmm holds the noise variance (swapped arguments);
+    # otherwise it falls through to the ordinary noise_var type error
+    if isinstance(noise_var, (Mapping, tuple, list, os.PathLike)) or (isinstance(noise_var, str) and scalar_gmm):
+        got = _published_gmm(noise_var) or f"a {type(noise_var).__name__}"
+        raise TypeError(f"gai_loss(pred, target, noise_var, gmm): noise_var must be a float or a scalar tensor, got "
+                        f"{got}. This looks like the published order gai_loss(pred, target, gmm, noise_var): here "
+                        "noise_var comes before gmm, and gmm is (weights [K], means [K, d], covariances [K, d, d]) "
+                        f"tensors; or keep the published call with {_COMPAT}.gai_loss(pred, target, gmm, noise_var)")
+    got = _published_gmm(gmm)
+    if got is not None:
+        raise TypeError(f"gmm must be (weights [K], means [K, d], covariances [K, d, d]) tensors, got {got}, the "
+                        "published GMM file/dict: pass (torch.as_tensor(g['weights']), torch.as_tensor(g['means']), "
+                        f"torch.as_tensor(g['variances'])) of its dict g, or use {_COMPAT}.gai_loss / GAILoss, "
+                        "which take the published dict (GAILoss also its file)")
+
+
 def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):
     try:
         weights, means, covariances = gmm
@@ -238,6 +272,7 @@ def gai_loss(pred, target, noise_var, gmm, *, mask=None, reduction="mean", backe
     and the multivariate-normal form for d > 1. Fused backends: one pass over the rows, K components per
     row, no [N, K] temporaries, fp32 accumulation for half inputs.
     """
+    _check_gai_order(noise_var, gmm)
     rows, red, nv, check_values, impl, in_kernel = _prepare(pred, target, noise_var, mask, reduction, check_finite,
                                                             "gai_loss", backend)
     weights, means, covariances = _as_gmm(gmm, rows.pred.shape[1], rows.pred, check_values)
@@ -252,14 +287,19 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
     ``bin_centers`` ``[K]`` (d = 1) or ``[K, d]`` and ``bin_weights`` ``[K]`` (> 0, summing to 1: the training
     label histogram with empty bins dropped, see :func:`imbreg_fast.bin_prior`). Row loss:
     ``2 sigma^2 [ |p-y|^2/(2 sigma^2) + LSE_k(log phi_k - |p-c_k|^2/(2 sigma^2)) ]`` (can be negative, as
-    in the reference).
+    in the reference). Integer centres (the reference's ``get_bucket_info`` returns int64 ages) are cast to
+    pred's dtype (float32 for half inputs).
     """
     rows, red, nv, check_values, impl, in_kernel = _prepare(pred, target, noise_var, mask, reduction, check_finite,
                                                             "bni_loss", backend)
     d = rows.pred.shape[1]
-    V.check_float_tensor("bin_centers", bin_centers)
+    _check_bin_tensor("bin_centers", bin_centers)
+    _check_bin_tensor("bin_weights", bin_weights)
+    V.check_real_tensor("bin_centers", bin_centers)
     V.check_float_tensor("bin_weights", bin_weights)
     V.check_same_device(pred=rows.pred, bin_centers=bin_centers, bin_weights=bin_weights)
+    if not bin_centers.is_floating_point():
+        bin_centers = bin_centers.to(V.compute_dtype(rows.pred.dtype))
     if bin_weights.dim() != 1 or bin_weights.shape[0] < 1:
         raise ValueError(f"bin_weights must be [K] with K >= 1, got shape {tuple(bin_weights.shape)}")
     k = bin_weights.shape[0]
@@ -275,6 +315,14 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
             raise ValueError("bin_centers contain NaN or inf")
     return _finish(_call(impl, in_kernel, rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red),
                    rows, red)
+
+
+def _check_bin_tensor(name: str, x) -> None:
+    """A numpy array or list (the published ``get_bucket_info`` result) is refused with the fix."""
+    if not isinstance(x, torch.Tensor) and (hasattr(x, "__array__") or isinstance(x, (list, tuple))):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}: convert it with "
+                        f"torch.as_tensor({name}, device=pred.device), or keep the published arrays with "
+                        f"{_COMPAT}.bni_loss / BNILoss")
 
 
 # --------------------------------------------------------------------------------------------------

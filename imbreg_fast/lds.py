@@ -7,7 +7,9 @@ Reference: Yang et al., ICML 2021, code YyzHarry/imbalanced-regression (``get_ld
   ``gaussian_filter1d(delta, sigma)``, 'sampled_gaussian', 'triang', 'laplace').
 - :func:`smooth_counts` — ``scipy.ndimage.convolve1d(counts, window, mode=...)`` over the bin axis.
 - :func:`bin_edges`, :func:`label_histogram` — equal-width or explicit bins; labels outside the range
-  count in the edge bins.
+  count in the edge bins. :func:`bin_index` assigns labels to bins by one of :data:`EDGE_RULES`:
+  ``'closed-left'`` (default: bin b is ``[e_b, e_{b+1})``, compared in float64) or ``'float32-truncate'``
+  (the published depth code's ``int(depth * 10)`` in float32, for equal-width bins; see :func:`bin_index`).
 - :func:`label_density` — the effective density ñ_b whose inverse is the weight: the counts, transformed by
   the scheme (``'sqrt_inv'``: √n_b, ``'inv'``: clip(n_b, 5, 1000), the reference clipping counts, not weights),
   then LDS-smoothed.
@@ -32,12 +34,13 @@ import torch
 from . import _validation as V
 from . import distributed as D
 
-__all__ = ["KERNELS", "SCHEMES", "LabelWeights", "bin_edges", "bin_index", "kernel_window", "label_density",
-           "label_histogram", "sample_weights", "smooth_counts"]
+__all__ = ["EDGE_RULES", "KERNELS", "SCHEMES", "LabelWeights", "bin_edges", "bin_index", "check_edge_rule",
+           "kernel_window", "label_density", "label_histogram", "sample_weights", "smooth_counts"]
 
 KERNELS = ("gaussian", "sampled_gaussian", "triang", "laplace")
 SCHEMES = ("sqrt_inv", "inv", "none")
 MODES = ("constant", "reflect", "nearest", "mirror", "wrap")
+EDGE_RULES = ("closed-left", "float32-truncate")
 GAUSSIAN_TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter1d's default radius, in standard deviations
 
 
@@ -99,8 +102,9 @@ def kernel_window(kind: str, ks: int, sigma: float, normalize: str = "max") -> t
     elif kind == "sampled_gaussian":
         window = torch.exp(-x * x / (2.0 * sigma * sigma))
     elif kind == "triang":
-        # scipy.signal.windows.triang, odd ks: 2n/(ks+1) for n = 1..(ks+1)/2, mirrored.
-        window = (half + 1 - x.abs()) * (2.0 / (ks + 1))
+        # scipy.signal.windows.triang, odd ks: 2n/(ks+1) for n = 1..(ks+1)/2, mirrored; 2n / (ks+1) in this
+        # order (one rounding), bit-identical to scipy: integer counts smoothed with it can sum to exact integers
+        window = (half + 1 - x.abs()) * 2.0 / (ks + 1)
     else:
         window = torch.exp(-x.abs() / sigma)
     return window / (window.max() if normalize == "max" else window.sum())
@@ -191,8 +195,18 @@ def _progression_sums_closed_form(ks: int, sigma: float, radius: int) -> torch.T
 def smooth_counts(counts: torch.Tensor, window: torch.Tensor, mode: str = "constant") -> torch.Tensor:
     """``scipy.ndimage.convolve1d(counts, window, mode=mode)`` along the last axis, in float64.
 
-    ``mode``: 'constant' (zeros outside, the reference's age/STS-B setting), 'reflect' (its depth setting,
-    edge bins repeated), 'nearest', 'mirror' or 'wrap'. ``window`` has odd length.
+    ``counts``: any shape ``[..., K]``, K >= 1; ``window``: 1-D of odd length. ``mode``: 'constant' (zeros
+    outside, the reference's age/STS-B setting), 'reflect' (its depth setting, edge bins repeated),
+    'nearest', 'mirror' or 'wrap'. Returns float64 ``[..., K]`` on the counts' device.
+
+    For a symmetric window (``window == window.flip(0)`` exactly; every :func:`kernel_window` is) the
+    result equals scipy's bit for bit in every mode: the sums are formed in scipy's order
+    (``NI_Correlate1D``), ``x_b w_0`` first, then ``(x_{b-j} + x_{b+j}) w_j`` from the outermost pair
+    ``j = h`` inwards. The last bit matters where the smoothed counts are truncated: the reference's
+    'inverse' + LDS weights smooth an integer array, so every smoothed count is truncated toward zero (a
+    triang window over counts clipped to 5 sums to exactly 15 in real arithmetic, and to 14.999... or
+    15.000... in floating point; :func:`imbreg_fast.compat.dir.prepare_weights`). Other windows: the
+    same convolution, summed in another order (equal to scipy's up to float64 rounding).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -204,15 +218,26 @@ def smooth_counts(counts: torch.Tensor, window: torch.Tensor, mode: str = "const
         raise ValueError(f"counts must have at least one bin, got shape {tuple(counts.shape)}")
     n = counts.shape[-1]
     half = window.shape[0] // 2
+    # symmetric: a Python bool for a CPU window, else a 0-d tensor on its device (no host sync)
+    symmetric = (torch.equal(window, window.flip(0)) if window.device.type == "cpu"
+                 else (window == window.flip(0)).all())
     counts = counts.to(torch.float64)
     window = window.to(device=counts.device, dtype=torch.float64)
-    # out[b] = sum_j window[half + j] * counts_ext[b - j]
+    # taps[..., b, i] = counts_ext[b - j], j = i - half; out[b] = sum_i window[i] * taps[..., b, i]
     j = torch.arange(-half, half + 1, device=counts.device)
     src = torch.arange(n, device=counts.device).unsqueeze(1) - j.unsqueeze(0)              # [n, ks]
     src = _extend_index(src, n, mode)
     inside = (src >= 0) & (src < n)
     taps = counts[..., src.clamp(0, n - 1)] * inside.to(torch.float64)                     # [..., n, ks]
-    return (taps * window).sum(-1)
+    if symmetric is False:
+        return (taps * window).sum(-1)
+    # scipy's order: taps[..., half - j] = x_{b+j}, taps[..., half + j] = x_{b-j}
+    out = taps[..., half] * window[half]
+    for k in range(half, 0, -1):
+        out = out + (taps[..., half + k] + taps[..., half - k]) * window[half + k]
+    if symmetric is True:
+        return out
+    return torch.where(symmetric.to(counts.device), out, (taps * window).sum(-1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,34 +275,73 @@ def bin_edges(bins: BinsArg, range: Optional[Sequence[float]] = None, *, device=
     return edges
 
 
-def bin_index(labels: torch.Tensor, edges: torch.Tensor) -> torch.Tensor:
+def check_edge_rule(edge_rule, edges: torch.Tensor) -> str:
+    """``edge_rule`` is one of :data:`EDGE_RULES`; ``'float32-truncate'`` also needs equal-width ``edges``
+    (each within 1e-3 of a bin width of the uniform grid over ``[e_0, e_K]``; the rule itself uses e_0, e_K
+    and K only)."""
+    edge_rule = V.check_choice("edge_rule", edge_rule, EDGE_RULES)
+    if edge_rule == "float32-truncate":
+        k = edges.shape[0] - 1
+        grid = torch.linspace(float(edges[0]), float(edges[-1]), k + 1, dtype=torch.float64)
+        width = (float(edges[-1]) - float(edges[0])) / k
+        if not bool(((edges.cpu() - grid).abs() <= 1e-3 * width).all()):
+            raise ValueError("edge_rule='float32-truncate' needs equal-width bins (bins=int with range=(lo, hi), "
+                             "or uniformly spaced edges)")
+    return edge_rule
+
+
+def bin_index(labels: torch.Tensor, edges: torch.Tensor, edge_rule: str = "closed-left") -> torch.Tensor:
     """Bin of each label (int64, labels' shape), edges from :func:`bin_edges`; out-of-range labels are
-    clamped to the edge bins. Compared in float64, so a float32 label exactly on an edge goes up."""
-    inner = edges[1:-1].to(labels.device)
-    return torch.bucketize(labels.to(torch.float64), inner, right=True)
+    clamped to the edge bins (NaN: the last bin).
+
+    ``edge_rule``:
+
+    - ``'closed-left'`` (default): bin b is ``[e_b, e_{b+1})``, compared in float64, so a label exactly on
+      an edge goes up, and a float32 label just below an edge stays below it: float32 7.2 is
+      7.19999981 < 7.2, bin 71 of the 0.1 m depth bins over [0, 10).
+    - ``'float32-truncate'``: the published depth code's rule (YyzHarry/imbalanced-regression
+      ``nyud2-dir``: ``int(depth * np.float32(10))``, ``floor(depth * 10)`` on float32 tensors), for
+      equal-width bins (:func:`check_edge_rule`): ``b = floor(float32(float32(y - e_0) * s))`` with
+      ``s = float32(K / (e_K - e_0))``, every step in float32 (labels are rounded to float32 first), then
+      clamped to ``[0, K - 1]``. float32 7.2 times 10 rounds to 72.0: bin 72. With ``e_0 = 0`` this is the
+      published product exactly; with 1-wide bins (ages) both rules agree.
+    """
+    if edge_rule == "closed-left":
+        inner = edges[1:-1].to(labels.device)
+        return torch.bucketize(labels.to(torch.float64), inner, right=True)
+    if edge_rule != "float32-truncate":
+        raise ValueError(f"edge_rule must be one of {EDGE_RULES}, got {edge_rule!r}")
+    k = edges.shape[0] - 1
+    e = edges.to(labels.device)
+    lo = e[0].to(torch.float32)                                   # 0-d tensors: no host sync
+    scale = (k / (e[-1] - e[0])).to(torch.float32)
+    t = torch.floor((labels.to(torch.float32) - lo) * scale)      # float32 subtract and multiply
+    return torch.nan_to_num(t, nan=k - 1).clamp_(0, k - 1).to(torch.int64)
 
 
 def label_histogram(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None, check_finite: bool = True,
-                    sync: bool = False, process_group=None) -> torch.Tensor:
+                    edge_rule: str = "closed-left", sync: bool = False, process_group=None) -> torch.Tensor:
     """Counts per bin, float64 ``[K]`` on the labels' device (kept labels only when ``mask`` is given).
 
     Histograms of several batches add up: ``sum(label_histogram(b, edges) for b in loader)`` gives the
     training counts for :meth:`LabelWeights.from_counts` when the training set does not fit in memory.
     ``sync=True``: the counts of every process of ``process_group`` summed (see the module docstring); with
     a loader, count locally and synchronise once (``imbreg_fast.distributed.all_reduce(counts)``).
+    ``edge_rule``: how labels are assigned to bins (:func:`bin_index`).
     """
     group = D.sync_group(sync, process_group)
     with D.agreement(group, "label_histogram", getattr(labels, "device", None)) as agreed:
         V.check_labels(labels, mask, check_finite=check_finite)
         edges = bin_edges(bins, range)
+        check_edge_rule(edge_rule, edges)
         agreed.signature = {"bin edges": D.fingerprint(edges)}
-    counts = _count(labels, mask, edges)
+    counts = _count(labels, mask, edges, edge_rule)
     return counts if group is None else D.all_reduce(counts, "sum", group)
 
 
-def _count(labels: torch.Tensor, mask, edges: torch.Tensor) -> torch.Tensor:
+def _count(labels: torch.Tensor, mask, edges: torch.Tensor, edge_rule: str = "closed-left") -> torch.Tensor:
     """float64 counts [K] of the (kept) labels in the bins of ``edges``."""
-    idx = bin_index(labels, edges).reshape(-1)
+    idx = bin_index(labels, edges, edge_rule).reshape(-1)
     if mask is not None:
         idx = idx[mask.reshape(-1)]
     return torch.bincount(idx, minlength=edges.shape[0] - 1).to(torch.float64)
@@ -314,19 +378,20 @@ def _density_from_counts(counts, scheme, lds, kernel, ks, sigma, mode, clip):
 
 def label_density(labels: torch.Tensor, bins: BinsArg, range=None, *, mask=None, scheme: str = "sqrt_inv",
                   lds: bool = True, kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                  mode: str = "constant", clip=(5, 1000), check_finite: bool = True, sync: bool = False,
-                  process_group=None) -> torch.Tensor:
+                  mode: str = "constant", clip=(5, 1000), check_finite: bool = True,
+                  edge_rule: str = "closed-left", sync: bool = False, process_group=None) -> torch.Tensor:
     """Effective label density ñ per bin, float64 ``[K]``: the weight of a label in bin b is ∝ 1/ñ_b.
 
     ``scheme``: ``'sqrt_inv'`` (√n_b), ``'inv'`` (n_b clipped to ``clip``, default (5, 1000) as the
     reference; ``clip=None`` for raw counts, as its depth code), ``'none'`` (raw counts). With ``lds``, the
     result is smoothed with ``kernel_window(kernel, ks, sigma, 'max')`` by :func:`smooth_counts` with
-    boundary ``mode`` ('constant' for age/STS-B, 'reflect' for depth in the reference). ``sync=True``: the
-    density of the labels of every process of ``process_group`` (see the module docstring).
+    boundary ``mode`` ('constant' for age/STS-B, 'reflect' for depth in the reference). ``edge_rule``: how
+    labels are assigned to bins (:func:`bin_index`). ``sync=True``: the density of the labels of every
+    process of ``process_group`` (see the module docstring).
     """
     _check_scheme(scheme, False, clip)
-    counts = label_histogram(labels, bins, range, mask=mask, check_finite=check_finite, sync=sync,
-                             process_group=process_group)
+    counts = label_histogram(labels, bins, range, mask=mask, check_finite=check_finite, edge_rule=edge_rule,
+                             sync=sync, process_group=process_group)
     return _density_from_counts(counts, scheme, lds, kernel, ks, sigma, mode, clip)
 
 
@@ -343,6 +408,10 @@ class LabelWeights:
         lw = LabelWeights(100, range=(0.0, 10.0), scheme="inv", clip=None, mode="reflect").fit(train_depth, mask=valid)
         w = lw.weights(depth_batch, mask=valid_batch)        # [B, 1, H, W], mean 1 over the training pixels
 
+    ``edge_rule`` (:func:`bin_index`): ``'closed-left'`` (default) or ``'float32-truncate'``, the published
+    depth code's float32 ``int(depth * 10)`` (float32 7.2 m in bin 72, not 71), used both to count the
+    training labels and to look up the weights.
+
     Fitted attributes (float64, on the fitting device): ``edges [K+1]``, ``counts [K]`` (training counts),
     ``density [K]`` (ñ), ``bin_weights [K]`` = s/ñ_b with s such that the mean weight over the training
     set is 1 (s = Σ n_b / Σ n_b/ñ_b). Bins with ñ_b = 0 (only possible for bins without training labels
@@ -352,13 +421,14 @@ class LabelWeights:
 
     def __init__(self, bins: BinsArg, range=None, *, scheme: str = "sqrt_inv", lds: bool = True,
                  kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0, mode: str = "constant",
-                 clip=(5, 1000)):
+                 clip=(5, 1000), edge_rule: str = "closed-left"):
         _check_scheme(scheme, lds, clip)
         if lds:
             kernel_window(kernel, ks, sigma)   # validates kernel, ks, sigma now rather than at fit time
             if mode not in MODES:
                 raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         self.edges = bin_edges(bins, range)
+        self.edge_rule = check_edge_rule(edge_rule, self.edges)
         self.scheme, self.lds, self.kernel, self.ks, self.sigma, self.mode = scheme, lds, kernel, ks, sigma, mode
         self.clip = None if clip is None else (float(clip[0]), float(clip[1]))
         self.counts = self.density = self.bin_weights = None
@@ -379,7 +449,7 @@ class LabelWeights:
         with D.agreement(group, "LabelWeights.fit", getattr(labels, "device", None)) as agreed:
             V.check_labels(labels, mask, check_finite=check_finite)
             agreed.signature = {"bin edges": D.fingerprint(self.edges)}
-        counts = _count(labels, mask, self.edges.to(labels.device))
+        counts = _count(labels, mask, self.edges.to(labels.device), self.edge_rule)
         return self.fit_counts(counts if group is None else D.all_reduce(counts, "sum", group))
 
     def fit_counts(self, counts: torch.Tensor) -> "LabelWeights":
@@ -430,7 +500,10 @@ class LabelWeights:
         if dtype is None:
             dtype = labels.dtype if labels.dtype in (torch.float32, torch.float64) else torch.float32
         inner, table = self._table(labels.device, dtype)
-        idx = torch.bucketize(labels.to(torch.float64), inner, right=True)
+        if self.edge_rule == "closed-left":
+            idx = torch.bucketize(labels.to(torch.float64), inner, right=True)
+        else:
+            idx = bin_index(labels, self.edges, self.edge_rule)
         w = table[idx]
         if mask is not None:
             w = torch.where(mask, w, torch.zeros((), dtype=dtype, device=labels.device))
@@ -449,18 +522,20 @@ class LabelWeights:
 
     def __repr__(self) -> str:
         lds = f", lds={self.kernel}(ks={self.ks}, sigma={self.sigma}, mode={self.mode!r})" if self.lds else ""
+        rule = "" if self.edge_rule == "closed-left" else f", edge_rule={self.edge_rule!r}"
         return (f"LabelWeights(bins={self.num_bins}, range=[{float(self.edges[0]):.4g}, {float(self.edges[-1]):.4g}], "
-                f"scheme={self.scheme!r}{lds}, fitted={self.bin_weights is not None})")
+                f"scheme={self.scheme!r}{lds}{rule}, fitted={self.bin_weights is not None})")
 
 
 def sample_weights(labels: torch.Tensor, bins: BinsArg, scheme: str = "sqrt_inv", lds: bool = True, *,
                    range=None, mask=None, kernel: str = "gaussian", ks: int = 5, sigma: float = 2.0,
-                   mode: str = "constant", clip=(5, 1000), check_finite: bool = True, sync: bool = False,
-                   process_group=None) -> torch.Tensor:
+                   mode: str = "constant", clip=(5, 1000), check_finite: bool = True,
+                   edge_rule: str = "closed-left", sync: bool = False, process_group=None) -> torch.Tensor:
     """Per-sample weights of the training labels themselves, as the reference's ``_prepare_weights``:
     w_i = s/ñ_{b(y_i)} with mean 1 over the (kept) labels; labels' shape, 0 where ``mask`` is False.
     See :class:`LabelWeights` for the arguments; ``bins``: a number of bins with ``range``, or edges.
     ``sync=True``: the weights of this process's labels within the training set of every process (fitted on
     the summed counts; the mean is 1 over all processes' labels)."""
-    lw = LabelWeights(bins, range, scheme=scheme, lds=lds, kernel=kernel, ks=ks, sigma=sigma, mode=mode, clip=clip)
+    lw = LabelWeights(bins, range, scheme=scheme, lds=lds, kernel=kernel, ks=ks, sigma=sigma, mode=mode, clip=clip,
+                      edge_rule=edge_rule)
     return lw.fit(labels, mask, check_finite=check_finite, sync=sync, process_group=process_group).weights(labels, mask)

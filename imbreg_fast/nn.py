@@ -9,6 +9,10 @@ its own learning rate, as the reference does::
 """
 from __future__ import annotations
 
+import numbers
+import os
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -46,6 +50,55 @@ class _BalancedMSELoss(nn.Module):
         return (f"noise_sigma={shown}, learn_noise="
                 f"{isinstance(self.noise_sigma, nn.Parameter)}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}")
+
+
+_COMPAT = "imbreg_fast.compat.balanced_mse"
+
+
+def _is_number(x) -> bool:
+    """A real scalar: a Python or numpy number (not a bool) or a 0-dim tensor."""
+    if isinstance(x, torch.Tensor):
+        return x.dim() == 0 and x.dtype != torch.bool
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _scalar_text(x) -> str:
+    return f"{float(x):g}" if _is_number(x) else "..."
+
+
+def _check_gai_arguments(gmm) -> None:
+    """The published ``GAILoss(init_noise_sigma, gmm)`` order and GMM forms, refused with the fix."""
+    if _is_number(gmm):
+        raise TypeError(f"GAILoss(gmm, init_noise_sigma=1.0, ...) takes the mixture first, got a number for gmm "
+                        f"({_scalar_text(gmm)}): this is the published order GAILoss(init_noise_sigma, gmm). Write "
+                        f"GAILoss(gmm, init_noise_sigma={_scalar_text(gmm)}) with gmm = (weights [K], means [K, d], "
+                        "covariances [K, d, d]) tensors (e.g. imbreg_fast.fit_gmm(train_labels, 8)), or keep the "
+                        f"published call with {_COMPAT}.GAILoss(init_noise_sigma, gmm), which takes the published "
+                        "joblib file or dict")
+    if isinstance(gmm, (str, os.PathLike, Mapping)):
+        got = f"a path ({os.fspath(gmm)!r})" if not isinstance(gmm, Mapping) else f"a {type(gmm).__name__}"
+        raise TypeError(f"GAILoss: gmm must be (weights [K], means [K, d], covariances [K, d, d]) tensors, got {got}, "
+                        "the published GMM file/dict (preprocess_gmm.py): use "
+                        f"{_COMPAT}.GAILoss(init_noise_sigma, gmm), which loads it, or fit the prior with "
+                        "imbreg_fast.fit_gmm(train_labels, K)")
+    try:
+        parts = len(gmm)
+    except TypeError:
+        parts = None
+    if parts != 3:
+        raise TypeError("GAILoss: gmm must be (weights [K], means [K, d], covariances [K, d, d]), e.g. "
+                        f"imbreg_fast.fit_gmm(train_labels, K); got {type(gmm).__name__}"
+                        + (f" of length {parts}" if parts is not None else ""))
+
+
+def _check_bni_arguments(bin_centers) -> None:
+    """The published ``BNILoss(init_noise_sigma, bucket_centers, bucket_weights)`` order, refused with the fix."""
+    if _is_number(bin_centers):
+        raise TypeError(f"BNILoss(bin_centers, bin_weights, init_noise_sigma=1.0, ...) takes the bins first, got a "
+                        f"number for bin_centers ({_scalar_text(bin_centers)}): this is the published order "
+                        "BNILoss(init_noise_sigma, bucket_centers, bucket_weights). Write BNILoss(bucket_centers, "
+                        f"bucket_weights, init_noise_sigma={_scalar_text(bin_centers)}) (numpy arrays and integer "
+                        f"centres are accepted), or keep the published call with {_COMPAT}.BNILoss")
 
 
 class BMCLoss(_BalancedMSELoss):
@@ -86,6 +139,7 @@ class GAILoss(_BalancedMSELoss):
 
     def __init__(self, gmm, init_noise_sigma: float = 1.0, *, learn_noise: bool = True, reduction: str = "mean",
                  backend: str = "auto", check_finite: bool = True):
+        _check_gai_arguments(gmm)
         super().__init__(init_noise_sigma, learn_noise, reduction, backend, check_finite)
         weights, means, covariances = (torch.as_tensor(x).detach().clone() for x in gmm)
         self.register_buffer("gmm_weights", weights)
@@ -101,11 +155,14 @@ class GAILoss(_BalancedMSELoss):
 class BNILoss(_BalancedMSELoss):
     """Balanced MSE with bin-based numerical integration; see :func:`imbreg_fast.functional.bni_loss`.
 
-    ``bin_centers``/``bin_weights`` (e.g. from :func:`imbreg_fast.bin_prior`) are stored as buffers.
+    ``bin_centers``/``bin_weights`` (e.g. from :func:`imbreg_fast.bin_prior`; tensors, numpy arrays or lists)
+    are stored as buffers. Integer centres (the reference's ``get_bucket_info``) stay integer and are cast to
+    the prediction's dtype at each call.
     """
 
     def __init__(self, bin_centers, bin_weights, init_noise_sigma: float = 1.0, *, learn_noise: bool = True,
                  reduction: str = "mean", backend: str = "auto", check_finite: bool = True):
+        _check_bni_arguments(bin_centers)
         super().__init__(init_noise_sigma, learn_noise, reduction, backend, check_finite)
         self.register_buffer("bin_centers", torch.as_tensor(bin_centers).detach().clone())
         self.register_buffer("bin_weights", torch.as_tensor(bin_weights).detach().clone())

@@ -919,3 +919,43 @@ def test_loss_and_gradients_accurate_over_noise_var_sweep(prior, backend, noise_
         errors = _relative_errors(out, naive_expected(case, reduction, out[3]), float(case.sigma.detach()))
         for name, err in zip(("loss", "grad pred", "grad sigma"), errors):
             assert err <= bound, f"[{reduction}] {name}: relative error {err:.3g} > {bound:g}"
+
+
+@pytest.mark.parametrize("op,backend", op_backend_params(("gai", "bni"), include_torch=False))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_pass_shift_with_far_rows_in_a_lane_group(op, backend, dtype):
+    # d = 1, C++: one pass shifted by a row-independent bound; a group of rows (one vector of lanes) where
+    # some prediction is far from every component is redone with the rows' own max. Rows alternate near /
+    # far (30 to 300 component widths away) so every vector holds both kinds; each row must equal the torch
+    # backend's (and the near rows must not change when the far ones are there).
+    g = torch.Generator().manual_seed(5)
+    n = 37
+    target = 3 + 4 * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    far = torch.arange(n) % 3 == 1
+    offset = torch.where(far, 30 + 270 * torch.rand(n, generator=g, dtype=torch.float64), 0.3).unsqueeze(1)
+    sign = torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(torch.float64).unsqueeze(1)
+    pred = (target + sign * offset).to(dtype).requires_grad_()
+    target = target.to(dtype)
+    sigma = torch.tensor(0.7, dtype=dtype, requires_grad=True)
+    if op == "gai":
+        prior = (torch.tensor([0.2, 0.5, 0.3], dtype=dtype), torch.tensor([[3.0], [5.0], [6.5]], dtype=dtype),
+                 torch.tensor([[[0.3]], [[0.6]], [[0.2]]], dtype=dtype))
+        call = lambda p, t, be: F.gai_loss(p, t, sigma ** 2, prior, reduction="none", backend=be)
+    else:
+        centers = torch.linspace(2.05, 7.95, 60, dtype=dtype)
+        weights = torch.exp(-0.5 * ((centers - 5) / 1.5) ** 2) + 0.01
+        call = lambda p, t, be: F.bni_loss(p, t, sigma ** 2, centers, weights / weights.sum(), reduction="none",
+                                           backend=be)
+    tol = TOLS[dtype]
+    outs = {}
+    for be in ("torch", backend):
+        loss = call(pred, target, be)
+        gp, gs = torch.autograd.grad(loss, (pred, sigma), torch.linspace(0.5, 1.5, n, dtype=dtype))
+        outs[be] = (loss.detach(), gp, gs)
+    for name, got, ref in zip(("loss", "grad pred", "grad sigma"), outs[backend], outs["torch"]):
+        torch.testing.assert_close(got, ref, rtol=tol.rtol, atol=tol.atol * float(ref.abs().max()), msg=name)
+    # the near rows alone give the same values (the far rows' fallback does not disturb them)
+    near = ~far
+    loss_near = call(pred[near].detach(), target[near], backend)
+    torch.testing.assert_close(loss_near, outs[backend][0][near], rtol=tol.rtol, atol=tol.atol * float(
+        loss_near.abs().max()))

@@ -6,6 +6,7 @@ bit-identical results for 1 and 2 threads), opcheck of the raw ops, and every CP
 subprocess. The full suite (naive references, gradcheck, torch.compile) is tests/test_balanced_mse.py.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -150,10 +151,37 @@ def test_exp_throughput_probe():
     assert not hasattr(ops, "exp_throughput")
     x = -torch.rand(10000) * 80
     expected = torch.exp(x.double()).sum()
-    for variant in (0, 1):
+    for variant in (0, 1, 2):
         got = torch.ops.imbreg_fast_bench.exp_throughput(x, variant, 2)
         assert got.dtype == torch.float32 and got.shape == ()
         torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+    with pytest.raises(RuntimeError, match="variant must be"):
+        torch.ops.imbreg_fast_bench.exp_throughput(x, 3, 1)
+
+
+def _kernels_exp(values):
+    """The kernels' vector exp (exp_shifted) of each value: the probe sums exp over x, so each value goes in as
+    one full vector of copies (a power-of-two count: the sum is exact)."""
+    out = []
+    for v in values.tolist():
+        x = torch.full((16,), v, dtype=torch.float32)
+        out.append(float(torch.ops.imbreg_fast_bench.exp_throughput(x, 1, 1)) / 16)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_kernels_exp_accuracy_and_edges():
+    # the kernels' exp for z <= 0 (csrc/cpu/fast_exp.h): relative error against exp in float64, exactly 1 at 0,
+    # exactly 0 below ln(FLT_MIN), NaN kept
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([-87.3 * torch.rand(1500, generator=g), -torch.rand(500, generator=g),
+                   -1e-6 * torch.rand(100, generator=g), torch.tensor([-0.0, -87.33, -87.336])]).float()
+    got = _kernels_exp(z)
+    ref = torch.exp(z.double())
+    rel = ((got - ref).abs() / ref).max().item()
+    assert rel < 5e-7, rel
+    assert _kernels_exp(torch.tensor([0.0])).item() == 1.0
+    assert _kernels_exp(torch.tensor([-87.35, -100.0, -1e30, float("-inf")])).tolist() == [0.0] * 4
+    assert math.isnan(_kernels_exp(torch.tensor([float("nan")])).item())
 
 
 @pytest.mark.parametrize("compute_grad", [True, False])

@@ -213,6 +213,36 @@ def test_smooth_counts_matches_convolve1d(mode, n, ks):
     np.testing.assert_allclose(got, convolve1d(counts, window, mode=mode), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("mode", lds.MODES)
+@pytest.mark.parametrize("kind", ["gaussian", "triang", "laplace"])
+@pytest.mark.parametrize("ks", [3, 5, 9])
+def test_smooth_counts_symmetric_window_bit_exact(mode, kind, ks):
+    """Symmetric windows: scipy's summation order, so the result is convolve1d's to the last bit (the
+    published 'inverse' + LDS weights truncate it), for integer counts (many clipped to 5) and float counts,
+    with leading dims."""
+    window = kernel_window(kind, ks, 1.5)
+    assert torch.equal(window, window.flip(0))
+    rng = np.random.default_rng(ks * 31 + len(kind) + lds.MODES.index(mode))
+    integer = rng.integers(0, 12, (4, 23)).clip(5, None).astype(np.float64)   # about half the bins are 5
+    uniform = np.full((1, 23), 5.0)
+    real = rng.random((3, 23)) * rng.choice([1e-3, 1.0, 1e3], (3, 1))
+    for counts in (integer, uniform, real, integer[0, :1], real[0, :ks - 1]):
+        got = smooth_counts(torch.from_numpy(counts), window, mode)
+        want = torch.from_numpy(convolve1d(counts, window.numpy(), mode=mode, axis=-1))
+        assert got.dtype == torch.float64 and torch.equal(got, want), (counts.shape, (got - want).abs().max())
+
+
+def test_smooth_counts_truncated_triang_counts():
+    """triang(5) over counts equal to 5 sums to 15 in real arithmetic; scipy's order gives 14.999999999999998,
+    so the reference's integer smoothing gives 14, as does trunc(smooth_counts)."""
+    counts = torch.full((12,), 5.0, dtype=torch.float64)
+    window = kernel_window("triang", 5, 1.0)
+    smoothed = torch.trunc(smooth_counts(counts, window, "constant"))
+    want = convolve1d(np.full(12, 5), window.numpy(), mode="constant")     # an integer array, as published
+    assert torch.equal(smoothed, torch.from_numpy(want).to(torch.float64))
+    assert smoothed[6] == 14
+
+
 def test_smooth_counts_bad_arguments():
     with pytest.raises(ValueError, match="mode"):
         smooth_counts(torch.ones(4), torch.ones(3), "circular")

@@ -260,8 +260,12 @@ def test_bin_checks():
     rows = torch.randn(N, 2)
     with pytest.raises(ValueError, match=r"bin_centers must be \[K, d\] = \[4, 2\], got \(4,\)"):
         F.bni_loss(rows, rows.clone(), 0.5, centers, weights)
-    with pytest.raises(TypeError, match=r"bin_centers must have a floating dtype"):
-        F.bni_loss(pred, target, 0.5, torch.arange(4), weights)
+    with pytest.raises(TypeError, match=r"bin_centers must hold real numbers \(a floating or integer dtype\), "
+                                        r"got torch.bool"):
+        F.bni_loss(pred, target, 0.5, torch.tensor([True, False, True, True]), weights)
+    # integer centres (the published get_bucket_info's int64 ages) are cast to pred's dtype
+    torch.testing.assert_close(F.bni_loss(pred, target, 0.5, torch.arange(4), weights),
+                               F.bni_loss(pred, target, 0.5, torch.arange(4.0), weights), rtol=0, atol=0)
     bad = centers.clone()
     bad[0] = math.inf
     with pytest.raises(ValueError, match=r"bin_centers contain NaN or inf"):

@@ -7,8 +7,9 @@
 // writes its partial sums (double) to its own slot and the slots are added in block order, so every output
 // is bit-identical whatever the number of threads.
 //
-// exp: every exp argument is a shifted logit z = l - max(l) <= 0; exp_shifted (fast_exp.h) is exp_u20 in
-// fp32 (max relative error 3.9e-7, see there) and Sleef's 1-ulp exp in fp64.
+// exp: every exp argument is a shifted logit z = l - m <= 0 (m the max, or a bound of it); exp_shifted
+// (fast_exp.h) is an exp for z <= 0 in fp32 (max relative error below 5e-7, see there) and Sleef's 1-ulp exp
+// in fp64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -450,15 +451,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bmc_fwd_cpu(const at::Tensor& pre
 //   L        = e + 2 s2 (m + log S)
 //   dL/dp    = 2 u - 2 s2 sum_k r_k alpha_k                              (d t_k / dp = -alpha_k)
 //   dL/ds2   = -e/s2 + 2 s2 sum_k r_k (1/2 |alpha_k|^2 + g_k)           (d t_k / ds2 = 1/2 |alpha_k|^2 + g_k)
-// Vectorised over rows (one lane per row), loop over k: pass 1 = max of t, pass 2 = exp and sums, with
-// phi^_k folded into the exponent: phi^_k exp(z_k) = exp(t_k + log phi^_k - m), t_k + log phi^_k computed
-// as one fma with the constant n_k + log phi^_k.
-// Large s2: every t_k is O(|delta|^2 / s2), S = 1 - O(1/s2) and log(S) keeps only the rounding of S (and
-// of exp_shifted) while the loss multiplies it by 2 s2. On the lanes where that rounding could matter
-// against the row's terms, e + 2 s2 (|m| + |log S|) < 2 s2 kNearOneBound, log S is recomputed in a third
-// pass as log1p(sum_k phi^_k expm1(z_k)): exactly log S since sum_k phi^_k = 1 (log sum phi lives in n_k),
-// and a sum of terms <= 0, so relative precision survives. (Elsewhere the rounding of log S, a few 1e-7
-// in fp32, is below 1e-5 of the largest term of L.) The gradients need no such care: r_k is a ratio.
+// Vectorised over rows (one lane per row), loop over k, with phi^_k folded into the exponent:
+// phi^_k exp(t_k - m) = exp(t_k + log phi^_k - m).
+// d = 1: one pass. The shift is the row-independent bound m0 = max_k (n_k + log phi^_k), which is >= every
+// t_k + log phi^_k since the quadratic term is >= 0: z_k = t_k + log phi^_k - m0 <= 0 is one fma with the
+// constant n_k + log phi^_k - m0, and no max pass is needed. Lanes of a prediction far from every
+// component (S < kMinShiftedSum) are redone with the rows' own max in two passes, so that no term that
+// matters underflows. d > 1: pass 1 = max of t, pass 2 = exp and sums.
+// Near one: L = e + 2 s2 lse with lse = m + log S. When L is small against the rounding of m and log S
+// (|m| + |log S| epsilons, times 2 s2) — large s2, where every t_k is O(|delta|^2 / s2) and S = 1 - O(1/s2)
+// in the exact shift — lse is recomputed in a third pass from the rows' own max m as
+// m + log1p(sum_k phi^_k expm1(t_k - m)): exactly log S since sum_k phi^_k = 1 (log sum phi lives in n_k),
+// and a sum of terms <= 0, so relative precision survives. Criterion: e + 2 s2 |lse| <
+// 2 s2 kNearOneBound (1 + |m| + |log S|). (Elsewhere the rounding, a few 1e-7 of |m| + |log S| in fp32, is
+// below 1e-5 of L.) The gradients need no such care: r_k is a ratio.
 // d = 1 reads per-component constants (one multiply less per (row, k)):
 //   t_k = n_k - (P_k / 2) delta^2,  1/2 alpha_k^2 + g_k = (P_k^2 / 2) delta^2 + g_k,  alpha_k = P_k delta.
 // --------------------------------------------------------------------------------------------------
@@ -472,10 +478,16 @@ enum MixtureD1Const : int64_t {
   kHalfPrecSq,     // P_k^2 / 2
   kVarBias,        // g_k
   kWeight,         // phi^_k
+  kPrec,           // P_k
+  kShifted,        // n_k + log phi^_k - m0, m0 = max_j (n_j + log phi^_j): <= 0
   kD1Consts
 };
 
-// Lanes whose log S is recomputed by the near-one pass: e + 2 s2 (|m| + |log S|) < 2 s2 kNearOneBound.
+// d = 1, one-pass shift: a group of rows whose S (shifted by m0) falls below this in some lane is redone
+// with the rows' own max. Above it, a term flushed to 0 by the exp (< 2^-126 for fp32) is below 2^-76 of S.
+constexpr double kMinShiftedSum = 0x1p-50;
+
+// Lanes whose lse is recomputed by the near-one pass: e + 2 s2 |lse| < 2 s2 kNearOneBound (1 + |m| + |log S|).
 constexpr double kNearOneBound = 1.0 / 16;
 
 // expm1(z) for z <= 0, for the near-one pass. fp32: the degree-8 Taylor polynomial on [-1/2, 0] (truncation
@@ -506,6 +518,7 @@ struct MixtureProblem {
   const T* var_bias;    // [K]       g_k
   const T* d1_consts;   // d = 1: [K, kD1Consts]; else nullptr
   bool d1_uniform;      // d = 1 and every P_k, every g_k equal
+  T d1_bound;           // d = 1: m0 = max_k (n_k + log phi^_k)
   int64_t n, d, k;
   T s2, two_s2;
 };
@@ -540,21 +553,28 @@ inline Vectorized<T> mixture_quad_logit(const MixtureProblem<T>& P, const Vector
   return at::vec::clamp_min(at::vec::fmadd(q, Vec(T(-0.5)), Vec(offset)), Vec(std::numeric_limits<T>::lowest()));
 }
 
-// The near-one pass: log1p(sum_k phi^_k expm1(t_k - m)) per lane, t_k recomputed exactly as in pass 1.
-// Out of line: it runs rarely and must not weigh on the register allocation of the main passes.
+// The near-one pass: m + log1p(sum_k phi^_k expm1(t_k - m)) per lane, with m = max_k t_k (d = 1: found here,
+// since the main pass of d = 1 shifts by the row-independent bound m0 instead; d > 1: mx), t_k recomputed
+// exactly as in the main passes. Out of line: it runs rarely and must not weigh on the register
+// allocation of the main passes.
 template <typename T, int D>
-__attribute__((noinline)) Vectorized<T> mixture_log_s_near_one(const MixtureProblem<T>& P, MixtureScratch<T>& S,
-                                                               const Vectorized<T>* pv, const Vectorized<T>& mx) {
+__attribute__((noinline)) Vectorized<T> mixture_lse_near_one(const MixtureProblem<T>& P, MixtureScratch<T>& S,
+                                                             const Vectorized<T>* pv, Vectorized<T> mx) {
   using Vec = Vectorized<T>;
   constexpr int DA = D > 0 ? D : 1;
   const Vec vlow(std::numeric_limits<T>::lowest());
   Vec q(T(0));
   if constexpr (D == 1) {
     const T* kc = P.d1_consts;
-    for (int64_t k = 0; k < P.k; ++k, kc += kD1Consts) {
-      const Vec dl = pv[0] - Vec(kc[kMu]);
-      const Vec t = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(kc[kNegHalfPrec]), Vec(kc[kLogNorm])), vlow);
-      q = at::vec::fmadd(Vec(kc[kWeight]), expm1_nonpositive(t - mx), q);
+    auto logit = [&](const T* c) {
+      const Vec dl = pv[0] - Vec(c[kMu]);
+      return at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(c[kNegHalfPrec]), Vec(c[kLogNorm])), vlow);
+    };
+    mx = vlow;
+    for (int64_t k = 0; k < P.k; ++k) mx = at::vec::clamp_min(logit(kc + k * kD1Consts), mx);
+    for (int64_t k = 0; k < P.k; ++k) {
+      const T* c = kc + k * kD1Consts;
+      q = at::vec::fmadd(Vec(c[kWeight]), expm1_nonpositive(logit(c) - mx), q);
     }
   } else {
     Vec delta_l[DA], alpha_l[DA];
@@ -565,7 +585,53 @@ __attribute__((noinline)) Vectorized<T> mixture_log_s_near_one(const MixtureProb
       q = at::vec::fmadd(Vec(P.weight[k]), expm1_nonpositive(t - mx), q);
     }
   }
-  return q.log1p();
+  return mx + q.log1p();
+}
+
+// d = 1, the exp pass over the K components for the W rows in p0: accumulates S = sum_k phi^_k e^{z_k},
+// sum_k r'_k alpha_k into sa and sum_k r'_k (1/2 alpha_k^2 + g_k) into sg (r'_k = phi^_k e^{z_k}, not yet
+// divided by S). Exact = false: z_k = t_k + log phi^_k - m0 from the constant kShifted (one fma); true:
+// z_k = t_k + log phi^_k - mx for the rows' own max mx (t_k clamped to a finite value: an overflowing
+// quadratic form must not give -inf - -inf). Uniform: every P_k and g_k equal (BNI, GAI with equal
+// variances): accumulate sum r' delta and sum r' delta^2, then sum r' alpha = P sum r' delta and
+// sum r' (1/2 alpha^2 + g) = P^2/2 sum r' delta^2 + g S.
+template <typename T, bool Uniform, bool Exact>
+inline void mixture_d1_pass(const MixtureProblem<T>& P, const Vectorized<T>& p0, const Vectorized<T>& mx,
+                            Vectorized<T>& s, Vectorized<T>& sa, Vectorized<T>& sg) {
+  using Vec = Vectorized<T>;
+  const Vec vlow(std::numeric_limits<T>::lowest());
+  const T* kc = P.d1_consts;
+  // accumulators in locals (registers): the references may alias the constants' memory (vector types may
+  // alias float), which would put a store and a reload on every iteration's dependency chain
+  Vec s_l(s), sa_l(sa), sg_l(sg), sd(T(0)), sd2(T(0));
+  for (int64_t k = 0; k < P.k; ++k) {
+    const T* c = kc + k * kD1Consts;
+    const Vec dl = p0 - Vec(c[kMu]);
+    const Vec dl2 = dl * dl;
+    Vec z;
+    if constexpr (Exact) {
+      z = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kLogScale])), vlow) - mx;
+    } else {
+      z = at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kShifted]));
+    }
+    const Vec t = exp_shifted(z);
+    s_l = s_l + t;
+    if constexpr (Uniform) {
+      sd = at::vec::fmadd(t, dl, sd);
+      sd2 = at::vec::fmadd(t, dl2, sd2);
+    } else {
+      sg_l = at::vec::fmadd(t, at::vec::fmadd(dl2, Vec(c[kHalfPrecSq]), Vec(c[kVarBias])), sg_l);
+      sa_l = at::vec::fmadd(t * Vec(c[kPrec]), dl, sa_l);
+    }
+  }
+  s = s_l;
+  if constexpr (Uniform) {
+    sa = Vec(kc[kPrec]) * sd;
+    sg = at::vec::fmadd(sd2, Vec(kc[kHalfPrecSq]), Vec(kc[kVarBias]) * s_l);
+  } else {
+    sa = sa_l;
+    sg = sg_l;
+  }
 }
 
 // W rows in pv/yv (one lane each) -> per-lane loss, dL/dp (into grad[0..d)), dL/ds2.
@@ -585,40 +651,28 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
   Vec mx(vlow), s(zero), sg(zero);
   for (int64_t c = 0; c < d; ++c) sa[c] = zero;
   if constexpr (D == 1) {
-    const T* kc = P.d1_consts;
-    const Vec p0 = pv[0];
-    // t_k clamped to a finite value: an overflowing quadratic form must not give -inf - -inf later
-    for (int64_t k = 0; k < K; ++k) {
-      const T* c = kc + k * kD1Consts;
-      const Vec dl = p0 - Vec(c[kMu]);
-      mx = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(c[kNegHalfPrec]), Vec(c[kLogNorm])), mx);
-    }
+    // One pass shifted by m0 = max_k (n_k + log phi^_k) (row-independent: the quadratic term is <= 0, so
+    // every exponent is <= 0 with no max pass); the groups where some lane's S fell below kMinShiftedSum (a
+    // prediction far from every component) are redone with each row's own max, in two passes.
+    mx = Vec(P.d1_bound);
     if (P.d1_uniform) {
-      // P_k = P and g_k = g for all k (BNI, or GAI with equal variances): accumulate sum t delta and
-      // sum t delta^2, then sum t alpha = P sum t delta, sum t (1/2 alpha^2 + g) = P^2/2 sum t delta^2 + g S.
-      Vec sd(zero), sd2(zero);
-      for (int64_t k = 0; k < K; ++k) {
-        const T* c = kc + k * kD1Consts;
-        const Vec dl = p0 - Vec(c[kMu]);
-        const Vec dl2 = dl * dl;
-        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kLogScale])), vlow);
-        const Vec t = exp_shifted(l - mx);
-        s = s + t;
-        sd = at::vec::fmadd(t, dl, sd);
-        sd2 = at::vec::fmadd(t, dl2, sd2);
-      }
-      sa[0] = Vec(P.precision[0]) * sd;
-      sg = at::vec::fmadd(sd2, Vec(kc[kHalfPrecSq]), Vec(kc[kVarBias]) * s);
+      mixture_d1_pass<T, true, false>(P, pv[0], mx, s, sa[0], sg);
     } else {
+      mixture_d1_pass<T, false, false>(P, pv[0], mx, s, sa[0], sg);
+    }
+    if ((s < Vec(T(kMinShiftedSum))).zero_mask() != (1 << Vec::size()) - 1) {   // some lane below
+      const T* kc = P.d1_consts;
+      mx = vlow;
       for (int64_t k = 0; k < K; ++k) {
         const T* c = kc + k * kD1Consts;
-        const Vec dl = p0 - Vec(c[kMu]);
-        const Vec dl2 = dl * dl;
-        const Vec l = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kLogScale])), vlow);
-        const Vec t = exp_shifted(l - mx);
-        s = s + t;
-        sg = at::vec::fmadd(t, at::vec::fmadd(dl2, Vec(c[kHalfPrecSq]), Vec(c[kVarBias])), sg);
-        sa[0] = at::vec::fmadd(t * Vec(P.precision[k]), dl, sa[0]);
+        const Vec dl = pv[0] - Vec(c[kMu]);
+        mx = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(c[kNegHalfPrec]), Vec(c[kLogNorm])), mx);
+      }
+      s = sg = sa[0] = zero;
+      if (P.d1_uniform) {
+        mixture_d1_pass<T, true, true>(P, pv[0], mx, s, sa[0], sg);
+      } else {
+        mixture_d1_pass<T, false, true>(P, pv[0], mx, s, sa[0], sg);
       }
     }
   } else {
@@ -645,13 +699,16 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
   dvar = r_scale * sg - e / Vec(P.s2);
   // log last: with Sleef it is a call, and values live across a call end up on the stack for the whole
   // k loops (a store-to-load dependency per iteration)
-  Vec log_s = s.log();
-  const Vec partial = at::vec::fmadd(two_s2, mx, e);
-  const Vec near = at::vec::fmadd(two_s2, mx.abs() + log_s.abs(), e) < two_s2 * Vec(T(kNearOneBound));
+  const Vec log_s = s.log();
+  Vec lse = mx + log_s;   // log sum_k phi^_k e^{t_k}
+  // near one: L = e + 2 s2 lse could be small against the rounding of mx and log S (|mx| + |log S| times
+  // the epsilon, times 2 s2): those lanes take lse from the near-one pass
+  const Vec near = at::vec::fmadd(two_s2, lse.abs(), e) <
+                   two_s2 * Vec(T(kNearOneBound)) * (Vec(T(1)) + mx.abs() + log_s.abs());
   if (near.zero_mask() != (1 << Vec::size()) - 1) {
-    log_s = Vec::blendv(log_s, mixture_log_s_near_one<T, D>(P, S, pv, mx), near);
+    lse = Vec::blendv(lse, mixture_lse_near_one<T, D>(P, S, pv, mx), near);
   }
-  loss = at::vec::fmadd(two_s2, log_s, partial);
+  loss = at::vec::fmadd(two_s2, lse, e);
 }
 
 template <typename T, int D>
@@ -674,8 +731,12 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
     Vec* gv = D > 0 ? g_l : S.sa.data();
     __at_align__ T loss_l[W], dvar_l[W];
     T* lanes = S.lanes.data();
+    // per-lane block sums in double: W independent additions per group of rows (no dependency chain
+    // through one scalar), added in lane order at the end of the block
+    double lane_loss[W], lane_grad[W];
     for (int64_t b = b0; b < b1; ++b) {
-      double block_loss = 0.0, block_grad = 0.0;
+      std::fill(lane_loss, lane_loss + W, 0.0);
+      std::fill(lane_grad, lane_grad + W, 0.0);
       Vec check(T(0));   // value check of the kept rows' pred and target (cpu::finite_acc)
       const int64_t r1 = std::min(P.n, (b + 1) * kMixtureBlockRows);
       for (int64_t i0 = b * kMixtureBlockRows; i0 < r1; i0 += W) {
@@ -702,8 +763,8 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
           loss.store(loss_l);
           dvar.store(dvar_l);
           for (int64_t r = 0; r < W; ++r) {
-            block_loss += loss_l[r];
-            block_grad += dvar_l[r];
+            lane_loss[r] += loss_l[r];
+            lane_grad[r] += dvar_l[r];
           }
           if (loss_rows) loss.store(loss_rows + i0);
           if (grad_rows) dvar.store(grad_rows + i0);
@@ -735,9 +796,14 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
           if (grad_pred) {
             for (int64_t c = 0; c < d; ++c) grad_pred[(i0 + r) * d + c] = k_r ? lanes[c * W + r] * tscale : T(0);
           }
-          block_loss += l;
-          block_grad += g;
+          lane_loss[r] += l;
+          lane_grad[r] += g;
         }
+      }
+      double block_loss = 0.0, block_grad = 0.0;
+      for (int64_t r = 0; r < W; ++r) {
+        block_loss += lane_loss[r];
+        block_grad += lane_grad[r];
       }
       out.block_loss[b] = block_loss;
       out.block_grad[b] = block_grad;
@@ -809,6 +875,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
     std::vector<T> d1_consts;
     P.d1_consts = nullptr;
     P.d1_uniform = false;
+    P.d1_bound = T(0);
     if (d == 1) {
       d1_consts.resize(kD1Consts * k);
       for (int64_t j = 0; j < k; ++j) {
@@ -821,7 +888,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
         c[kHalfPrecSq] = T(0.5) * prec * prec;
         c[kVarBias] = P.var_bias[j];
         c[kWeight] = weight[j];
+        c[kPrec] = prec;
       }
+      P.d1_bound = *std::max_element(log_scale.begin(), log_scale.end());
+      for (int64_t j = 0; j < k; ++j) d1_consts[kD1Consts * j + kShifted] = log_scale[j] - P.d1_bound;
       P.d1_consts = d1_consts.data();
       P.d1_uniform = true;
       for (int64_t j = 1; j < k; ++j) {

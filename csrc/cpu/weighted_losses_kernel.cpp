@@ -143,9 +143,12 @@ inline void loss_and_grad(const Vectorized<T>& e, const Coeffs<T>& c, Vectorized
 
 // Main pass over blocks: loss_out[i] = w_i l_i ('none'), grad_out[i] = scale w_i dl_i/de, block_sums[b] =
 // sum over block b of w_i l_i. Dropped elements get e = 0 and w = 0 (NaN holes never reach the sums).
-// Check (check_finite): block_flags[b] gets kNonFinite when a kept e = pred - target or weight is NaN / inf
-// (e is non-finite when pred or target is, or when a finite difference overflows: the exact scan after the
-// pass tells them apart), kNegativeWeight when a kept weight is < 0; three vector ops per vector.
+// Check (check_finite): block_flags[b] gets kNonFinite when the block's loss sum is not finite, which it is as
+// soon as a kept e = pred - target or weight is NaN / inf (w l >= 0 is then inf or NaN for every loss kind:
+// l(+-inf) = inf, 0 * inf = NaN, inf * l = inf or NaN), and also when finite values overflow: the exact scan
+// after the pass tells them apart. No accumulator of its own (one more dependency chain per vector would
+// cost more than the loss in this memory-bound pass). kNegativeWeight when a kept weight is < 0: a running
+// min (one vector op per vector).
 constexpr uint8_t kNonFinite = 1;
 constexpr uint8_t kNegativeWeight = 2;
 
@@ -160,7 +163,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock;
       const int64_t end = std::min(n, start + kBlock);
-      V acc(T(0)), check(T(0)), wmin(T(0));
+      V acc(T(0)), wmin(T(0));
       for (int64_t i = start; i < end; i += W) {
         const int64_t cnt = std::min<int64_t>(W, end - i);   // tail lanes load 0: e = 0, l = 0
         V e = V::loadu(pred + i, cnt) - V::loadu(target + i, cnt);
@@ -171,11 +174,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
           w = V::blendv(zero, w, keep);
         }
         if constexpr (Check) {
-          check = cpu::finite_acc(check, e);
-          if (weight != nullptr) {
-            check = cpu::finite_acc(check, w);
-            wmin = at::vec::clamp_max(w, wmin);   // plain min: a NaN here is caught by check
-          }
+          if (weight != nullptr) wmin = at::vec::clamp_max(w, wmin);   // plain min: a NaN is caught by the sum
         }
         V l, dl;
         loss_and_grad<Kind, T>(e, c, l, dl);
@@ -188,7 +187,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
       if constexpr (Check) {
         __at_align__ T lanes[W];
         wmin.store(lanes);
-        uint8_t flags = std::isfinite(hsum(check)) ? 0 : kNonFinite;
+        uint8_t flags = std::isfinite(block_sums[b]) ? 0 : kNonFinite;
         for (int64_t l = 0; l < W; ++l) flags |= lanes[l] < T(0) ? kNegativeWeight : 0;
         block_flags[b] = flags;
       }
