@@ -9,6 +9,8 @@ while ``torch.compile`` traces (they would break the graph), and under ``torch.v
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -59,6 +61,16 @@ def refuse_batched(*tensors) -> None:
 # --------------------------------------------------------------------------------------------------
 # Scalars and choices
 # --------------------------------------------------------------------------------------------------
+
+
+def published_gmm_form(x) -> str | None:
+    """What ``x`` is, if it is the published BalancedMSE code's form of a GMM (the path of its joblib file, or
+    its dict), else None: for the porting errors of ``gai_loss`` / ``GAILoss``."""
+    if isinstance(x, (str, os.PathLike)):
+        return f"a path ({os.fspath(x)!r})"
+    if isinstance(x, Mapping):
+        return f"a {type(x).__name__} with keys {sorted(map(str, x))}"
+    return None
 
 
 def check_int(name: str, value, minimum: int | None = None) -> int:

@@ -251,6 +251,20 @@ def all_gather(tensor: torch.Tensor, process_group=None, *, sizes: Optional[Sequ
     return [p[:s].to(tensor.device) for p, s in zip(parts, sizes)]
 
 
+def value_range(x: torch.Tensor, group, empty: str) -> tuple[float, float]:
+    """``(min, max)`` of ``x`` as Python floats: of the local values when ``group`` is None (no
+    synchronisation), else over every process of ``group`` (:func:`min_max`). ``ValueError(empty)`` when ``x``
+    holds no value (on any process)."""
+    if group is None:
+        if x.numel() == 0:
+            raise ValueError(empty)
+        return float(x.min()), float(x.max())
+    extremes = min_max(x, group)
+    if extremes is None:
+        raise ValueError(empty)
+    return extremes
+
+
 def min_max(x: torch.Tensor, process_group=None) -> Optional[tuple[float, float]]:
     """``(min, max)`` of the values of ``x`` over every process of ``process_group`` as Python floats, or
     ``None`` when ``x`` is empty on every process. One all-reduce MAX of ``(-min, max)`` (an empty ``x``

@@ -198,27 +198,18 @@ def _merge_candidate_sets(loss_a: torch.Tensor, loss_b: torch.Tensor, noise_var:
 _COMPAT = "imbreg_fast.compat.balanced_mse"
 
 
-def _published_gmm(x) -> str | None:
-    """What ``x`` is, if it is the published code's form of a GMM (its joblib file or its dict), else None."""
-    if isinstance(x, (str, os.PathLike)):
-        return f"a path ({os.fspath(x)!r})"
-    if isinstance(x, Mapping):
-        return f"a {type(x).__name__} with keys {sorted(map(str, x))}"
-    return None
-
-
 def _check_gai_order(noise_var, gmm) -> None:
     """The published ``gai_loss(pred, target, gmm, noise_var)`` order, or its GMM dict, refused with the fix."""
     scalar_gmm = isinstance(gmm, (int, float)) or (isinstance(gmm, torch.Tensor) and gmm.numel() == 1)
     # a str noise_var is the published GMM path only when gmm holds the noise variance (swapped arguments);
     # otherwise it falls through to the ordinary noise_var type error
     if isinstance(noise_var, (Mapping, tuple, list, os.PathLike)) or (isinstance(noise_var, str) and scalar_gmm):
-        got = _published_gmm(noise_var) or f"a {type(noise_var).__name__}"
+        got = V.published_gmm_form(noise_var) or f"a {type(noise_var).__name__}"
         raise TypeError(f"gai_loss(pred, target, noise_var, gmm): noise_var must be a float or a scalar tensor, got "
                         f"{got}. This looks like the published order gai_loss(pred, target, gmm, noise_var): here "
                         "noise_var comes before gmm, and gmm is (weights [K], means [K, d], covariances [K, d, d]) "
                         f"tensors; or keep the published call with {_COMPAT}.gai_loss(pred, target, gmm, noise_var)")
-    got = _published_gmm(gmm)
+    got = V.published_gmm_form(gmm)
     if got is not None:
         raise TypeError(f"gmm must be (weights [K], means [K, d], covariances [K, d, d]) tensors, got {got}, the "
                         "published GMM file/dict: pass (torch.as_tensor(g['weights']), torch.as_tensor(g['means']), "

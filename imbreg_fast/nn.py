@@ -10,8 +10,6 @@ its own learning rate, as the reference does::
 from __future__ import annotations
 
 import numbers
-import os
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -75,8 +73,8 @@ def _check_gai_arguments(gmm) -> None:
                         "covariances [K, d, d]) tensors (e.g. imbreg_fast.fit_gmm(train_labels, 8)), or keep the "
                         f"published call with {_COMPAT}.GAILoss(init_noise_sigma, gmm), which takes the published "
                         "joblib file or dict")
-    if isinstance(gmm, (str, os.PathLike, Mapping)):
-        got = f"a path ({os.fspath(gmm)!r})" if not isinstance(gmm, Mapping) else f"a {type(gmm).__name__}"
+    got = V.published_gmm_form(gmm)
+    if got is not None:
         raise TypeError(f"GAILoss: gmm must be (weights [K], means [K, d], covariances [K, d, d]) tensors, got {got}, "
                         "the published GMM file/dict (preprocess_gmm.py): use "
                         f"{_COMPAT}.GAILoss(init_noise_sigma, gmm), which loads it, or fit the prior with "

@@ -647,13 +647,8 @@ def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, 
     if edges is None:
         if bounds is not None:
             lo, hi = bounds
-        elif group is None:
-            lo, hi = float(t.min()), float(t.max())
         else:
-            extremes = D.min_max(t, group)
-            if extremes is None:
-                raise ValueError("targets is empty on every process")
-            lo, hi = extremes
+            lo, hi = D.value_range(t, group, "targets is empty on every process")
         if lo == hi:
             lo, hi = lo - 0.5, hi + 0.5
         edges = torch.linspace(lo, hi, n_bins + 1, dtype=torch.float64)

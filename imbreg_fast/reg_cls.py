@@ -155,13 +155,8 @@ class ClassBins(nn.Module):
             agreed.signature = {"num_classes": num_classes, "num_bins": num_bins, "equalize": int(equalize),
                                 "range": D.fingerprint(None if range is None else tuple(float(v) for v in range))}
         if range is None:
-            if group is None:
-                lo, hi = float(kept.min()), float(kept.max())
-            else:
-                extremes = D.min_max(kept, group)
-                if extremes is None:
-                    raise ValueError("train_targets has no (kept) element on any process to fit the classes on")
-                lo, hi = extremes
+            lo, hi = D.value_range(kept, group, "train_targets has no (kept) element on any process to fit the "
+                                                "classes on")
             if not hi > lo:
                 raise ValueError(f"train_targets are all equal to {lo}: pass range=(lo, hi) explicitly")
             range = (lo, hi)

@@ -553,6 +553,27 @@ inline Vectorized<T> mixture_quad_logit(const MixtureProblem<T>& P, const Vector
   return at::vec::clamp_min(at::vec::fmadd(q, Vec(T(-0.5)), Vec(offset)), Vec(std::numeric_limits<T>::lowest()));
 }
 
+// d = 1: t_k + offset_k = offset_k - (P_k / 2) delta^2 for the constant column `offset` of component row c
+// (kLogNorm: t_k; kLogScale: t_k + log phi^_k), clamped to a finite value: an overflowing quadratic form
+// must not give -inf - -inf later.
+template <typename T>
+inline Vectorized<T> mixture_d1_logit(const T* c, const Vectorized<T>& p0, MixtureD1Const offset) {
+  using Vec = Vectorized<T>;
+  const Vec dl = p0 - Vec(c[kMu]);
+  return at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(c[kNegHalfPrec]), Vec(c[offset])),
+                            Vec(std::numeric_limits<T>::lowest()));
+}
+
+// d = 1: the rows' own max m = max_k t_k (the exact shift of the fallback and near-one passes).
+template <typename T>
+inline Vectorized<T> mixture_d1_max(const MixtureProblem<T>& P, const Vectorized<T>& p0) {
+  Vectorized<T> mx(std::numeric_limits<T>::lowest());
+  for (int64_t k = 0; k < P.k; ++k) {
+    mx = at::vec::clamp_min(mixture_d1_logit(P.d1_consts + k * kD1Consts, p0, kLogNorm), mx);
+  }
+  return mx;
+}
+
 // The near-one pass: m + log1p(sum_k phi^_k expm1(t_k - m)) per lane, with m = max_k t_k (d = 1: found here,
 // since the main pass of d = 1 shifts by the row-independent bound m0 instead; d > 1: mx), t_k recomputed
 // exactly as in the main passes. Out of line: it runs rarely and must not weigh on the register
@@ -562,19 +583,12 @@ __attribute__((noinline)) Vectorized<T> mixture_lse_near_one(const MixtureProble
                                                              const Vectorized<T>* pv, Vectorized<T> mx) {
   using Vec = Vectorized<T>;
   constexpr int DA = D > 0 ? D : 1;
-  const Vec vlow(std::numeric_limits<T>::lowest());
   Vec q(T(0));
   if constexpr (D == 1) {
-    const T* kc = P.d1_consts;
-    auto logit = [&](const T* c) {
-      const Vec dl = pv[0] - Vec(c[kMu]);
-      return at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(c[kNegHalfPrec]), Vec(c[kLogNorm])), vlow);
-    };
-    mx = vlow;
-    for (int64_t k = 0; k < P.k; ++k) mx = at::vec::clamp_min(logit(kc + k * kD1Consts), mx);
+    mx = mixture_d1_max(P, pv[0]);
     for (int64_t k = 0; k < P.k; ++k) {
-      const T* c = kc + k * kD1Consts;
-      q = at::vec::fmadd(Vec(c[kWeight]), expm1_nonpositive(logit(c) - mx), q);
+      const T* c = P.d1_consts + k * kD1Consts;
+      q = at::vec::fmadd(Vec(c[kWeight]), expm1_nonpositive(mixture_d1_logit(c, pv[0], kLogNorm) - mx), q);
     }
   } else {
     Vec delta_l[DA], alpha_l[DA];
@@ -591,15 +605,13 @@ __attribute__((noinline)) Vectorized<T> mixture_lse_near_one(const MixtureProble
 // d = 1, the exp pass over the K components for the W rows in p0: accumulates S = sum_k phi^_k e^{z_k},
 // sum_k r'_k alpha_k into sa and sum_k r'_k (1/2 alpha_k^2 + g_k) into sg (r'_k = phi^_k e^{z_k}, not yet
 // divided by S). Exact = false: z_k = t_k + log phi^_k - m0 from the constant kShifted (one fma); true:
-// z_k = t_k + log phi^_k - mx for the rows' own max mx (t_k clamped to a finite value: an overflowing
-// quadratic form must not give -inf - -inf). Uniform: every P_k and g_k equal (BNI, GAI with equal
-// variances): accumulate sum r' delta and sum r' delta^2, then sum r' alpha = P sum r' delta and
-// sum r' (1/2 alpha^2 + g) = P^2/2 sum r' delta^2 + g S.
+// z_k = t_k + log phi^_k - mx for the rows' own max mx (mixture_d1_logit, clamped to a finite value).
+// Uniform: every P_k and g_k equal (BNI, GAI with equal variances): accumulate sum r' delta and
+// sum r' delta^2, then sum r' alpha = P sum r' delta and sum r' (1/2 alpha^2 + g) = P^2/2 sum r' delta^2 + g S.
 template <typename T, bool Uniform, bool Exact>
 inline void mixture_d1_pass(const MixtureProblem<T>& P, const Vectorized<T>& p0, const Vectorized<T>& mx,
                             Vectorized<T>& s, Vectorized<T>& sa, Vectorized<T>& sg) {
   using Vec = Vectorized<T>;
-  const Vec vlow(std::numeric_limits<T>::lowest());
   const T* kc = P.d1_consts;
   // accumulators in locals (registers): the references may alias the constants' memory (vector types may
   // alias float), which would put a store and a reload on every iteration's dependency chain
@@ -610,7 +622,7 @@ inline void mixture_d1_pass(const MixtureProblem<T>& P, const Vectorized<T>& p0,
     const Vec dl2 = dl * dl;
     Vec z;
     if constexpr (Exact) {
-      z = at::vec::clamp_min(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kLogScale])), vlow) - mx;
+      z = mixture_d1_logit(c, p0, kLogScale) - mx;
     } else {
       z = at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kShifted]));
     }
@@ -661,13 +673,7 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
       mixture_d1_pass<T, false, false>(P, pv[0], mx, s, sa[0], sg);
     }
     if ((s < Vec(T(kMinShiftedSum))).zero_mask() != (1 << Vec::size()) - 1) {   // some lane below
-      const T* kc = P.d1_consts;
-      mx = vlow;
-      for (int64_t k = 0; k < K; ++k) {
-        const T* c = kc + k * kD1Consts;
-        const Vec dl = pv[0] - Vec(c[kMu]);
-        mx = at::vec::clamp_min(at::vec::fmadd(dl * dl, Vec(c[kNegHalfPrec]), Vec(c[kLogNorm])), mx);
-      }
+      mx = mixture_d1_max(P, pv[0]);
       s = sg = sa[0] = zero;
       if (P.d1_uniform) {
         mixture_d1_pass<T, true, true>(P, pv[0], mx, s, sa[0], sg);
