@@ -48,7 +48,7 @@ PROBE_ABOVE_BYTES = 2 * GB
 
 @dataclass(frozen=True)
 class Case:
-    op: str                          # 'bmc' | 'bmc_dense' | 'gai' | 'bni'
+    op: str                          # 'bmc' | 'bmc_dense' | 'gai' | 'bni' | 'bni_irregular'
     n: int                           # rows (pixels)
     size: int = 0                    # bmc_dense: M candidates; gai / bni: K components; bmc: unused
     dense: tuple | None = None       # (B, H, W): pred/target [B, 1, H, W] for our backends
@@ -87,7 +87,8 @@ def _cases(name: str) -> list[Case]:
     else:
         bmc_n, bhw, mix_bhw, m = (256, 1024), (1, 24, 32), (1, 24, 32), 256
     return ([Case("bmc", n) for n in bmc_n] + [_dense("bmc_dense", bhw, m)]
-            + [_dense("gai", mix_bhw, k) for k in (2, 16, 128)] + [_dense("bni", mix_bhw, 100)])
+            + [_dense("gai", mix_bhw, k) for k in (2, 16, 128)] + [_dense("bni", mix_bhw, 100)]
+            + [_dense("bni_irregular", mix_bhw, 100)])
 
 
 CASES = _cases(preset())
@@ -95,9 +96,11 @@ CASES = _cases(preset())
 PROVIDERS = ("cpu-reference", "cpu-reference_compile", "cpu-torch", "cpu-cpp",
              "cuda-reference", "cuda-reference_compile", "cuda-torch", "cuda-triton")
 MATERIALISING = ("reference", "reference_compile", "torch")
-PUBLIC_OP = {"bmc": "bmc_loss", "bmc_dense": "bmc_loss", "gai": "gai_loss", "bni": "bni_loss"}
+PUBLIC_OP = {"bmc": "bmc_loss", "bmc_dense": "bmc_loss", "gai": "gai_loss", "bni": "bni_loss",
+             "bni_irregular": "bni_loss"}
 CPP_KERNEL = {"bmc": "imbreg_fast::bmc_fwd", "bmc_dense": "imbreg_fast::bmc_fwd",
-              "gai": "imbreg_fast::mixture_nll_fwd", "bni": "imbreg_fast::mixture_nll_fwd"}
+              "gai": "imbreg_fast::mixture_nll_fwd", "bni": "imbreg_fast::mixture_nll_fwd",
+              "bni_irregular": "imbreg_fast::mixture_nll_fwd"}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -129,8 +132,12 @@ def make_problem(case: Case, device) -> Problem:
         means = torch.linspace(0.7, 10.0, k) + 0.1 * torch.randn(k, generator=g)
         variances = ((9.3 / k) ** 2) * (0.5 + torch.rand(k, generator=g))
         extra = (weights / weights.sum(), means, variances)
-    elif case.op == "bni":
+    elif case.op in ("bni", "bni_irregular"):
+        # bni: bin_prior's evenly spaced bins (the kernels' uniform-grid recurrence); bni_irregular: the same
+        # bins moved by up to 1e-3 bin widths, not a grid (the general path: one exp per bin)
         centers = torch.linspace(0.0, 10.0, k + 1)[:-1] + 5.0 / k
+        if case.op == "bni_irregular":
+            centers = centers + (10.0 / k) * 1e-3 * torch.rand(k, generator=g)
         weights = torch.exp(-0.5 * ((centers - 3.0) / 2.0) ** 2) + 0.01
         extra = (centers, weights / weights.sum())
     else:
@@ -157,7 +164,8 @@ def reference_bni(pred, target, centers, weights, sigma):
     return pub.bni_loss_published(pred, target, sigma ** 2, centers, weights)
 
 
-REFERENCE = {"bmc": reference_bmc, "bmc_dense": reference_bmc_dense, "gai": reference_gai, "bni": reference_bni}
+REFERENCE = {"bmc": reference_bmc, "bmc_dense": reference_bmc_dense, "gai": reference_gai, "bni": reference_bni,
+             "bni_irregular": reference_bni}
 
 
 def ours(case: Case, p: Problem, backend: str) -> torch.Tensor:

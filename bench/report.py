@@ -46,7 +46,8 @@ PROVIDER_LABEL = {"reference": "published, eager", "reference_compile": "publish
 SECTIONS = [("bmc", "BMC, 1-D rows (candidates = the batch: N × N logits)"),
             ("bmc_dense", "BMC, dense: every pixel against M sampled candidates (N × (1 + M) logits)"),
             ("gai", "GAI (GMM prior, K components)"),
-            ("bni", "BNI (bin prior, K bins)")]
+            ("bni", "BNI (bin prior, K evenly spaced bins: the uniform-grid recurrence)"),
+            ("bni_irregular", "BNI (K bins not evenly spaced: one exp per bin)")]
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -243,12 +243,12 @@ def check_labels(labels, mask=None, *, check_finite: bool = True, name: str = "l
     return labels
 
 
-def check_prior_weights(name: str, w: torch.Tensor) -> None:
-    """Mixture / bin weights: finite, > 0, summing to 1 up to the rounding of their dtype (a bf16 prior
-    sums to 1 only within ~2^-8)."""
+def check_prior_weights(name: str, w: torch.Tensor, allow_zero: bool = False) -> None:
+    """Mixture / bin weights: finite, > 0 (>= 0 with ``allow_zero``: empty bins), summing to 1 up to the rounding
+    of their dtype (a bf16 prior sums to 1 only within ~2^-8)."""
     w64 = w.double()
-    if not bool(torch.isfinite(w64).all()) or bool((w64 <= 0).any()):
-        raise ValueError(f"{name} must be finite and > 0 (drop empty components/bins)")
+    if not bool(torch.isfinite(w64).all()) or bool((w64 < 0 if allow_zero else w64 <= 0).any()):
+        raise ValueError(f"{name} must be finite and " + (">= 0" if allow_zero else "> 0 (drop empty components)"))
     total = float(w64.sum())
     # each weight rounded to w's dtype is off by at most eps/2 relative, so the sum by eps/2 of the total
     tolerance = max(1e-4, torch.finfo(w.dtype).eps)

@@ -244,9 +244,14 @@ def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):
         if not bool(torch.isfinite(means).all()):
             raise ValueError("gmm means contain NaN or inf")
         cov64 = covariances.double()
-        if not bool(torch.isfinite(cov64).all()) or not torch.allclose(cov64, cov64.mT, rtol=1e-5, atol=1e-8):
-            raise ValueError("gmm covariances must be finite and symmetric")
-        _, info = torch.linalg.cholesky_ex(cov64)
+        if d == 1:   # [K, 1, 1]: symmetric, and positive definite iff > 0 (no factorisation per call)
+            info = (~(cov64.reshape(-1) > 0)).to(torch.int32)
+            if not bool(torch.isfinite(cov64).all()):
+                raise ValueError("gmm covariances must be finite and symmetric")
+        else:
+            if not bool(torch.isfinite(cov64).all()) or not torch.allclose(cov64, cov64.mT, rtol=1e-5, atol=1e-8):
+                raise ValueError("gmm covariances must be finite and symmetric")
+            _, info = torch.linalg.cholesky_ex(cov64)
         if bool((info != 0).any()):
             bad = int(torch.nonzero(info)[0])
             raise ValueError(f"gmm covariances must be symmetric positive definite; component {bad} is not")
@@ -275,8 +280,10 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
              backend="auto", check_finite=True):
     """Balanced MSE, bin-based numerical integration (BNI).
 
-    ``bin_centers`` ``[K]`` (d = 1) or ``[K, d]`` and ``bin_weights`` ``[K]`` (> 0, summing to 1: the training
-    label histogram with empty bins dropped, see :func:`imbreg_fast.bin_prior`). Row loss:
+    ``bin_centers`` ``[K]`` (d = 1) or ``[K, d]`` and ``bin_weights`` ``[K]`` (>= 0, summing to 1: the training
+    label histogram, see :func:`imbreg_fast.bin_prior`; an empty bin has weight 0 and contributes nothing).
+    On evenly spaced d = 1 centres (``bin_prior``'s bins with the empty ones kept) the fused kernels take a
+    recurrence with 2 exps per chunk of up to 16 bins instead of one per bin (docs/methods.md §1.5). Row loss:
     ``2 sigma^2 [ |p-y|^2/(2 sigma^2) + LSE_k(log phi_k - |p-c_k|^2/(2 sigma^2)) ]`` (can be negative, as
     in the reference). Integer centres (the reference's ``get_bucket_info`` returns int64 ages) are cast to
     pred's dtype (float32 for half inputs).
@@ -301,7 +308,7 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
                          + f", got {tuple(bin_centers.shape)}")
     bin_centers, bin_weights = bin_centers.detach(), bin_weights.detach()
     if check_values:
-        V.check_prior_weights("bin_weights", bin_weights)
+        V.check_prior_weights("bin_weights", bin_weights, allow_zero=True)
         if not bool(torch.isfinite(bin_centers).all()):
             raise ValueError("bin_centers contain NaN or inf")
     return _finish(_call(impl, in_kernel, rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red),

@@ -583,13 +583,13 @@ def _smooth_counts(counts: torch.Tensor, smooth) -> torch.Tensor:
     return smooth_counts(counts, kernel_window(kind, ks, sigma, "max"), mode=mode)
 
 
-def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, drop_empty: bool = True,
+def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, drop_empty: bool = False,
               dtype: torch.dtype = torch.float64, sync: bool = False, process_group=None
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """Histogram prior of the training labels for BNI: ``(bin_centers [K], bin_weights [K])``.
 
-    ``bin_weights[k] = count_k / sum_j count_j`` over the bins, bins with zero weight dropped (docs/methods.md
-    §1.3), ``bin_centers[k]`` the midpoint of bin k's edges. Bin k is ``[e_k, e_{k+1})``, the last bin
+    ``bin_weights[k] = count_k / sum_j count_j`` over the bins (docs/methods.md §1.3), empty bins kept with
+    weight 0 unless ``drop_empty``, ``bin_centers[k]`` the midpoint of bin k's edges. Bin k is ``[e_k, e_{k+1})``, the last bin
     ``[e_{K-1}, e_K]`` (numpy's convention). Targets outside ``[e_0, e_K]`` are counted in the first / last bin
     (the reference drops labels above its ``max_target`` instead).
 
@@ -606,8 +606,11 @@ def bin_prior(targets: torch.Tensor, edges_or_bins, *, range=None, smooth=None, 
             bins and normalising (:func:`imbreg_fast.lds.smooth_counts`; ``mode`` default ``'constant'``: zeros
             outside the bin range), as the reference's ``get_bucket_info(lds=True)`` (which truncates the
             smoothed counts to integers; we keep them real). Bins next to occupied ones then get weight.
-        drop_empty: drop bins with zero (smoothed) count. ``False`` keeps every bin, for inspection only: the
-            BNI loss needs weights > 0.
+        drop_empty: drop bins with zero (smoothed) count, as the reference's buckets. The default ``False``
+            keeps every bin (weight 0 for the empty ones, which contribute nothing to the BNI loss): evenly
+            spaced bins (an int ``edges_or_bins``, or evenly spaced edges) then stay a uniform grid, on which
+            the fused BNI kernels need 2 exps per chunk of up to 16 bins instead of one per bin
+            (docs/methods.md §1.5). The loss value is the same either way.
         dtype: floating dtype of the results (counting is exact; results are computed in float64).
         sync, process_group: ``sync=True``: ``targets`` is this process's shard (it may be empty); the prior
             is that of the concatenated labels of every process of ``process_group``, on every process (the

@@ -151,7 +151,9 @@ def _bni_row(p, y, s2, phis, centers):
     # L = 2 s2 [ |p-y|^2/(2 s2) + LSE_k(log phi_k - |p-c_k|^2/(2 s2)) ]
     # dL/dp  = 2 (p - y) - 2 sum_k r_k (p - c_k)
     # dL/ds2 = -|p-y|^2/s2 + sum_k r_k |p-c_k|^2/s2
-    logits = [math.log(phi) - _sqdist(p, c) / (2.0 * s2) for phi, c in zip(phis, centers)]
+    # an empty bin (phi = 0) has no term
+    centers = [c for phi, c in zip(phis, centers) if phi > 0]
+    logits = [math.log(phi) - _sqdist(p, c) / (2.0 * s2) for phi, c in zip([f for f in phis if f > 0], centers)]
     lse, r = _logsumexp_softmax(logits)
     e = _sqdist(p, y)
     loss = 2.0 * s2 * (e / (2.0 * s2) + lse)

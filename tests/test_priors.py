@@ -419,7 +419,7 @@ def test_bin_prior_matches_naive_histogram_with_edges():
                    edges, torch.tensor([-50.0, 50.0, 2.05, 2.05])])
     counts = naive_histogram(y.tolist(), edges.tolist())
     assert counts[0] > 0 and counts[-1] > 0
-    centers, weights = bin_prior(y, edges)
+    centers, weights = bin_prior(y, edges, drop_empty=True)
     ref_centers = [(a + b) / 2 for a, b, n in zip(edges[:-1].tolist(), edges[1:].tolist(), counts) if n > 0]
     ref_weights = [n / sum(counts) for n in counts if n > 0]
     np.testing.assert_allclose(centers.numpy(), ref_centers, rtol=0, atol=1e-12)
@@ -429,12 +429,12 @@ def test_bin_prior_matches_naive_histogram_with_edges():
 
 def test_bin_prior_drops_empty_bins():
     y = torch.tensor([0.1, 0.2, 0.3, 3.5, 3.6, 9.9, 10.0])
-    centers, weights = bin_prior(y, torch.arange(0.0, 11.0))
+    centers, weights = bin_prior(y, torch.arange(0.0, 11.0), drop_empty=True)
     counts = naive_histogram(y.tolist(), list(range(11)))
     assert counts.count(0) == 7
     np.testing.assert_allclose(centers.numpy(), [0.5, 3.5, 9.5])
     np.testing.assert_allclose(weights.numpy(), [3 / 7, 2 / 7, 2 / 7])
-    c_all, w_all = bin_prior(y, torch.arange(0.0, 11.0), drop_empty=False)
+    c_all, w_all = bin_prior(y, torch.arange(0.0, 11.0))   # the default keeps empty bins
     assert c_all.shape == (10,) and (w_all == 0).sum() == 7
     np.testing.assert_allclose(w_all.numpy(), np.array(counts) / 7)
 
@@ -456,7 +456,7 @@ def test_bin_prior_int_bins_clamps_to_range_and_degenerate_range():
     assert ref == [2, 3]
     np.testing.assert_allclose(c.numpy(), [0.25, 0.75])
     np.testing.assert_allclose(w.numpy(), [0.4, 0.6])
-    c, w = bin_prior(torch.full((4,), 2.0), 4)                 # all equal: range (1.5, 2.5) as numpy
+    c, w = bin_prior(torch.full((4,), 2.0), 4, drop_empty=True)   # all equal: range (1.5, 2.5) as numpy
     ref_counts, ref_edges = np.histogram(np.full(4, 2.0), bins=4)
     kept = ref_counts > 0
     np.testing.assert_allclose(c.numpy(), ((ref_edges[1:] + ref_edges[:-1]) / 2)[kept])
@@ -466,7 +466,7 @@ def test_bin_prior_int_bins_clamps_to_range_and_degenerate_range():
 def test_bin_prior_integer_labels_and_bni_integration():
     gen = torch.Generator().manual_seed(2)
     ages = torch.randint(0, 80, (400,), generator=gen)
-    c, w = bin_prior(ages, torch.arange(-0.5, 81.0), dtype=torch.float32)
+    c, w = bin_prior(ages, torch.arange(-0.5, 81.0), dtype=torch.float32, drop_empty=True)
     assert c.dtype == torch.float32 and w.dtype == torch.float32
     assert torch.equal(c, torch.unique(ages).float())                       # centers are the integer labels
     counts = torch.bincount(ages)
@@ -537,7 +537,7 @@ def test_bin_prior_lds_smoothing_matches_scipy(kind, ks, sigma, mode):
     assert keep.sum() > (counts > 0).sum()                       # smoothing spreads mass into empty bins
     assert not keep.all()                                         # ... but not into all of them
     smooth = (kind, ks, sigma) if mode is None else (kind, ks, sigma, mode)
-    c, w = bin_prior(y, edges, smooth=smooth)
+    c, w = bin_prior(y, edges, smooth=smooth, drop_empty=True)
     ref_c = ((edges[1:] + edges[:-1]) / 2).double().numpy()[keep]
     np.testing.assert_allclose(c.numpy(), ref_c, rtol=0, atol=1e-12)
     np.testing.assert_allclose(w.numpy(), smoothed[keep] / smoothed[keep].sum(), rtol=1e-12, atol=1e-15)

@@ -26,6 +26,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace imbreg_fast {
@@ -519,6 +520,13 @@ struct MixtureProblem {
   const T* d1_consts;   // d = 1: [K, kD1Consts]; else nullptr
   bool d1_uniform;      // d = 1 and every P_k, every g_k equal
   T d1_bound;           // d = 1: m0 = max_k (n_k + log phi^_k)
+  // d = 1, uniform and evenly spaced means (BNI on a uniform grid): the chunked recurrence (mixture_d1_grid_pass)
+  int64_t grid_r;       // bins per chunk R (0: not a grid, or R <= 2: the general path)
+  T grid_h;             // spacing h of the means
+  T grid_q;             // q = exp(-P h^2)
+  T grid_rho_bound;     // a R, a = P h^2 / 2: bound of every rho exponent taken
+  T grid_rho_scale;     // exp(a R)
+  const T* grid_w;      // [K] w_k = exp(n_k + log phi^_k - m0) in [0, 1]
   int64_t n, d, k;
   T s2, two_s2;
 };
@@ -564,19 +572,20 @@ inline Vectorized<T> mixture_d1_logit(const T* c, const Vectorized<T>& p0, Mixtu
                             Vec(std::numeric_limits<T>::lowest()));
 }
 
-// d = 1: the rows' own max m = max_k t_k (the exact shift of the fallback and near-one passes).
+// d = 1: the rows' own max of column `offset`'s logits: m = max_k (t_k + log phi^_k) (kLogScale: the exact shift
+// of the fallback pass; a zero-weight bin, log phi^_k = -inf, never sets it, so the kept terms cannot all
+// underflow) or m = max_k t_k (kLogNorm: the near-one pass, whose expm1(t_k - m) needs t_k <= m).
 template <typename T>
-inline Vectorized<T> mixture_d1_max(const MixtureProblem<T>& P, const Vectorized<T>& p0) {
+inline Vectorized<T> mixture_d1_max(const MixtureProblem<T>& P, const Vectorized<T>& p0, MixtureD1Const offset) {
   Vectorized<T> mx(std::numeric_limits<T>::lowest());
   for (int64_t k = 0; k < P.k; ++k) {
-    mx = at::vec::clamp_min(mixture_d1_logit(P.d1_consts + k * kD1Consts, p0, kLogNorm), mx);
+    mx = at::vec::clamp_min(mixture_d1_logit(P.d1_consts + k * kD1Consts, p0, offset), mx);
   }
   return mx;
 }
 
-// The near-one pass: m + log1p(sum_k phi^_k expm1(t_k - m)) per lane, with m = max_k t_k (d = 1: found here,
-// since the main pass of d = 1 shifts by the row-independent bound m0 instead; d > 1: mx), t_k recomputed
-// exactly as in the main passes. Out of line: it runs rarely and must not weigh on the register
+// The near-one pass: m + log1p(sum_k phi^_k expm1(t_k - m)) per lane, with m = max_k t_k found here (the main
+// passes shift by a max or a bound of t_k + log phi^_k instead), t_k recomputed exactly as in the main passes. Out of line: it runs rarely and must not weigh on the register
 // allocation of the main passes.
 template <typename T, int D>
 __attribute__((noinline)) Vectorized<T> mixture_lse_near_one(const MixtureProblem<T>& P, MixtureScratch<T>& S,
@@ -585,7 +594,7 @@ __attribute__((noinline)) Vectorized<T> mixture_lse_near_one(const MixtureProble
   constexpr int DA = D > 0 ? D : 1;
   Vec q(T(0));
   if constexpr (D == 1) {
-    mx = mixture_d1_max(P, pv[0]);
+    mx = mixture_d1_max(P, pv[0], kLogNorm);
     for (int64_t k = 0; k < P.k; ++k) {
       const T* c = P.d1_consts + k * kD1Consts;
       q = at::vec::fmadd(Vec(c[kWeight]), expm1_nonpositive(mixture_d1_logit(c, pv[0], kLogNorm) - mx), q);
@@ -594,6 +603,10 @@ __attribute__((noinline)) Vectorized<T> mixture_lse_near_one(const MixtureProble
     Vec delta_l[DA], alpha_l[DA];
     Vec* delta = D > 0 ? delta_l : S.delta.data();
     Vec* alpha = D > 0 ? alpha_l : S.alpha.data();
+    mx = Vec(std::numeric_limits<T>::lowest());   // max_k t_k (the main pass's includes log phi^_k)
+    for (int64_t k = 0; k < P.k; ++k) {
+      mx = at::vec::clamp_min(mixture_quad_logit<T, D>(P, pv, k, P.log_norm[k], delta, alpha), mx);
+    }
     for (int64_t k = 0; k < P.k; ++k) {
       const Vec t = mixture_quad_logit<T, D>(P, pv, k, P.log_norm[k], delta, alpha);
       q = at::vec::fmadd(Vec(P.weight[k]), expm1_nonpositive(t - mx), q);
@@ -646,6 +659,61 @@ inline void mixture_d1_pass(const MixtureProblem<T>& P, const Vectorized<T>& p0,
   }
 }
 
+// Below this, the largest term of a chunk (its start, see below) is negligible against any S the one-pass shift
+// keeps (S >= kMinShiftedSum, else the exact fallback): 2^-40 of S in fp32, 2^-120 in fp64 (below half an ulp).
+template <typename T>
+constexpr double kGridSkip = std::is_same_v<T, float> ? 0x1p-90 : 0x1p-170;
+
+// d = 1, every P_k and g_k equal, means on a uniform grid c_k = c_0 + k h (BNI on bin_prior's bins; GAI with
+// equal variances and evenly spaced means): the same sums as mixture_d1_pass<T, true, false> with 2 exps per
+// chunk of R bins instead of one per bin (docs/methods.md §1.5). With t_k = w_k G_k, w_k = exp(n_k + log phi^_k
+// - m0) in [0, 1] and G_k = exp(-(P/2) dl_k^2), dl_k = p - c_k:
+//   ascending  (dl -> dl - h): G_{k+1} = G_k rho, rho = exp(P h dl_k - a),   a = P h^2 / 2
+//   descending (dl -> dl + h): G_{k-1} = G_k rho, rho = exp(-P h dl_k - a)
+// and rho -> rho q after each step, q = exp(-P h^2) (both directions). Each lane starts every chunk at the end
+// NEAREST its prediction (descending where p is above the chunk's midpoint), with G and rho from exp: the terms it
+// meets first are the chunk's largest, so an underflowing start means a chunk of negligible terms, and in the chunk
+// holding p the start is at most (R - 1)/2 bins away, G_start >= exp(-a ((R-1)/2)^2) >= exp(-60) (R is chosen so).
+// rho's exponent is at most a (R - 2) in the direction taken: rho = exp_shifted(z - a R) exp(a R). The weight of
+// the bin a lane visits is a select between two per-bin constants (the two directions), never a gather. Chunks
+// whose every lane starts below kGridSkip are skipped (after one exp). Rounding grows like (|z_k - z_start| + j)
+// epsilons, as a direct exp of z_k would.
+template <typename T>
+inline void mixture_d1_grid_pass(const MixtureProblem<T>& P, const Vectorized<T>& p0, Vectorized<T>& s,
+                                 Vectorized<T>& sa, Vectorized<T>& sg) {
+  using Vec = Vectorized<T>;
+  const T* kc = P.d1_consts;
+  const int64_t K = P.k, R = P.grid_r;
+  const Vec zero(T(0)), neg_half_prec(kc[kNegHalfPrec]), skip(T(kGridSkip<T>));
+  const Vec h(P.grid_h), neg_h(-P.grid_h), q(P.grid_q), ph(kc[kPrec] * P.grid_h), neg_ph(-kc[kPrec] * P.grid_h);
+  const Vec rho_shift(-P.grid_rho_bound - T(0.5) * kc[kPrec] * P.grid_h * P.grid_h), rho_scale(P.grid_rho_scale);
+  Vec s_l(zero), sd(zero), sd2(zero);
+  for (int64_t c0 = 0; c0 < K; c0 += R) {
+    const int64_t rc = std::min(R, K - c0), c1 = c0 + rc - 1;
+    const Vec dl_lo = p0 - Vec(kc[c0 * kD1Consts + kMu]), dl_hi = p0 - Vec(kc[c1 * kD1Consts + kMu]);
+    const Vec desc = (dl_lo + dl_hi) > zero;            // p above the chunk's midpoint: start at its top
+    Vec dl = Vec::blendv(dl_lo, dl_hi, desc);
+    Vec g = exp_shifted(dl * dl * neg_half_prec);       // G at the start bin, the chunk's largest
+    if ((g >= skip).zero_mask() == (1 << Vec::size()) - 1) continue;   // all lanes: negligible terms
+    const Vec step = Vec::blendv(neg_h, h, desc);
+    // rho = exp(+-P h dl - a), shifted by its bound a R so that exp_shifted sees z <= 0
+    Vec rho = exp_shifted(at::vec::fmadd(Vec::blendv(ph, neg_ph, desc), dl, rho_shift)) * rho_scale;
+    for (int64_t j = 0; j < rc; ++j) {
+      const Vec w = Vec::blendv(Vec(P.grid_w[c0 + j]), Vec(P.grid_w[c1 - j]), desc);
+      const Vec t = w * g;
+      s_l = s_l + t;
+      sd = at::vec::fmadd(t, dl, sd);
+      sd2 = at::vec::fmadd(t * dl, dl, sd2);
+      dl = dl + step;
+      g = g * rho;
+      rho = rho * q;
+    }
+  }
+  s = s_l;
+  sa = Vec(kc[kPrec]) * sd;
+  sg = at::vec::fmadd(sd2, Vec(kc[kHalfPrecSq]), Vec(kc[kVarBias]) * s_l);
+}
+
 // W rows in pv/yv (one lane each) -> per-lane loss, dL/dp (into grad[0..d)), dL/ds2.
 template <typename T, int D>
 inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, const Vectorized<T>* pv,
@@ -667,13 +735,15 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
     // every exponent is <= 0 with no max pass); the groups where some lane's S fell below kMinShiftedSum (a
     // prediction far from every component) are redone with each row's own max, in two passes.
     mx = Vec(P.d1_bound);
-    if (P.d1_uniform) {
+    if (P.grid_r > 0) {
+      mixture_d1_grid_pass<T>(P, pv[0], s, sa[0], sg);
+    } else if (P.d1_uniform) {
       mixture_d1_pass<T, true, false>(P, pv[0], mx, s, sa[0], sg);
     } else {
       mixture_d1_pass<T, false, false>(P, pv[0], mx, s, sa[0], sg);
     }
     if ((s < Vec(T(kMinShiftedSum))).zero_mask() != (1 << Vec::size()) - 1) {   // some lane below
-      mx = mixture_d1_max(P, pv[0]);
+      mx = mixture_d1_max(P, pv[0], kLogScale);
       s = sg = sa[0] = zero;
       if (P.d1_uniform) {
         mixture_d1_pass<T, true, true>(P, pv[0], mx, s, sa[0], sg);
@@ -683,7 +753,7 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
     }
   } else {
     for (int64_t k = 0; k < K; ++k) {
-      mx = at::vec::clamp_min(mixture_quad_logit<T, D>(P, pv, k, P.log_norm[k], delta, alpha), mx);
+      mx = at::vec::clamp_min(mixture_quad_logit<T, D>(P, pv, k, P.log_scale[k], delta, alpha), mx);
     }
     for (int64_t k = 0; k < K; ++k) {
       const Vec t = exp_shifted(mixture_quad_logit<T, D>(P, pv, k, P.log_scale[k], delta, alpha) - mx);
@@ -759,21 +829,43 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
           continue;
         }
         Vec loss, dvar;
-        if (D == 1 && kept == W) {
-          // contiguous rows, all kept: direct vector loads and stores
-          pv[0] = Vec::loadu(P.pred + i0);
-          yv[0] = Vec::loadu(P.target + i0);
+        if constexpr (D == 1) {
+          // contiguous rows: vector loads and stores (partial ones for the tail); dropped rows and the tail are
+          // zeros in the lanes (a NaN hole is never read into the sums) and zeros in the outputs
+          const bool full = kept == W;   // W rows, all kept
+          pv[0] = full ? Vec::loadu(P.pred + i0) : Vec::loadu(P.pred + i0, cnt);
+          yv[0] = full ? Vec::loadu(P.target + i0) : Vec::loadu(P.target + i0, cnt);
+          Vec keep;
+          if (!full) {
+            __at_align__ T kept_l[W];
+            for (int64_t r = 0; r < W; ++r) kept_l[r] = (r < cnt && (P.mask == nullptr || P.mask[i0 + r])) ? T(1) : T(0);
+            keep = Vec::loadu(kept_l) != Vec(T(0));
+            pv[0] = Vec::blendv(Vec(T(0)), pv[0], keep);
+            yv[0] = Vec::blendv(Vec(T(0)), yv[0], keep);
+          }
           check = cpu::finite_acc(cpu::finite_acc(check, pv[0]), yv[0]);
           mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar);
-          if (grad_pred) (gv[0] * Vec(tscale)).store(grad_pred + i0);
+          Vec g = gv[0] * Vec(tscale);
+          if (!full) {
+            loss = Vec::blendv(Vec(T(0)), loss, keep);
+            dvar = Vec::blendv(Vec(T(0)), dvar, keep);
+            g = Vec::blendv(Vec(T(0)), g, keep);
+          }
           loss.store(loss_l);
           dvar.store(dvar_l);
           for (int64_t r = 0; r < W; ++r) {
             lane_loss[r] += loss_l[r];
             lane_grad[r] += dvar_l[r];
           }
-          if (loss_rows) loss.store(loss_rows + i0);
-          if (grad_rows) dvar.store(grad_rows + i0);
+          if (cnt == W) {
+            if (grad_pred) g.store(grad_pred + i0);
+            if (loss_rows) loss.store(loss_rows + i0);
+            if (grad_rows) dvar.store(grad_rows + i0);
+          } else {
+            if (grad_pred) g.store(grad_pred + i0, cnt);
+            if (loss_rows) loss.store(loss_rows + i0, cnt);
+            if (grad_rows) dvar.store(grad_rows + i0, cnt);
+          }
           continue;
         }
         // general case: gather the rows into lanes (dropped rows and the tail as zeros, never read)
@@ -818,6 +910,92 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
   });
 }
 
+// d = 1: is the chunked recurrence of mixture_d1_grid_pass usable (P.d1_uniform, K >= 2, means evenly spaced
+// to within 4 ulps of the largest |mean|, R > 2)? Sets P.grid_* (grid_r = 0 otherwise) and returns the w_k.
+// R = floor(2 sqrt(60 / a)) clamped to [1, 16], so that a ((R - 1)/2)^2 <= 60 (see mixture_d1_grid_pass) and
+// a R <= 80 (exp(a R) is finite in fp32); R <= 2 (sigma below ~0.26 bin widths, where a few bins matter and
+// the recurrence saves nothing) keeps the general path.
+template <typename T>
+std::vector<T> grid_setup(MixtureProblem<T>& P, const std::vector<T>& consts) {
+  P.grid_r = 0;
+  const int64_t k = P.k;
+  if (!P.d1_uniform || k < 2) return {};
+  auto mean = [&](int64_t j) { return double(consts[kD1Consts * j + kMu]); };
+  const double c0 = mean(0), h = (mean(k - 1) - c0) / double(k - 1);
+  const double tol = 4.0 * std::numeric_limits<T>::epsilon() * std::max(std::abs(c0), std::abs(mean(k - 1)));
+  if (!(h > 0.0) || !std::isfinite(h)) return {};
+  for (int64_t j = 1; j < k - 1; ++j) {
+    if (!(std::abs(mean(j) - (c0 + double(j) * h)) <= tol)) return {};
+  }
+  const double prec = double(consts[kPrec]), a = 0.5 * prec * h * h;
+  if (!(a > 0.0) || !std::isfinite(a)) return {};
+  const int64_t r = std::clamp<int64_t>(int64_t(std::floor(2.0 * std::sqrt(60.0 / a))), 1, 16);
+  if (r <= 2) return {};
+  std::vector<T> w(k);
+  for (int64_t j = 0; j < k; ++j) w[j] = T(std::exp(double(consts[kD1Consts * j + kShifted])));
+  P.grid_r = r;
+  P.grid_h = T(h);
+  P.grid_q = T(std::exp(-prec * h * h));
+  P.grid_rho_bound = T(a * double(r));
+  P.grid_rho_scale = T(std::exp(a * double(r)));
+  return w;
+}
+
+// The per-component tables of a MixtureProblem (everything but the rows and sigma^2), built from the op's tables;
+// owns the derived arrays P points into.
+template <typename T>
+struct MixtureTables {
+  std::vector<T> log_scale, weight, d1_consts, grid_w;
+  MixtureTables(MixtureProblem<T>& P, const at::Tensor& log_weight, const at::Tensor& log_norm,
+                const at::Tensor& means, const at::Tensor& precision, const at::Tensor& grad_var_bias) {
+    const int64_t k = log_weight.size(0), d = means.size(1);
+    // per component: n_k + log phi^_k and phi^_k (from the float64 value of log phi^_k)
+    const T* lw = log_weight.data_ptr<T>();
+    P.log_norm = log_norm.data_ptr<T>();
+    log_scale.resize(k);
+    weight.resize(k);
+    for (int64_t j = 0; j < k; ++j) {
+      log_scale[j] = T(double(P.log_norm[j]) + double(lw[j]));
+      weight[j] = T(std::exp(double(lw[j])));
+    }
+    P.log_scale = log_scale.data();
+    P.weight = weight.data();
+    P.means = means.data_ptr<T>();
+    P.precision = precision.data_ptr<T>();
+    P.var_bias = grad_var_bias.data_ptr<T>();
+    P.d = d;
+    P.k = k;
+    P.d1_consts = nullptr;
+    P.grid_r = 0;
+    P.grid_w = nullptr;
+    P.d1_uniform = false;
+    P.d1_bound = T(0);
+    if (d != 1) return;
+    d1_consts.resize(kD1Consts * k);
+    for (int64_t j = 0; j < k; ++j) {
+      const T prec = P.precision[j];
+      T* c = d1_consts.data() + kD1Consts * j;
+      c[kMu] = P.means[j];
+      c[kNegHalfPrec] = T(-0.5) * prec;
+      c[kLogNorm] = P.log_norm[j];
+      c[kLogScale] = log_scale[j];
+      c[kHalfPrecSq] = T(0.5) * prec * prec;
+      c[kVarBias] = P.var_bias[j];
+      c[kWeight] = weight[j];
+      c[kPrec] = prec;
+    }
+    P.d1_bound = *std::max_element(log_scale.begin(), log_scale.end());
+    for (int64_t j = 0; j < k; ++j) d1_consts[kD1Consts * j + kShifted] = log_scale[j] - P.d1_bound;
+    P.d1_consts = d1_consts.data();
+    P.d1_uniform = true;
+    for (int64_t j = 1; j < k; ++j) {
+      P.d1_uniform = P.d1_uniform && P.precision[j] == P.precision[0] && P.var_bias[j] == P.var_bias[0];
+    }
+    grid_w = grid_setup(P, d1_consts);
+    P.grid_w = grid_w.data();
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
     const at::Tensor& pred, const at::Tensor& target, const std::optional<at::Tensor>& mask,
     const at::Tensor& noise_var, const at::Tensor& log_weight, const at::Tensor& log_norm, const at::Tensor& means,
@@ -857,53 +1035,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
   AT_DISPATCH_FLOATING_TYPES(cdt, "mixture_nll_fwd", [&] {
     using T = scalar_t;
     MixtureProblem<T> P;
+    MixtureTables<T> tables(P, log_weight, log_norm, means, precision, grad_var_bias);
     P.pred = p.data_ptr<T>();
     P.target = t.data_ptr<T>();
     P.mask = mask_ptr;
-    // per component: n_k + log phi^_k and phi^_k (from the float64 value of log phi^_k)
-    const T* lw = log_weight.data_ptr<T>();
-    P.log_norm = log_norm.data_ptr<T>();
-    std::vector<T> log_scale(k), weight(k);
-    for (int64_t j = 0; j < k; ++j) {
-      log_scale[j] = T(double(P.log_norm[j]) + double(lw[j]));
-      weight[j] = T(std::exp(double(lw[j])));
-    }
-    P.log_scale = log_scale.data();
-    P.weight = weight.data();
-    P.means = means.data_ptr<T>();
-    P.precision = precision.data_ptr<T>();
-    P.var_bias = grad_var_bias.data_ptr<T>();
     P.n = n;
-    P.d = d;
-    P.k = k;
     P.s2 = T(s2_in);
     P.two_s2 = T(2) * P.s2;
-    std::vector<T> d1_consts;
-    P.d1_consts = nullptr;
-    P.d1_uniform = false;
-    P.d1_bound = T(0);
-    if (d == 1) {
-      d1_consts.resize(kD1Consts * k);
-      for (int64_t j = 0; j < k; ++j) {
-        const T prec = P.precision[j];
-        T* c = d1_consts.data() + kD1Consts * j;
-        c[kMu] = P.means[j];
-        c[kNegHalfPrec] = T(-0.5) * prec;
-        c[kLogNorm] = P.log_norm[j];
-        c[kLogScale] = log_scale[j];
-        c[kHalfPrecSq] = T(0.5) * prec * prec;
-        c[kVarBias] = P.var_bias[j];
-        c[kWeight] = weight[j];
-        c[kPrec] = prec;
-      }
-      P.d1_bound = *std::max_element(log_scale.begin(), log_scale.end());
-      for (int64_t j = 0; j < k; ++j) d1_consts[kD1Consts * j + kShifted] = log_scale[j] - P.d1_bound;
-      P.d1_consts = d1_consts.data();
-      P.d1_uniform = true;
-      for (int64_t j = 1; j < k; ++j) {
-        P.d1_uniform = P.d1_uniform && P.precision[j] == P.precision[0] && P.var_bias[j] == P.var_bias[0];
-      }
-    }
     switch (d) {
       case 1: mixture_run<T, 1>(P, out, n_blocks, scale); break;
       case 2: mixture_run<T, 2>(P, out, n_blocks, scale); break;
@@ -916,11 +1054,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
   return finish_outputs(out, pred, noise_var, reduction, compute_grad, scale);
 }
 
+
+// Benchmark/test probe (schema csrc/bench_probes.cpp): the chunk length R of the uniform-grid recurrence that
+// mixture_nll_fwd takes for these tables (d = 1), 0 when it takes the general path.
+int64_t mixture_grid_chunk_cpu(const at::Tensor& log_weight, const at::Tensor& log_norm, const at::Tensor& means,
+                               const at::Tensor& precision, const at::Tensor& grad_var_bias) {
+  TORCH_CHECK(means.dim() == 2 && means.size(0) == log_weight.size(0), "mixture_grid_chunk: means must be [K, d]");
+  int64_t r = 0;
+  AT_DISPATCH_FLOATING_TYPES(means.scalar_type(), "mixture_grid_chunk", [&] {
+    MixtureProblem<scalar_t> P;
+    const auto c = [](const at::Tensor& x) { return x.contiguous(); };
+    MixtureTables<scalar_t> tables(P, c(log_weight), c(log_norm), c(means), c(precision), c(grad_var_bias));
+    r = P.grid_r;
+  });
+  return r;
+}
 }  // namespace
 
 TORCH_LIBRARY_IMPL(imbreg_fast, CPU, m) {
   m.impl("bmc_fwd", &bmc_fwd_cpu);
   m.impl("mixture_nll_fwd", &mixture_nll_fwd_cpu);
 }
+
+TORCH_LIBRARY_IMPL(imbreg_fast_bench, CPU, m) { m.impl("mixture_grid_chunk", &mixture_grid_chunk_cpu); }
 
 }  // namespace imbreg_fast

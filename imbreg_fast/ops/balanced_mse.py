@@ -125,11 +125,15 @@ def gai_tables(noise_var, weights, means, covariances, dtype):
     cov = covariances.detach().to(dtype).double()
     d = cov.shape[-1]
     log_weight, log_total = _normalised_log_weights(weights, dtype)
-    lam = torch.linalg.eigvalsh(cov)                                       # [K, d]
+    if d == 1:   # the same formulas, without the [K, 1, 1] factorisations (a few small ops per call)
+        lam = cov.reshape(-1, 1)
+        precision = (1.0 / (cov + s2))
+    else:
+        lam = torch.linalg.eigvalsh(cov)                                   # [K, d]
+        eye = torch.eye(d, dtype=torch.float64, device=cov.device)
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(cov + s2 * eye))
     log_norm = log_total - 0.5 * torch.log1p(lam / s2).sum(-1)
     grad_var_bias = 0.5 * (lam / (lam + s2)).sum(-1) / s2
-    eye = torch.eye(d, dtype=torch.float64, device=cov.device)
-    precision = torch.cholesky_inverse(torch.linalg.cholesky(cov + s2 * eye))
     return tuple(x.to(dtype).contiguous() for x in (log_weight, log_norm, means, precision, grad_var_bias))
 
 
@@ -188,7 +192,7 @@ def _logsumexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def _log_mixture(weights: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """log sum_k phi_k exp(t_ik) over dim 1 for weights phi [K] > 0 and logits t [N, K].
+    """log sum_k phi_k exp(t_ik) over dim 1 for weights phi [K] >= 0 (not all 0) and logits t [N, K].
 
     With the shift m_i = max_k t_ik (a constant for autograd), z = t - m <= 0, S_i = sum_k phi_k e^{z_ik}:
         log sum_k phi_k e^{t_ik} = m_i + log S_i.
@@ -202,8 +206,11 @@ def _log_mixture(weights: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     keep the unused branch finite, so that its (masked-out) gradient is 0, not NaN."""
     total = weights.sum()
     log_total = torch.log(weights.double().sum()).to(t.dtype)
-    m = t.detach().amax(1, keepdim=True)
-    z = t - m
+    # zero weights (BNI's empty bins): their logits neither set the shift (the kept terms must not all
+    # underflow) nor enter the sums (z > 0 there is replaced by 0 before the exp: no inf * 0)
+    used = weights > 0
+    m = torch.where(used, t.detach(), float("-inf")).amax(1, keepdim=True)
+    z = torch.where(used, t - m, 0.0)
     s = (weights * torch.exp(z)).sum(1)
     near = s > 0.5 * total
     s_minus_total = (weights * torch.expm1(z)).sum(1)
