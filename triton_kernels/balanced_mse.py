@@ -450,7 +450,10 @@ def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p
 # Q = -1/2 log2(e) P. With B = P h log2(e) = -2 Q h and A = -Q h^2 = (P h^2 / 2) log2(e):
 #   ascending  (dl_{k+1} = dl_k - h):  G_{k+1} = G_k rho,  rho = 2^(B dl_k - A)
 #   descending (dl_{k-1} = dl_k + h):  G_{k-1} = G_k rho,  rho = 2^(-B dl_k - A)
-# and after each step rho <- rho qstep, qstep = 2^(-2A) = exp(-P h^2). Bins go in chunks [s, s + R_c) in
+# and after each step rho <- rho q, q = 2^(-2A) = exp(-P h^2). For q > 1/2 (large sigma) as rho <- rho - rho qm1
+# with qm1 = 1 - q stored (one fma): a rounded q close to 1 would put a systematic j^2/2 epsilons on the j-th
+# term of a chunk, qm1 keeps its own relative precision (for small q the product keeps it, and the difference
+# would cancel). Bins go in chunks [s, s + R_c) in
 # lock-step for every row; per row and chunk the direction starts at the chunk end nearest to p (ascending
 # from s if p <= the chunk midpoint, else descending from s + R_c - 1): a chunk on one side of p has its
 # largest term first (an underflowing start means the rest of the chunk underflows too), and in the chunk
@@ -469,9 +472,9 @@ def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p
 # flushed to 0 (< 2^-126 in fp32) is below 2^-76 of S.
 GRID_MIN_SUM = tl.constexpr(2.0 ** -50)
 GRID_MAX_CHUNK = tl.constexpr(16)
-# grid_ptr layout (ACC): [R (0: general path), h, Q, B, A, qstep, m0, first, last] (first / last: the first and
+# grid_ptr layout (ACC): [R (0: general path), h, Q, B, A, qm1, m0, first, last, q] (first / last: the first and
 # last bin of non-zero weight; the bins outside contribute 0 and are skipped)
-GRID_INFO_SIZE = 9
+GRID_INFO_SIZE = 10
 # Centres within GRID_TOL_ULPS epsilons of max|c| of c_0 + k h are a grid (the stored centres' own rounding).
 GRID_TOL_ULPS = 4
 
@@ -483,7 +486,7 @@ def _mixture_grid_kernel(
     means_ptr,         # [K, 1] mu_k
     prec_ptr,          # [K, 1, 1] P_k
     grad_var_bias_ptr, # [K] g_k
-    grid_ptr,          # [GRID_INFO_SIZE] out (ACC): R, h, Q, B, A, qstep, m0, first, last (see above)
+    grid_ptr,          # [GRID_INFO_SIZE] out (ACC): R, h, Q, B, A, qm1, m0, first, last, q (see above)
     gw_ptr,            # [K_pad] out (ACC): w_k = 2^(a2_k - m0); 0 on the padding and for zero weights
     K, K_pad,
     TOL_ULPS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -530,7 +533,11 @@ def _mixture_grid_kernel(
     tl.store(grid_ptr + 2, (P * (-0.5 * LOG2E)).to(ACC))       # Q
     tl.store(grid_ptr + 3, (P * h * LOG2E).to(ACC))          # B
     tl.store(grid_ptr + 4, (a * LOG2E).to(ACC))              # A
-    tl.store(grid_ptr + 5, tl.exp2(a * (-2.0 * LOG2E)).to(ACC))  # qstep = exp(-P h^2)
+    x = 2.0 * a                                    # qm1 = 1 - exp(-x): Taylor for small x (no cancellation)
+    qm1 = tl.where(x < 1e-2, x * (1.0 - x / 2 * (1.0 - x / 3 * (1.0 - x / 4 * (1.0 - x / 5 * (1.0 - x / 6))))),
+                   1.0 - tl.exp(-x))
+    tl.store(grid_ptr + 5, qm1.to(ACC))
+    tl.store(grid_ptr + 9, tl.exp(-x).to(ACC))
     tl.store(grid_ptr + 6, m0)
     tl.store(grid_ptr + 7, tl.min(first_w, axis=0).to(ACC))
     tl.store(grid_ptr + 8, tl.max(last_w, axis=0).to(ACC))
@@ -544,9 +551,11 @@ def _mixture_grid_kernel(
 
 
 @triton.jit
-def _mixture_grid_sums(p, mu_ptr, gw_ptr, first, last, R, h, Q, B, A, qstep, GRAD: tl.constexpr):
+def _mixture_grid_sums(p, mu_ptr, gw_ptr, first, last, R, h, Q, B, A, q, qm1, QM1: tl.constexpr,
+                       GRAD: tl.constexpr):
     """(shift, S, sd, sd2) of a block of rows p [BLOCK_ROWS] over the bins [first, last] by the chunked
-    recurrence (see above), every term scaled by the row's 2^-shift (sd, sd2: GRAD; else 0)."""
+    recurrence (see above), every term scaled by the row's 2^-shift (sd, sd2: GRAD; else 0). QM1: the step
+    rho <- rho - rho qm1 (q > 1/2), else rho <- rho q."""
     dn = p - tl.minimum(tl.maximum(p, tl.load(mu_ptr + first)), tl.load(mu_ptr + last))  # to [c_first, c_last]
     S = tl.zeros(p.shape, p.dtype)
     sd = tl.zeros(p.shape, p.dtype)
@@ -569,7 +578,10 @@ def _mixture_grid_sums(p, mu_ptr, gw_ptr, first, last, R, h, Q, B, A, qstep, GRA
                 sd2 += td * dl
             dl -= step
             G *= rho
-            rho *= qstep
+            if QM1:
+                rho -= rho * qm1
+            else:
+                rho *= q
     return Q * dn * dn, S, sd, sd2
 
 
@@ -632,10 +644,19 @@ def _mixture_nll_fwd_kernel(
         r = tl.load(grid_ptr).to(tl.int32)
     if r > 0:
         q_grid = tl.load(grid_ptr + 2)
-        shift, s_grid, sd, sd2 = _mixture_grid_sums(
-            p0, mu_ptr, gw_ptr, tl.load(grid_ptr + 7).to(tl.int32), tl.load(grid_ptr + 8).to(tl.int32), r,
-            tl.load(grid_ptr + 1), q_grid, tl.load(grid_ptr + 3), tl.load(grid_ptr + 4), tl.load(grid_ptr + 5),
-            COMPUTE_GRAD)
+        first = tl.load(grid_ptr + 7).to(tl.int32)
+        last = tl.load(grid_ptr + 8).to(tl.int32)
+        h_grid = tl.load(grid_ptr + 1)
+        b_grid = tl.load(grid_ptr + 3)
+        a_grid = tl.load(grid_ptr + 4)
+        qm1 = tl.load(grid_ptr + 5)
+        q_step = tl.load(grid_ptr + 9)
+        if qm1 < 0.5:
+            shift, s_grid, sd, sd2 = _mixture_grid_sums(p0, mu_ptr, gw_ptr, first, last, r, h_grid, q_grid, b_grid,
+                                                        a_grid, q_step, qm1, True, COMPUTE_GRAD)
+        else:
+            shift, s_grid, sd, sd2 = _mixture_grid_sums(p0, mu_ptr, gw_ptr, first, last, r, h_grid, q_grid, b_grid,
+                                                        a_grid, q_step, qm1, False, COMPUTE_GRAD)
         m = tl.load(grid_ptr + 6) + shift
         sum_e = tl.where(row_ok, s_grid, 1.0)      # dropped rows: unused, but finite
         sum_eb0 = q_grid * sd
@@ -850,7 +871,7 @@ def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_g
 def mixture_grid_tables(log_weight, log_norm, means, precision, grad_var_bias, k_pad: int | None = None,
                         dtype: torch.dtype | None = None):
     """d = 1 mixture tables -> (grid_info [GRID_INFO_SIZE], gw [K_pad]) on the device, in the compute dtype:
-    grid_info = [R, h, Q, B, A, qstep, m0] with R = 0 unless the tables are a BNI uniform grid with R > 2
+    grid_info = [R, h, Q, B, A, qm1, m0, first, last, q] with R = 0 unless the tables are a BNI uniform grid with R > 2
     (the uniform-grid comment above); gw_k = 2^(a2_k - m0). dtype: the compute dtype (default: the tables').
     One one-program launch, no host sync."""
     k = log_weight.shape[0]
