@@ -450,10 +450,11 @@ def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p
 # Q = -1/2 log2(e) P. With B = P h log2(e) = -2 Q h and A = -Q h^2 = (P h^2 / 2) log2(e):
 #   ascending  (dl_{k+1} = dl_k - h):  G_{k+1} = G_k rho,  rho = 2^(B dl_k - A)
 #   descending (dl_{k-1} = dl_k + h):  G_{k-1} = G_k rho,  rho = 2^(-B dl_k - A)
-# and after each step rho <- rho q, q = 2^(-2A) = exp(-P h^2). For q > 1/2 (large sigma) as rho <- rho - rho qm1
-# with qm1 = 1 - q stored (one fma): a rounded q close to 1 would put a systematic j^2/2 epsilons on the j-th
-# term of a chunk, qm1 keeps its own relative precision (for small q the product keeps it, and the difference
-# would cancel). Bins go in chunks [s, s + R_c) in
+# and after each step rho <- rho q, q = 2^(-2A) = exp(-P h^2), taken as rho <- rho qa - rho qb with (qa, qb) =
+# (1, 1 - q) for q > 1/2 (large sigma: a rounded q close to 1 would put a systematic j^2/2 epsilons on the j-th
+# term of a chunk; 1 - q stored keeps its own relative precision), else (q, 0) (rho - rho (1 - q) would cancel
+# for small q). One loop body for both (a branch with two copies of the loop spills registers on sm_90).
+# Bins go in chunks [s, s + R_c) in
 # lock-step for every row; per row and chunk the direction starts at the chunk end nearest to p (ascending
 # from s if p <= the chunk midpoint, else descending from s + R_c - 1): a chunk on one side of p has its
 # largest term first (an underflowing start means the rest of the chunk underflows too), and in the chunk
@@ -472,7 +473,7 @@ def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p
 # flushed to 0 (< 2^-126 in fp32) is below 2^-76 of S.
 GRID_MIN_SUM = tl.constexpr(2.0 ** -50)
 GRID_MAX_CHUNK = tl.constexpr(16)
-# grid_ptr layout (ACC): [R (0: general path), h, Q, B, A, qm1, m0, first, last, q] (first / last: the first and
+# grid_ptr layout (ACC): [R (0: general path), h, Q, B, A, qa, m0, first, last, qb] (first / last: the first and
 # last bin of non-zero weight; the bins outside contribute 0 and are skipped)
 GRID_INFO_SIZE = 10
 # Centres within GRID_TOL_ULPS epsilons of max|c| of c_0 + k h are a grid (the stored centres' own rounding).
@@ -486,7 +487,7 @@ def _mixture_grid_kernel(
     means_ptr,         # [K, 1] mu_k
     prec_ptr,          # [K, 1, 1] P_k
     grad_var_bias_ptr, # [K] g_k
-    grid_ptr,          # [GRID_INFO_SIZE] out (ACC): R, h, Q, B, A, qm1, m0, first, last, q (see above)
+    grid_ptr,          # [GRID_INFO_SIZE] out (ACC): R, h, Q, B, A, qa, m0, first, last, qb (see above)
     gw_ptr,            # [K_pad] out (ACC): w_k = 2^(a2_k - m0); 0 on the padding and for zero weights
     K, K_pad,
     TOL_ULPS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
@@ -536,8 +537,9 @@ def _mixture_grid_kernel(
     x = 2.0 * a                                    # qm1 = 1 - exp(-x): Taylor for small x (no cancellation)
     qm1 = tl.where(x < 1e-2, x * (1.0 - x / 2 * (1.0 - x / 3 * (1.0 - x / 4 * (1.0 - x / 5 * (1.0 - x / 6))))),
                    1.0 - tl.exp(-x))
-    tl.store(grid_ptr + 5, qm1.to(ACC))
-    tl.store(grid_ptr + 9, tl.exp(-x).to(ACC))
+    q = tl.exp(-x)
+    tl.store(grid_ptr + 5, tl.where(q > 0.5, 1.0, q).to(ACC))     # qa
+    tl.store(grid_ptr + 9, tl.where(q > 0.5, qm1, 0.0).to(ACC))   # qb
     tl.store(grid_ptr + 6, m0)
     tl.store(grid_ptr + 7, tl.min(first_w, axis=0).to(ACC))
     tl.store(grid_ptr + 8, tl.max(last_w, axis=0).to(ACC))
@@ -551,11 +553,9 @@ def _mixture_grid_kernel(
 
 
 @triton.jit
-def _mixture_grid_sums(p, mu_ptr, gw_ptr, first, last, R, h, Q, B, A, q, qm1, QM1: tl.constexpr,
-                       GRAD: tl.constexpr):
+def _mixture_grid_sums(p, mu_ptr, gw_ptr, first, last, R, h, Q, B, A, qa, qb, GRAD: tl.constexpr):
     """(shift, S, sd, sd2) of a block of rows p [BLOCK_ROWS] over the bins [first, last] by the chunked
-    recurrence (see above), every term scaled by the row's 2^-shift (sd, sd2: GRAD; else 0). QM1: the step
-    rho <- rho - rho qm1 (q > 1/2), else rho <- rho q."""
+    recurrence (see above), every term scaled by the row's 2^-shift (sd, sd2: GRAD; else 0)."""
     dn = p - tl.minimum(tl.maximum(p, tl.load(mu_ptr + first)), tl.load(mu_ptr + last))  # to [c_first, c_last]
     S = tl.zeros(p.shape, p.dtype)
     sd = tl.zeros(p.shape, p.dtype)
@@ -578,10 +578,7 @@ def _mixture_grid_sums(p, mu_ptr, gw_ptr, first, last, R, h, Q, B, A, q, qm1, QM
                 sd2 += td * dl
             dl -= step
             G *= rho
-            if QM1:
-                rho -= rho * qm1
-            else:
-                rho *= q
+            rho = rho * qa - rho * qb                  # rho q
     return Q * dn * dn, S, sd, sd2
 
 
@@ -649,14 +646,9 @@ def _mixture_nll_fwd_kernel(
         h_grid = tl.load(grid_ptr + 1)
         b_grid = tl.load(grid_ptr + 3)
         a_grid = tl.load(grid_ptr + 4)
-        qm1 = tl.load(grid_ptr + 5)
-        q_step = tl.load(grid_ptr + 9)
-        if qm1 < 0.5:
-            shift, s_grid, sd, sd2 = _mixture_grid_sums(p0, mu_ptr, gw_ptr, first, last, r, h_grid, q_grid, b_grid,
-                                                        a_grid, q_step, qm1, True, COMPUTE_GRAD)
-        else:
-            shift, s_grid, sd, sd2 = _mixture_grid_sums(p0, mu_ptr, gw_ptr, first, last, r, h_grid, q_grid, b_grid,
-                                                        a_grid, q_step, qm1, False, COMPUTE_GRAD)
+        shift, s_grid, sd, sd2 = _mixture_grid_sums(p0, mu_ptr, gw_ptr, first, last, r, h_grid, q_grid, b_grid,
+                                                    a_grid, tl.load(grid_ptr + 5), tl.load(grid_ptr + 9),
+                                                    COMPUTE_GRAD)
         m = tl.load(grid_ptr + 6) + shift
         sum_e = tl.where(row_ok, s_grid, 1.0)      # dropped rows: unused, but finite
         sum_eb0 = q_grid * sd
@@ -871,7 +863,7 @@ def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_g
 def mixture_grid_tables(log_weight, log_norm, means, precision, grad_var_bias, k_pad: int | None = None,
                         dtype: torch.dtype | None = None):
     """d = 1 mixture tables -> (grid_info [GRID_INFO_SIZE], gw [K_pad]) on the device, in the compute dtype:
-    grid_info = [R, h, Q, B, A, qm1, m0, first, last, q] with R = 0 unless the tables are a BNI uniform grid with R > 2
+    grid_info = [R, h, Q, B, A, qa, m0, first, last, qb] with R = 0 unless the tables are a BNI uniform grid with R > 2
     (the uniform-grid comment above); gw_k = 2^(a2_k - m0). dtype: the compute dtype (default: the tables').
     One one-program launch, no host sync."""
     k = log_weight.shape[0]
