@@ -8,7 +8,8 @@ the same pass as the loss (already scaled by the reduction weight), or empty ``[
 ``compute_grad`` is false.
 
 Launches per call: a prologue kernel that lays out the candidates (BMC) or the component tables (GAI/BNI)
-planar, padded to whole tiles and pre-scaled (O(M) / O(K) work), the main kernel (one program per block
+planar, padded to whole tiles and pre-scaled (O(M) / O(K) work; GAI/BNI at d = 1 also a one-program kernel
+that decides on the device whether the tables are a BNI uniform grid, see "BNI on a uniform grid"), the main kernel (one program per block
 of rows), and for 'mean' / 'sum' a one-program kernel that adds the per-program partial sums in a fixed
 order (deterministic: no atomics). The 'mean' weight 1/count is read from a device tensor
 (count = kept rows, ``mask.sum()`` on the device): nothing on the path synchronises with the host.
@@ -40,7 +41,7 @@ from .common import (MAX_DIM, MEAN, NONE, SUM, acc_dtype, compute_dtype, device_
 # Bits of the value-check flag (check_finite): a NaN / inf at a kept row of pred, target; in a candidate.
 _PRED, _TARGET, _CANDIDATES = 1, 2, 4
 
-__all__ = ["MAX_DIM", "bmc_fwd", "mixture_nll_fwd"]
+__all__ = ["MAX_DIM", "bmc_fwd", "mixture_grid_tables", "mixture_nll_fwd"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -444,7 +445,7 @@ def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p
 
 # --------------------------------------------------------------------------------------------------
 # BNI on a uniform grid (d = 1, every P_k equal, every g_k = 0, centres c_k = c_0 + k h): O(1) exps per row
-# per chunk of R bins instead of one per bin (the shared design of the C++ and Triton kernels).
+# per chunk of R bins instead of one per bin (the design shared with the C++ kernel).
 # With m0 = max_k a2_k (base 2) and w_k = 2^(a2_k - m0) in [0, 1] (0 for a zero weight), the main loop's
 # e_k = 2^(a2_k + delta_k beta_k - m0) = w_k G_k with G_k = exp(-(P/2) dl_k^2) = 2^(Q dl_k^2), dl_k = p - c_k,
 # Q = -1/2 log2(e) P. With B = P h log2(e) = -2 Q h and A = -Q h^2 = (P h^2 / 2) log2(e):
@@ -454,19 +455,23 @@ def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p
 # (1, 1 - q) for q > 1/2 (large sigma: a rounded q close to 1 would put a systematic j^2/2 epsilons on the j-th
 # term of a chunk; 1 - q stored keeps its own relative precision), else (q, 0) (rho - rho (1 - q) would cancel
 # for small q). One loop body for both (a branch with two copies of the loop spills registers on sm_90).
-# Bins go in chunks [s, s + R_c) in
-# lock-step for every row; per row and chunk the direction starts at the chunk end nearest to p (ascending
-# from s if p <= the chunk midpoint, else descending from s + R_c - 1): a chunk on one side of p has its
-# largest term first (an underflowing start means the rest of the chunk underflows too), and in the chunk
-# containing p the start is at most R/2 bins from p, where a (R/2)^2 <= 60 (a = P h^2 / 2) keeps G_start a
-# normal number. Per row and chunk: 2 exps (G_start, rho_start, from the stored centre c_start); per step a
-# select between the weights of the two candidate bins (no gather) and multiplications:
-#   S = sum_k w_k G_k,  sd = sum_k w_k G_k dl_k,  sd2 = sum_k w_k G_k dl_k^2
-# then in the main loop's terms: sum_e = S, sum_eb0 = Q sd (beta_k = Q dl_k), sum_eg = Q^2 sd2 (g2_k = 0),
-# m = m0. Rows of a block where some kept row has S < GRID_MIN_SUM (p far from every bin: the terms that
-# matter may have underflowed) redo the block on the general path (exact max shift); the near-one pass is
-# unchanged. R = clamp(floor(2 sqrt(60 / a)), 1, 16); R <= 2 (sigma below ~0.14 bin widths: a recurrence
-# saves nothing) takes the general path, as do non-uniform centres, GAI and d > 1.
+# Only the bins [first, last] (first and last of non-zero weight) are visited: the others add 0.
+# Bins go in chunks [s, s + R_c) in lock-step for every row; per row and chunk the direction starts at the
+# chunk end nearest to p (ascending from s if p <= the chunk midpoint, else descending from s + R_c - 1): a
+# chunk on one side of p has its largest term first (an underflowing start means the rest of the chunk
+# underflows too), and in the chunk containing p the start is at most R/2 bins from p, where
+# a (R/2)^2 <= 60 (a = P h^2 / 2) keeps G_start a normal number. Per row and chunk: 2 exps (G_start and
+# rho_start, from the stored centre c_start); per step a select between the weights of the two candidate
+# bins (no gather) and multiplications:
+#   S = sum_k w_k G_k 2^-shift,  sd = sum_k w_k G_k 2^-shift dl_k,  sd2 = sum_k w_k G_k 2^-shift dl_k^2
+# with a per-row shift = Q dn^2, dn = the distance from p to [c_first, c_last] (0 inside): for p outside, the
+# nearest visited bin has G 2^-shift = 1, so S does not underflow however far p is (unless the end bins'
+# weights are tiny); every visited bin has G 2^-shift <= 1, and G_start 2^-shift = 2^(Q (dl - dn)(dl + dn)),
+# a product of differences. In the main loop's terms: sum_e = S, sum_eb0 = Q sd (beta_k = Q dl_k),
+# sum_eg = Q^2 sd2 (g2_k = 0), m = m0 + shift. Blocks where some kept row still has S < GRID_MIN_SUM are
+# redone on the general path (exact max shift); the near-one pass is unchanged.
+# R = clamp(floor(2 sqrt(60 / a)), 1, 16); R <= 2 (sigma below ~0.14 bin widths: a recurrence saves nothing)
+# takes the general path, as do non-uniform centres, GAI and d > 1.
 # --------------------------------------------------------------------------------------------------
 
 # Recompute a block on the general path when a kept row's shifted sum falls below this: above it, a term
