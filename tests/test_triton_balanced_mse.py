@@ -407,6 +407,182 @@ def test_many_partial_sums_and_small_tiles(monkeypatch, triton_device):
 
 
 # ----------------------------------------------------------------------------------------------------
+# BNI on a uniform grid (d = 1): the chunked recurrence against the general path and the torch backend
+# ----------------------------------------------------------------------------------------------------
+
+GRID_SIGMAS = (1e-3, 1e-2, 1e-1, 0.3, 1.0, 10.0, 1e2, 1e3)   # sigma in bin widths; < ~0.14: general path
+GRID_K, GRID_H = 45, 0.125                                     # 45 bins: not a multiple of R (6 or 16 here)
+
+
+def _grid_weights(kind: str) -> torch.Tensor:
+    """[GRID_K] float64 bin weights >= 0 (not normalised): 'full' all > 0; 'zeros' empty bins inside, a whole
+    first tile of 8 and the last 3 bins empty; 'tiny_ends' end bins of weight 1e-20 of the largest."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(GRID_K, generator=gen, dtype=torch.float64) ** 3 + 1e-3
+    if kind == "zeros":
+        w[:9] = 0.0
+        w[[15, 16, 30]] = 0.0
+        w[-3:] = 0.0
+    elif kind == "tiny_ends":
+        w[:2] = w[-2:] = 1e-20 * float(w.max())
+    return w
+
+
+def _grid_rows(where: str, n: int, sigma: float, dtype):
+    """pred, target [n, 1]: targets on the grid's range; predictions inside the grid, just outside (a few
+    sigma beyond an end) or far outside (1e3 bin widths)."""
+    gen = torch.Generator().manual_seed(5)
+    lo, hi = 0.5, 0.5 + (GRID_K - 1) * GRID_H
+    target = lo + (hi - lo) * torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    u = torch.rand(n, 1, generator=gen, dtype=torch.float64)
+    side = torch.where(torch.rand(n, 1, generator=gen) < 0.5, -1.0, 1.0).double()
+    if where == "inside":
+        pred = lo + (hi - lo) * u
+    elif where == "outside":
+        off = GRID_H * u * 3 + 4 * sigma * GRID_H * u
+        pred = torch.where(side < 0, lo - off, hi + off)
+    else:
+        pred = torch.where(side < 0, lo, hi) + side * 1e3 * GRID_H * (1 + u)
+    return pred.to(dtype), target.to(dtype)
+
+
+def _grid_tables(sigma: float, weights: torch.Tensor, dtype, perm=None):
+    """(noise_var, centers [K, 1], weights, bni tables) with centres 0.5 + k h (perm: bins reordered)."""
+    centers = (0.5 + GRID_H * torch.arange(GRID_K, dtype=torch.float64)).reshape(-1, 1)
+    w = weights
+    if perm is not None:
+        centers, w = centers[perm], w[perm]
+    nv = torch.tensor((sigma * GRID_H) ** 2, dtype=dtype)
+    centers, w = centers.to(dtype), (w / w.sum()).to(dtype)
+    return nv, centers, w, bni_tables(nv, centers, w, dtype)
+
+
+def _grid_expected_r(sigma: float) -> int:
+    a = 0.5 * GRID_H ** 2 / (sigma * GRID_H) ** 2
+    r = min(math.floor(2 * math.sqrt(60 / a)), 16)
+    return r if r > 2 else 0
+
+
+def _fused_rows(pred, target, nv, tables, reduction=0, mask=None, **kw):
+    """The launcher's (loss, grad_pred, grad_var) as float64 (reduction code; per row for 0)."""
+    out = _kernels().mixture_nll_fwd(pred, target, mask, nv, *tables, reduction, True, **kw)
+    return tuple(x.double() for x in out)
+
+
+def _torch_rows(pred, target, nv, centers, weights, reduction=0, mask=None):
+    """The torch backend on the same values in float64: (loss, d loss/d pred, d loss/d sigma^2), the last
+    per row for reduction 0 (a forward-mode product)."""
+    p = pred.double().clone().requires_grad_(True)
+    keep = weights > 0       # empty bins add 0 (the torch backend's shift is the max over all bins' logits)
+    t, c, w, s2 = target.double(), centers[keep].double(), weights[keep].double(), nv.double()
+    from imbreg_fast.ops.balanced_mse import bni_torch
+    loss = bni_torch(p, t, mask, s2, c, w, reduction)
+    (gp,) = torch.autograd.grad(loss.sum(), p)
+    _, gv = torch.func.jvp(lambda v: bni_torch(p.detach(), t, mask, v, c, w, reduction), (s2,), (torch.ones_like(s2),))
+    return loss.detach(), gp, gv
+
+
+def _rel_errors(out, ref):
+    """max |out - ref| / max |ref| per compared value (loss, grad_pred, grad_var)."""
+    return [float((a - b).abs().max() / b.abs().max().clamp_min(1e-300)) for a, b in zip(out, ref)]
+
+
+def _assert_grid_accuracy(grid, general, ref, dtype, what: str):
+    """float64: the design's target, <= 1e-6 relative (of max |.|) against the torch backend and the general
+    path. float32: the error against the float64 torch backend at most 4 times the general path's plus 5e-6
+    (measured: at most 3.2 times, both a few 1e-5 at sigma >= 100 bins where the loss, e + 2 s2 lse,
+    cancels; a few 1e-7 below 10 bins)."""
+    err_grid, err_general = _rel_errors(grid, ref), _rel_errors(general, ref)
+    for name, eg, en in zip(("loss", "grad_pred", "grad_var"), err_grid, err_general):
+        bound = 1e-6 if dtype == torch.float64 else 4 * en + 5e-6
+        assert eg <= bound, f"{what}: {name} relative error {eg:.3g} (general path {en:.3g})"
+    if dtype == torch.float64:
+        for name, e in zip(("loss", "grad_pred", "grad_var"), _rel_errors(grid, general)):
+            assert e <= 1e-6, f"{what}: {name} grid vs general {e:.3g}"
+
+
+@pytest.mark.parametrize("where", ["inside", "outside", "far"])
+@pytest.mark.parametrize("sigma", GRID_SIGMAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_bni_grid_matches_general_path_and_torch(dtype, sigma, where):
+    """Per row: loss, d/d pred, d/d sigma^2 of the grid path against the torch backend in float64, the general
+    path on the same tables (grid=False) and the general path on the bins in another order (not a grid: the
+    device takes the general path; same mathematical value). Proof that the grid path ran: for R > 2 its
+    rounding differs from the general path's (not bit-identical); for R <= 2 the general path runs and the
+    results are bit-identical."""
+    weights = _grid_weights("zeros" if sigma in (0.3, 10.0) else "full")
+    nv, centers, w, tables = _grid_tables(sigma, weights, dtype)
+    pred, target = _grid_rows(where, 300, sigma, dtype)
+    info, _ = _kernels().mixture_grid_tables(*tables)
+    assert int(info[0]) == _grid_expected_r(sigma)
+    grid = _fused_rows(pred, target, nv, tables)
+    general = _fused_rows(pred, target, nv, tables, grid=False)
+    perm = torch.randperm(GRID_K, generator=torch.Generator().manual_seed(7))
+    _, _, _, perm_tables = _grid_tables(sigma, weights, dtype, perm)
+    assert int(_kernels().mixture_grid_tables(*perm_tables)[0][0]) == 0
+    permuted = _fused_rows(pred, target, nv, perm_tables)
+    ref = _torch_rows(pred, target, nv, centers, w)
+    _assert_grid_accuracy(grid, general, ref, dtype, "grid vs torch, general")
+    _assert_grid_accuracy(grid, permuted, ref, dtype, "grid vs torch, permuted bins")
+    same = all(torch.equal(a, b) for a, b in zip(grid, general))
+    assert same == (_grid_expected_r(sigma) == 0), "the grid path did not run" if same else "unexpected grid path"
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_bni_grid_reductions_mask_and_zero_weights(dtype, reduction):
+    """Reduced losses and their gradients with a mask (NaN holes in dropped rows), zero-weight bins, rows
+    inside and outside the grid, 2 programs; against the torch backend and the general path."""
+    code = {"none": 0, "mean": 1, "sum": 2}[reduction]
+    nv, centers, w, tables = _grid_tables(1.0, _grid_weights("zeros"), dtype)
+    p_in, t_in = _grid_rows("inside", 400, 1.0, dtype)
+    p_out, t_out = _grid_rows("outside", 200, 1.0, dtype)
+    pred, target = torch.cat([p_in, p_out]), torch.cat([t_in, t_out])
+    mask = torch.rand(600, generator=torch.Generator().manual_seed(2)) > 0.3
+    pred_h, target_h = pred.masked_fill(~mask[:, None], float("nan")), target.masked_fill(~mask[:, None], float("nan"))
+    grid = _fused_rows(pred_h, target_h, nv, tables, code, mask)
+    general = _fused_rows(pred_h, target_h, nv, tables, code, mask, grid=False)
+    assert all(torch.isfinite(x).all() for x in grid)
+    assert not all(torch.equal(a, b) for a, b in zip(grid, general)), "the grid path did not run"
+    ref = _torch_rows(torch.nan_to_num(pred_h), torch.nan_to_num(target_h), nv, centers, w, code, mask)
+    _assert_grid_accuracy(grid, general, ref, dtype, reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_bni_grid_falls_back_when_the_shifted_sum_underflows(dtype):
+    """End bins of weight 1e-20 of the largest, sigma 0.3 bins, predictions far outside: the shifted sum is
+    below 2^-50, so the block takes the general path (bit-identical to grid=False); inside: the grid path."""
+    nv, centers, w, tables = _grid_tables(0.3, _grid_weights("tiny_ends"), dtype)
+    for where, expect_general in (("far", True), ("inside", False)):
+        pred, target = _grid_rows(where, 200, 0.3, dtype)
+        grid = _fused_rows(pred, target, nv, tables)
+        general = _fused_rows(pred, target, nv, tables, grid=False)
+        assert all(torch.equal(a, b) for a, b in zip(grid, general)) == expect_general, where
+        _assert_grid_accuracy(grid, general, _torch_rows(pred, target, nv, centers, w), dtype, where)
+
+
+def test_bni_zero_weight_tile_on_the_general_path_and_grid_detection():
+    """A whole first tile of zero-weight bins on the general path (sigma 1e-3 bins, R <= 2): no NaN from
+    2^(-inf - -inf). Grid detection: R = 16 at sigma = 1 bin; no grid for one centre off by 1e-3 bin
+    widths, for decreasing centres, for GAI tables."""
+    nv, centers, w, tables = _grid_tables(1e-3, _grid_weights("zeros"), torch.float32)
+    pred, target = _grid_rows("inside", 100, 1e-3, torch.float32)
+    out = _fused_rows(pred, target, nv, tables)
+    assert all(torch.isfinite(x).all() for x in out)
+    _assert_grid_accuracy(out, out, _torch_rows(pred, target, nv, centers, w), torch.float32, "zero tile")
+    K = _kernels()
+    nv1, centers1, w1, tables1 = _grid_tables(1.0, _grid_weights("full"), torch.float32)
+    assert int(K.mixture_grid_tables(*tables1)[0][0]) == 16
+    bumped = centers1.clone()
+    bumped[20] += 1e-3 * GRID_H
+    assert int(K.mixture_grid_tables(*bni_tables(nv1, bumped, w1, torch.float32))[0][0]) == 0
+    flipped = centers1.flip(0)                                                       # h < 0
+    assert int(K.mixture_grid_tables(*bni_tables(nv1, flipped, w1, torch.float32))[0][0]) == 0
+    gai = gai_tables(nv1, w1, centers1.reshape(-1), torch.full((GRID_K, 1, 1), 0.01), torch.float32)
+    assert int(K.mixture_grid_tables(*gai)[0][0]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # Registered ops: opcheck, torch.compile
 # ----------------------------------------------------------------------------------------------------
 
@@ -518,8 +694,13 @@ SM90_COMPILE = """
                  COMPUTE_GRAD=True, CHECK=mode, ACC=acc, BLOCK_ROWS=K.bmc_block_rows(d, dt[p]), BLOCK_CANDS=K.BMC_BLOCK_CANDS),
                  K.BMC_NUM_WARPS)
         compile_(K._mixture_nll_fwd_kernel, p, dict(D=d, HAS_MASK=mode, REDUCTION=0 if mode else 2, COMPUTE_GRAD=True,
-                 CHECK=mode, ACC=acc, BLOCK_ROWS=K.mixture_block_rows(d, dt[p]), BLOCK_COMPS=K.MIXTURE_BLOCK_COMPS),
-                 K.MIXTURE_NUM_WARPS)
+                 CHECK=mode, GRID=d == 1, ACC=acc, BLOCK_ROWS=K.mixture_block_rows(d, dt[p]),
+                 BLOCK_COMPS=K.MIXTURE_BLOCK_COMPS), K.MIXTURE_NUM_WARPS)
+    compile_(K._mixture_nll_fwd_kernel, "fp64", dict(D=1, HAS_MASK=False, REDUCTION=1, COMPUTE_GRAD=True, CHECK=False,
+             GRID=True, ACC=tl.float64, BLOCK_ROWS=K.mixture_block_rows(1, torch.float64),
+             BLOCK_COMPS=K.MIXTURE_BLOCK_COMPS), K.MIXTURE_NUM_WARPS)
+    compile_(K._mixture_grid_kernel, "fp32", dict(TOL_ULPS=K.GRID_TOL_ULPS, EPS=torch.finfo(torch.float32).eps,
+             ACC=tl.float32, BLOCK=K.PROLOGUE_BLOCK), 4)
     compile_(K._bmc_candidates_kernel, "fp32", dict(D=2, HAS_MASK=True, CHECK=True, ACC=tl.float32, BLOCK=K.PROLOGUE_BLOCK), 4)
     compile_(K._mixture_tables_kernel, "fp32", dict(D=3, ACC=tl.float32, BLOCK=K.PROLOGUE_BLOCK), 4)
     compile_(C.finalize_kernel, "fp32", dict(REDUCTION=C.MEAN.value, READ_DENOM=True, TWO=True, DIVIDE=False,
@@ -532,7 +713,7 @@ def test_kernels_compile_for_sm90_without_spills():
     the main variants and check the register budget the block sizes were chosen for."""
     out = _python(SM90_COMPILE, {"TRITON_DEFAULT_FP_FUSION": "1"})
     lines = [line.split() for line in out.strip().splitlines()]
-    assert len(lines) == 9, out
+    assert len(lines) == 11, out
     for name, dtype, d, regs, stack in lines:
         assert int(stack) == 0, f"{name} {dtype} d={d} spills ({regs} registers, {stack} bytes of stack)"
 

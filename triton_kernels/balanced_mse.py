@@ -8,7 +8,8 @@ the same pass as the loss (already scaled by the reduction weight), or empty ``[
 ``compute_grad`` is false.
 
 Launches per call: a prologue kernel that lays out the candidates (BMC) or the component tables (GAI/BNI)
-planar, padded to whole tiles and pre-scaled (O(M) / O(K) work), the main kernel (one program per block
+planar, padded to whole tiles and pre-scaled (O(M) / O(K) work; GAI/BNI at d = 1 also a one-program kernel
+that decides on the device whether the tables are a BNI uniform grid, see "BNI on a uniform grid"), the main kernel (one program per block
 of rows), and for 'mean' / 'sum' a one-program kernel that adds the per-program partial sums in a fixed
 order (deterministic: no atomics). The 'mean' weight 1/count is read from a device tensor
 (count = kept rows, ``mask.sum()`` on the device): nothing on the path synchronises with the host.
@@ -40,7 +41,7 @@ from .common import (MAX_DIM, MEAN, NONE, SUM, acc_dtype, compute_dtype, device_
 # Bits of the value-check flag (check_finite): a NaN / inf at a kept row of pred, target; in a candidate.
 _PRED, _TARGET, _CANDIDATES = 1, 2, 4
 
-__all__ = ["MAX_DIM", "bmc_fwd", "mixture_nll_fwd"]
+__all__ = ["MAX_DIM", "bmc_fwd", "mixture_grid_tables", "mixture_nll_fwd"]
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -442,6 +443,150 @@ def _mixture_log_sum_near_one(n2_ptr, w_ptr, mu_ptr, q_ptr, K_pad, p0, p1, p2, p
     return tl.where(near, LN2 * mt + _log1p_small(tl.where(near, s_minus_1, 0.0)), lse)
 
 
+# --------------------------------------------------------------------------------------------------
+# BNI on a uniform grid (d = 1, every P_k equal, every g_k = 0, centres c_k = c_0 + k h): O(1) exps per row
+# per chunk of R bins instead of one per bin (the design shared with the C++ kernel).
+# With m0 = max_k a2_k (base 2) and w_k = 2^(a2_k - m0) in [0, 1] (0 for a zero weight), the main loop's
+# e_k = 2^(a2_k + delta_k beta_k - m0) = w_k G_k with G_k = exp(-(P/2) dl_k^2) = 2^(Q dl_k^2), dl_k = p - c_k,
+# Q = -1/2 log2(e) P. With B = P h log2(e) = -2 Q h and A = -Q h^2 = (P h^2 / 2) log2(e):
+#   ascending  (dl_{k+1} = dl_k - h):  G_{k+1} = G_k rho,  rho = 2^(B dl_k - A)
+#   descending (dl_{k-1} = dl_k + h):  G_{k-1} = G_k rho,  rho = 2^(-B dl_k - A)
+# and after each step rho <- rho q, q = 2^(-2A) = exp(-P h^2), taken as rho <- rho qa - rho qb with (qa, qb) =
+# (1, 1 - q) for q > 1/2 (large sigma: a rounded q close to 1 would put a systematic j^2/2 epsilons on the j-th
+# term of a chunk; 1 - q stored keeps its own relative precision), else (q, 0) (rho - rho (1 - q) would cancel
+# for small q). One loop body for both (a branch with two copies of the loop spills registers on sm_90).
+# Only the bins [first, last] (first and last of non-zero weight) are visited: the others add 0.
+# Bins go in chunks [s, s + R_c) in lock-step for every row; per row and chunk the direction starts at the
+# chunk end nearest to p (ascending from s if p <= the chunk midpoint, else descending from s + R_c - 1): a
+# chunk on one side of p has its largest term first (an underflowing start means the rest of the chunk
+# underflows too), and in the chunk containing p the start is at most R/2 bins from p, where
+# a (R/2)^2 <= 60 (a = P h^2 / 2) keeps G_start a normal number. Per row and chunk: 2 exps (G_start and
+# rho_start, from the stored centre c_start); per step a select between the weights of the two candidate
+# bins (no gather) and multiplications:
+#   S = sum_k w_k G_k 2^-shift,  sd = sum_k w_k G_k 2^-shift dl_k,  sd2 = sum_k w_k G_k 2^-shift dl_k^2
+# with a per-row shift = Q dn^2, dn = the distance from p to [c_first, c_last] (0 inside): for p outside, the
+# nearest visited bin has G 2^-shift = 1, so S does not underflow however far p is (unless the end bins'
+# weights are tiny); every visited bin has G 2^-shift <= 1, and G_start 2^-shift = 2^(Q (dl - dn)(dl + dn)),
+# a product of differences. In the main loop's terms: sum_e = S, sum_eb0 = Q sd (beta_k = Q dl_k),
+# sum_eg = Q^2 sd2 (g2_k = 0), m = m0 + shift. Blocks where some kept row still has S < GRID_MIN_SUM are
+# redone on the general path (exact max shift); the near-one pass is unchanged.
+# R = clamp(floor(2 sqrt(60 / a)), 1, 16); R <= 2 (sigma below ~0.14 bin widths: a recurrence saves nothing)
+# takes the general path, as do non-uniform centres, GAI and d > 1.
+# --------------------------------------------------------------------------------------------------
+
+# Recompute a block on the general path when a kept row's shifted sum falls below this: above it, a term
+# flushed to 0 (< 2^-126 in fp32) is below 2^-76 of S.
+GRID_MIN_SUM = tl.constexpr(2.0 ** -50)
+GRID_MAX_CHUNK = tl.constexpr(16)
+# grid_ptr layout (ACC): [R (0: general path), h, Q, B, A, qa, m0, first, last, qb] (first / last: the first and
+# last bin of non-zero weight; the bins outside contribute 0 and are skipped)
+GRID_INFO_SIZE = 10
+# Centres within GRID_TOL_ULPS epsilons of max|c| of c_0 + k h are a grid (the stored centres' own rounding).
+GRID_TOL_ULPS = 4
+
+
+@triton.jit
+def _mixture_grid_kernel(
+    log_weight_ptr,    # [K] log phi^_k
+    log_norm_ptr,      # [K] n_k
+    means_ptr,         # [K, 1] mu_k
+    prec_ptr,          # [K, 1, 1] P_k
+    grad_var_bias_ptr, # [K] g_k
+    grid_ptr,          # [GRID_INFO_SIZE] out (ACC): R, h, Q, B, A, qa, m0, first, last, qb (see above)
+    gw_ptr,            # [K_pad] out (ACC): w_k = 2^(a2_k - m0); 0 on the padding and for zero weights
+    K, K_pad,
+    TOL_ULPS: tl.constexpr, EPS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program: is the d = 1 mixture a BNI uniform grid, and its recurrence constants. The test runs in
+    float64: c_0 + k h is then exact to well below the tolerance TOL_ULPS EPS max|c| (EPS: ACC's epsilon),
+    so only the stored centres' own rounding counts."""
+    F64: tl.constexpr = tl.float64
+    c_first = tl.load(means_ptr).to(F64)
+    c_last = tl.load(means_ptr + K - 1).to(F64)
+    h64 = (c_last - c_first) / tl.maximum(K - 1, 1).to(F64)
+    p0 = tl.load(prec_ptr).to(ACC)
+    dev = tl.zeros([BLOCK], dtype=F64)             # max_k |c_k - (c_0 + k h)|
+    cmax = tl.zeros([BLOCK], dtype=F64)            # max_k |c_k|
+    bad = tl.zeros([BLOCK], dtype=tl.int32)        # some P_k != P_0 or g_k != 0
+    a2max = tl.full([BLOCK], float("-inf"), ACC)   # m0 = max_k a2_k, a2_k as in _mixture_tables_kernel
+    first_w = tl.full([BLOCK], K, tl.int32)        # first and last bin of non-zero weight
+    last_w = tl.full([BLOCK], -1, tl.int32)
+    for start in range(0, K, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        valid = idx < K
+        c = tl.load(means_ptr + idx, mask=valid, other=0.0).to(F64)
+        dev = tl.maximum(dev, tl.where(valid, tl.abs(c - (c_first + idx.to(F64) * h64)), 0.0))
+        cmax = tl.maximum(cmax, tl.abs(c))
+        prec = tl.load(prec_ptr + idx, mask=valid, other=0.0).to(ACC)
+        g = tl.load(grad_var_bias_ptr + idx, mask=valid, other=0.0).to(ACC)
+        bad = bad | (valid & ((prec != p0) | (g != 0.0))).to(tl.int32)
+        lw = tl.load(log_weight_ptr + idx, mask=valid, other=0.0).to(ACC)
+        n = tl.load(log_norm_ptr + idx, mask=valid, other=0.0).to(ACC)
+        a2 = tl.where(valid, (lw + n) * LOG2E, float("-inf"))
+        a2max = tl.maximum(a2max, a2)
+        first_w = tl.minimum(first_w, tl.where(a2 > float("-inf"), idx, K))
+        last_w = tl.maximum(last_w, tl.where(a2 > float("-inf"), idx, -1))
+    m0 = tl.max(a2max, axis=0)
+    dev_max = tl.max(dev, axis=0)                  # NaN centres: the comparison below fails
+    h = h64.to(ACC).to(F64)                        # the step the main kernel takes
+    P = p0.to(F64)
+    a = 0.5 * P * h * h
+    r = tl.floor(tl.minimum(2.0 * tl.sqrt(60.0 / a), GRID_MAX_CHUNK))
+    ok = ((K >= 2) & (h > 0.0) & (h < float("inf")) & (P > 0.0) & (P < float("inf")) & (m0 > float("-inf"))
+          & (tl.max(bad, axis=0) == 0) & (dev_max <= TOL_ULPS * EPS * tl.max(cmax, axis=0)) & (r > 2.0))
+    tl.store(grid_ptr + 0, tl.where(ok, r, 0.0).to(ACC))
+    tl.store(grid_ptr + 1, h.to(ACC))
+    tl.store(grid_ptr + 2, (P * (-0.5 * LOG2E)).to(ACC))       # Q
+    tl.store(grid_ptr + 3, (P * h * LOG2E).to(ACC))          # B
+    tl.store(grid_ptr + 4, (a * LOG2E).to(ACC))              # A
+    x = 2.0 * a                                    # qm1 = 1 - exp(-x): Taylor for small x (no cancellation)
+    qm1 = tl.where(x < 1e-2, x * (1.0 - x / 2 * (1.0 - x / 3 * (1.0 - x / 4 * (1.0 - x / 5 * (1.0 - x / 6))))),
+                   1.0 - tl.exp(-x))
+    q = tl.exp(-x)
+    tl.store(grid_ptr + 5, tl.where(q > 0.5, 1.0, q).to(ACC))     # qa
+    tl.store(grid_ptr + 9, tl.where(q > 0.5, qm1, 0.0).to(ACC))   # qb
+    tl.store(grid_ptr + 6, m0)
+    tl.store(grid_ptr + 7, tl.min(first_w, axis=0).to(ACC))
+    tl.store(grid_ptr + 8, tl.max(last_w, axis=0).to(ACC))
+    for start in range(0, K_pad, BLOCK):
+        idx = start + tl.arange(0, BLOCK)
+        valid = idx < K
+        lw = tl.load(log_weight_ptr + idx, mask=valid, other=0.0).to(ACC)
+        n = tl.load(log_norm_ptr + idx, mask=valid, other=0.0).to(ACC)
+        gw = tl.where(valid, tl.exp2((lw + n) * LOG2E - m0), 0.0)
+        tl.store(gw_ptr + idx, gw, mask=idx < K_pad)
+
+
+@triton.jit
+def _mixture_grid_sums(p, mu_ptr, gw_ptr, first, last, R, h, Q, B, A, qa, qb, GRAD: tl.constexpr):
+    """(shift, S, sd, sd2) of a block of rows p [BLOCK_ROWS] over the bins [first, last] by the chunked
+    recurrence (see above), every term scaled by the row's 2^-shift (sd, sd2: GRAD; else 0)."""
+    dn = p - tl.minimum(tl.maximum(p, tl.load(mu_ptr + first)), tl.load(mu_ptr + last))  # to [c_first, c_last]
+    S = tl.zeros(p.shape, p.dtype)
+    sd = tl.zeros(p.shape, p.dtype)
+    sd2 = tl.zeros(p.shape, p.dtype)
+    for s in range(first, last + 1, R):
+        top = tl.minimum(s + R - 1, last)              # last bin of the chunk
+        c_lo = tl.load(mu_ptr + s)
+        c_hi = tl.load(mu_ptr + top)
+        asc = p <= 0.5 * (c_lo + c_hi)
+        dl = p - tl.where(asc, c_lo, c_hi)             # from the stored centre of the start
+        G = tl.exp2(Q * (dl - dn) * (dl + dn))          # G_start 2^-shift, <= 1
+        rho = tl.exp2(tl.where(asc, B, -B) * dl - A)
+        step = tl.where(asc, h, -h)
+        for j in range(0, top + 1 - s):
+            t = tl.where(asc, tl.load(gw_ptr + s + j), tl.load(gw_ptr + top - j)) * G
+            S += t
+            if GRAD:
+                td = t * dl                            # not t dl^2: t = 0 with an overflowing dl^2
+                sd += td
+                sd2 += td * dl
+            dl -= step
+            G *= rho
+            rho = rho * qa - rho * qb                  # rho q
+    return Q * dn * dn, S, sd, sd2
+
+
 @triton.jit
 def _mixture_nll_fwd_kernel(
     pred_ptr,          # [N, D] predictions
@@ -455,13 +600,16 @@ def _mixture_nll_fwd_kernel(
     mu_ptr,            # [D, K_pad] mu_k
     q_ptr,             # [D * D, K_pad] Q_k
     g2_ptr,            # [K_pad] g2_k
+    grid_ptr,          # [GRID_INFO_SIZE] uniform-grid constants from _mixture_grid_kernel (GRID)
+    gw_ptr,            # [K_pad] w_k = 2^(a2_k - m0) (GRID)
     loss_ptr,          # [N] row losses ('none') or [num_programs] partial sums (ACC)
     grad_pred_ptr,     # [N, D] d loss / d pred, scaled by the reduction weight
     grad_var_ptr,      # [N] row d loss / d sigma^2 ('none') or [num_programs] partial sums (ACC)
     flag_ptr,          # [] int32: value-check flag (CHECK: bits 1 / 2 for a NaN / inf in a kept pred / target)
     N, K_pad,
     D: tl.constexpr, HAS_MASK: tl.constexpr, REDUCTION: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
-    CHECK: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COMPS: tl.constexpr,
+    CHECK: tl.constexpr, GRID: tl.constexpr, ACC: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+    BLOCK_COMPS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
@@ -482,7 +630,10 @@ def _mixture_nll_fwd_kernel(
     if D > 3:
         p3 = _load_dim(pred_ptr, rows, 3, D, row_ok, ACC)
 
-    m = tl.full([BLOCK_ROWS], float("-inf"), ACC)  # running max of logit log2(e); finite after tile 0
+    # Running max: a finite lowest start, so that a tile whose logits are all -inf (zero-weight bins, log
+    # weight -inf) gives rescale = 2^0 and e = 2^-inf = 0, not 2^(-inf - -inf) = NaN.
+    lowest = -1.7976931348623157e308 if ACC == tl.float64 else -3.4028234663852886e38
+    m = tl.full([BLOCK_ROWS], lowest, ACC)         # running max of logit log2(e)
     sum_e = tl.zeros([BLOCK_ROWS], dtype=ACC)      # sum_k e_k,  e_k = 2^(logit_k log2(e) - m)
     sum_eg = tl.zeros([BLOCK_ROWS], dtype=ACC)     # sum_k e_k (|beta_k|^2 + g2_k)
     sum_eb0 = tl.zeros([BLOCK_ROWS], dtype=ACC)    # sum_k e_k beta_kj, j = 0..D-1
@@ -490,38 +641,62 @@ def _mixture_nll_fwd_kernel(
     sum_eb2 = tl.zeros([BLOCK_ROWS], dtype=ACC)
     sum_eb3 = tl.zeros([BLOCK_ROWS], dtype=ACC)
 
-    for start in range(0, K_pad, BLOCK_COMPS):
-        cols = start + tl.arange(0, BLOCK_COMPS)
-        delta0, delta1, delta2, delta3 = _deltas(cols, mu_ptr, K_pad, p0, p1, p2, p3, D)  # [BLOCK_COMPS, BLOCK_ROWS]
-        beta0 = _beta_dim(0, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
-        logit = tl.load(a2_ptr + cols)[:, None] + delta0 * beta0
-        g = tl.load(g2_ptr + cols)[:, None] + beta0 * beta0
-        if D > 1:
-            beta1 = _beta_dim(1, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
-            logit += delta1 * beta1
-            g += beta1 * beta1
-        if D > 2:
-            beta2 = _beta_dim(2, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
-            logit += delta2 * beta2
-            g += beta2 * beta2
-        if D > 3:
-            beta3 = _beta_dim(3, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
-            logit += delta3 * beta3
-            g += beta3 * beta3
-        m_new = tl.maximum(m, tl.max(logit, axis=0))
-        rescale = tl.exp2(m - m_new)
-        e = tl.exp2(logit - m_new[None, :])                               # 0 on the padding
-        sum_e = sum_e * rescale + tl.sum(e, axis=0)
-        if COMPUTE_GRAD:
-            sum_eg = sum_eg * rescale + tl.sum(e * g, axis=0)
-            sum_eb0 = sum_eb0 * rescale + tl.sum(e * beta0, axis=0)
+    r = 0                                          # chunk length of the grid path; 0: the general path
+    if GRID:
+        r = tl.load(grid_ptr).to(tl.int32)
+    if r > 0:
+        q_grid = tl.load(grid_ptr + 2)
+        first = tl.load(grid_ptr + 7).to(tl.int32)
+        last = tl.load(grid_ptr + 8).to(tl.int32)
+        h_grid = tl.load(grid_ptr + 1)
+        b_grid = tl.load(grid_ptr + 3)
+        a_grid = tl.load(grid_ptr + 4)
+        shift, s_grid, sd, sd2 = _mixture_grid_sums(p0, mu_ptr, gw_ptr, first, last, r, h_grid, q_grid, b_grid,
+                                                    a_grid, tl.load(grid_ptr + 5), tl.load(grid_ptr + 9),
+                                                    COMPUTE_GRAD)
+        m = tl.load(grid_ptr + 6) + shift
+        sum_e = tl.where(row_ok, s_grid, 1.0)      # dropped rows: unused, but finite
+        sum_eb0 = q_grid * sd
+        sum_eg = (q_grid * q_grid) * sd2
+        if tl.min(sum_e, axis=0) < GRID_MIN_SUM:  # a kept row far from every bin: the general path
+            r = r * 0
+    if r <= 0:
+        m = tl.full([BLOCK_ROWS], lowest, ACC)
+        sum_e = tl.zeros([BLOCK_ROWS], dtype=ACC)
+        sum_eg = tl.zeros([BLOCK_ROWS], dtype=ACC)
+        sum_eb0 = tl.zeros([BLOCK_ROWS], dtype=ACC)
+        for start in range(0, K_pad, BLOCK_COMPS):
+            cols = start + tl.arange(0, BLOCK_COMPS)
+            delta0, delta1, delta2, delta3 = _deltas(cols, mu_ptr, K_pad, p0, p1, p2, p3, D)  # [BLOCK_COMPS, BLOCK_ROWS]
+            beta0 = _beta_dim(0, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+            logit = tl.load(a2_ptr + cols)[:, None] + delta0 * beta0
+            g = tl.load(g2_ptr + cols)[:, None] + beta0 * beta0
             if D > 1:
-                sum_eb1 = sum_eb1 * rescale + tl.sum(e * beta1, axis=0)
+                beta1 = _beta_dim(1, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+                logit += delta1 * beta1
+                g += beta1 * beta1
             if D > 2:
-                sum_eb2 = sum_eb2 * rescale + tl.sum(e * beta2, axis=0)
+                beta2 = _beta_dim(2, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+                logit += delta2 * beta2
+                g += beta2 * beta2
             if D > 3:
-                sum_eb3 = sum_eb3 * rescale + tl.sum(e * beta3, axis=0)
-        m = m_new
+                beta3 = _beta_dim(3, cols, q_ptr, K_pad, delta0, delta1, delta2, delta3, D)
+                logit += delta3 * beta3
+                g += beta3 * beta3
+            m_new = tl.maximum(m, tl.max(logit, axis=0))
+            rescale = tl.exp2(m - m_new)
+            e = tl.exp2(logit - m_new[None, :])                               # 0 on the padding
+            sum_e = sum_e * rescale + tl.sum(e, axis=0)
+            if COMPUTE_GRAD:
+                sum_eg = sum_eg * rescale + tl.sum(e * g, axis=0)
+                sum_eb0 = sum_eb0 * rescale + tl.sum(e * beta0, axis=0)
+                if D > 1:
+                    sum_eb1 = sum_eb1 * rescale + tl.sum(e * beta1, axis=0)
+                if D > 2:
+                    sum_eb2 = sum_eb2 * rescale + tl.sum(e * beta2, axis=0)
+                if D > 3:
+                    sum_eb3 = sum_eb3 * rescale + tl.sum(e * beta3, axis=0)
+            m = m_new
 
     y0 = _load_dim(target_ptr, rows, 0, D, row_ok, ACC)
     if CHECK:
@@ -690,14 +865,35 @@ def bmc_fwd(pred, target, candidates, mask, noise_var, reduction: int, compute_g
     return loss, grad_pred, grad_var
 
 
+def mixture_grid_tables(log_weight, log_norm, means, precision, grad_var_bias, k_pad: int | None = None,
+                        dtype: torch.dtype | None = None):
+    """d = 1 mixture tables -> (grid_info [GRID_INFO_SIZE], gw [K_pad]) on the device, in the compute dtype:
+    grid_info = [R, h, Q, B, A, qa, m0, first, last, qb] with R = 0 unless the tables are a BNI uniform grid with R > 2
+    (the uniform-grid comment above); gw_k = 2^(a2_k - m0). dtype: the compute dtype (default: the tables').
+    One one-program launch, no host sync."""
+    k = log_weight.shape[0]
+    k_pad = k_pad or triton.cdiv(k, MIXTURE_BLOCK_COMPS) * MIXTURE_BLOCK_COMPS
+    dtype = compute_dtype(dtype or means.dtype)
+    acc = acc_dtype(dtype)
+    info = torch.zeros(GRID_INFO_SIZE, dtype=dtype, device=means.device)
+    gw = torch.empty(k_pad, dtype=dtype, device=means.device)
+    eps = torch.finfo(dtype).eps
+    with device_guard(means):
+        _mixture_grid_kernel[(1,)](log_weight, log_norm, means, precision, grad_var_bias, info, gw, k, k_pad,
+                                   TOL_ULPS=GRID_TOL_ULPS, EPS=eps, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
+    return info, gw
+
+
 def mixture_nll_fwd(pred, target, mask, noise_var, log_weight, log_norm, means, precision, grad_var_bias,
                     reduction: int, compute_grad: bool, *, check_finite: bool = False,
-                    block_rows: int | None = None, block_comps: int = MIXTURE_BLOCK_COMPS):
+                    block_rows: int | None = None, block_comps: int = MIXTURE_BLOCK_COMPS, grid: bool = True):
     """GAI / BNI loss and gradients in one pass over the rows (contract of ``imbreg_fast::mixture_nll_fwd``).
 
     Tables (from ``gai_tables`` / ``bni_tables``): log_weight [K] (normalised), log_norm [K], means [K, d],
     precision [K, d, d] (symmetric), grad_var_bias [K].
     Returns (loss, grad_pred, grad_noise_var). ``check_finite``: as :func:`bmc_fwd` (pred and target).
+    d = 1: BNI tables on a uniform grid of centres take the chunked recurrence (the device decides, from
+    :func:`mixture_grid_tables`; no host sync); ``grid=False`` forces the general path (tests).
     """
     _check_rows(pred, target, mask, noise_var, reduction)
     n, d = pred.shape
@@ -725,15 +921,17 @@ def mixture_nll_fwd(pred, target, mask, noise_var, log_weight, log_norm, means, 
     count = _kept_count(mask, reduction, loss_buf)
     check = bool(check_finite)
     flag = new_flag(pred) if check else count
+    grid = bool(grid) and d == 1
+    grid_info, gw = (mixture_grid_tables(*tables, k_pad, acc_t) if grid else (a2, a2))
     with device_guard(pred):
         _mixture_tables_kernel[(triton.cdiv(k_pad, PROLOGUE_BLOCK),)](
             *tables, a2, n2, w, mu, q, g2, k, k_pad, D=d, ACC=acc, BLOCK=PROLOGUE_BLOCK, num_warps=4)
         _mixture_nll_fwd_kernel[(num_programs,)](
-            pred, target, pred if mask is None else mask, count, noise_var, a2, n2, w, mu, q, g2,
+            pred, target, pred if mask is None else mask, count, noise_var, a2, n2, w, mu, q, g2, grid_info, gw,
             loss_buf, grad_pred if compute_grad else loss_buf, var_buf if compute_grad else loss_buf, flag,
             n, k_pad,
-            D=d, HAS_MASK=mask is not None, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, CHECK=check, ACC=acc,
-            BLOCK_ROWS=block_rows, BLOCK_COMPS=block_comps, num_warps=MIXTURE_NUM_WARPS)
+            D=d, HAS_MASK=mask is not None, REDUCTION=reduction, COMPUTE_GRAD=compute_grad, CHECK=check, GRID=grid,
+            ACC=acc, BLOCK_ROWS=block_rows, BLOCK_COMPS=block_comps, num_warps=MIXTURE_NUM_WARPS)
         if reduction != NONE:
             finalize(loss_buf, count, loss, n, reduction, mask is not None, acc,
                      partial2=var_buf if compute_grad else None, out2=grad_var if compute_grad else None)
