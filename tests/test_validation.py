@@ -249,8 +249,9 @@ def test_gmm_covariance_must_be_spd():
 def test_bin_checks():
     pred, target = _xy()
     centers, weights = _bins()
-    with pytest.raises(ValueError, match=r"bin_weights must be finite and > 0 \(drop empty components/bins\)"):
-        F.bni_loss(pred, target, 0.5, centers, torch.tensor([0.5, 0.0, 0.25, 0.25]))   # an empty bin
+    with pytest.raises(ValueError, match=r"bin_weights must be finite and >= 0"):
+        F.bni_loss(pred, target, 0.5, centers, torch.tensor([0.5, -0.1, 0.35, 0.25]))   # a negative weight
+    F.bni_loss(pred, target, 0.5, centers, torch.tensor([0.5, 0.0, 0.25, 0.25]))   # an empty bin: no term
     with pytest.raises(ValueError, match=r"bin_weights must sum to 1, got 2"):
         F.bni_loss(pred, target, 0.5, centers, weights * 2)
     with pytest.raises(ValueError, match=r"bin_weights must be \[K\] with K >= 1, got shape \(4, 1\)"):

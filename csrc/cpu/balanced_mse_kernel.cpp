@@ -318,6 +318,7 @@ void bmc_run(const BmcProblem<T>& P, RowOutputs& out, int64_t n_blocks, double s
   const int64_t work_per_block = kBmcBlockRows * std::max<int64_t>(P.m, 1);
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / work_per_block);
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    const cpu::FlushDenormals ftz;
     BmcScratch<T> scratch(P.d, P.m_pad);
     for (int64_t b = b0; b < b1; ++b) {
       double block_loss = 0.0, block_grad = 0.0, block_check = 0.0;
@@ -528,7 +529,7 @@ struct MixtureProblem {
   T grid_rho_scale;     // exp(a R)
   const T* grid_w;      // [K] w_k = exp(n_k + log phi^_k - m0) in [0, 1]
   int64_t n, d, k;
-  T s2, two_s2;
+  T s2, two_s2, inv_s2;   // inv_s2 = 1 / s2 (rounded once)
 };
 
 // Heap scratch for d > 4 (per-lane vectors of one group of rows); for d <= 4 local arrays are used.
@@ -772,7 +773,7 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
     e = at::vec::fmadd(uc, uc, e);
     grad[c] = two * uc - r_scale * sa[c];  // dL/dp_c
   }
-  dvar = r_scale * sg - e / Vec(P.s2);
+  dvar = r_scale * sg - e * Vec(P.inv_s2);
   // log last: with Sleef it is a call, and values live across a call end up on the stack for the whole
   // k loops (a store-to-load dependency per iteration)
   const Vec log_s = s.log();
@@ -800,6 +801,7 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (kMixtureBlockRows * P.k));
   const T tscale = T(scale);
   at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+    const cpu::FlushDenormals ftz;
     MixtureScratch<T> S(d);
     Vec pv_l[DA], yv_l[DA], g_l[DA];
     Vec* pv = D > 0 ? pv_l : S.pv.data();
@@ -851,12 +853,8 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
             dvar = Vec::blendv(Vec(T(0)), dvar, keep);
             g = Vec::blendv(Vec(T(0)), g, keep);
           }
-          loss.store(loss_l);
-          dvar.store(dvar_l);
-          for (int64_t r = 0; r < W; ++r) {
-            lane_loss[r] += loss_l[r];
-            lane_grad[r] += dvar_l[r];
-          }
+          cpu::add_lanes(lane_loss, loss);
+          cpu::add_lanes(lane_grad, dvar);
           if (cnt == W) {
             if (grad_pred) g.store(grad_pred + i0);
             if (loss_rows) loss.store(loss_rows + i0);
@@ -1042,6 +1040,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mixture_nll_fwd_cpu(
     P.n = n;
     P.s2 = T(s2_in);
     P.two_s2 = T(2) * P.s2;
+    P.inv_s2 = T(1.0 / double(P.s2));
     switch (d) {
       case 1: mixture_run<T, 1>(P, out, n_blocks, scale); break;
       case 2: mixture_run<T, 2>(P, out, n_blocks, scale); break;

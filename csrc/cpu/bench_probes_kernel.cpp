@@ -41,6 +41,7 @@ at::Tensor exp_throughput_cpu(const at::Tensor& x, int64_t variant, int64_t repe
   std::vector<double> block_sum(n_blocks, 0.0);
   // One parallel region; each thread repeats its blocks (a region per pass would time thread wake-ups).
   at::parallel_for(0, n_blocks, 1, [&](int64_t b0, int64_t b1) {
+    const cpu::FlushDenormals ftz;   // as the kernels run (fast_exp.h)
     for (int64_t rep = 0; rep < repeats; ++rep) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t j0 = b * kExpBlock, j1 = std::min(n, j0 + kExpBlock);

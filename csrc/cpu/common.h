@@ -6,6 +6,12 @@
 
 #include <cmath>
 #include <cstdint>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 namespace imbreg_fast {
 namespace cpu {
@@ -30,6 +36,47 @@ inline double hsum(const at::vec::Vectorized<T>& v) {
   for (int64_t l = 0; l < at::vec::Vectorized<T>::size(); ++l) s += lanes[l];
   return s;
 }
+
+// Adds the lanes of v to acc[0 .. W) in double (W = v's width): per-lane partial sums without a scalar
+// conversion and addition per lane. Each lane's sum is the same as a scalar loop's.
+inline void add_lanes(double* acc, const at::vec::Vectorized<double>& v) {
+  (at::vec::Vectorized<double>::loadu(acc) + v).store(acc);
+}
+
+inline void add_lanes(double* acc, const at::vec::Vectorized<float>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  const __m512d lo = _mm512_cvtps_pd(_mm512_castps512_ps256(x));
+  const __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(x, 1));
+  _mm512_storeu_pd(acc, _mm512_add_pd(_mm512_loadu_pd(acc), lo));
+  _mm512_storeu_pd(acc + 8, _mm512_add_pd(_mm512_loadu_pd(acc + 8), hi));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v;
+  const __m256d lo = _mm256_cvtps_pd(_mm256_castps256_ps128(x));
+  const __m256d hi = _mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+  _mm256_storeu_pd(acc, _mm256_add_pd(_mm256_loadu_pd(acc), lo));
+  _mm256_storeu_pd(acc + 4, _mm256_add_pd(_mm256_loadu_pd(acc + 4), hi));
+#else
+  __at_align__ float lanes[at::vec::Vectorized<float>::size()];
+  v.store(lanes);
+  for (int64_t l = 0; l < at::vec::Vectorized<float>::size(); ++l) acc[l] += double(lanes[l]);
+#endif
+}
+
+// Denormal results flushed to zero (FTZ) and denormal inputs read as zero (DAZ) for the scope of a kernel's
+// parallel block (x86; MXCSR restored at the end). A denormal is below 2^-126 (fp32) / 2^-1022 (fp64): every
+// value the kernels produce there is a term they keep against a sum >= 2^-50 (or a gradient term of one), far
+// below its rounding, and a denormal operand would cost a microcode assist per instruction. The kernels' fp32
+// exp (fast_exp.h) relies on it to return exactly 0 below ln(FLT_MIN).
+struct FlushDenormals {
+#if defined(__SSE__)
+  unsigned int saved;
+  FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040u); }
+  ~FlushDenormals() { _mm_setcsr(saved); }
+#endif
+  FlushDenormals(const FlushDenormals&) = delete;
+  FlushDenormals& operator=(const FlushDenormals&) = delete;
+};
 
 // In-kernel value checks (check_finite=true). finite_acc(acc, x) = acc + x * 0 stays exactly acc while every
 // x is finite and becomes NaN at the first NaN / +-inf (inf * 0 = NaN): one fma per vector, reduced with the

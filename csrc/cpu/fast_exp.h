@@ -3,12 +3,13 @@
 // fp32, AVX2 / AVX-512 builds: exp_nonpositive() below, written for z <= 0 only (no overflow branch):
 //   n = round(z log2 e) by the 1.5 * 2^23 shifter (one fma), r = z - n ln 2 with a two-part ln 2
 //   (Cody-Waite), exp(r) by exp_u20's degree-5 polynomial, 2^n assembled from the shifter's low bits (one
-//   integer shift and add). 15 vector operations against the 18 of Vectorized<float>::exp_u20(), and a more
+//   integer shift and add). 14 vector operations against the 18 of Vectorized<float>::exp_u20(), and a more
 //   accurate reduction. Measured against exp in double on 4200 floats in [-87.33, 0]: max relative error
 //   1.5e-7 (tested below 5e-7: tests/test_cpp_kernels_smoke.py::test_kernels_exp_accuracy_and_edges).
 //   Compiling with -DIMBREG_EXP_U20 uses exp_u20() instead (for comparisons). Below ln(FLT_MIN) = -87.34
-//   it returns exactly 0 (the true value is < 2^-126, a term < 2e-38 of the largest one, which is exactly
-//   1 since exp(0) == 1); NaN stays NaN. z > 0 is outside its contract (exp_u20() covers it; the kernels
+//   it returns exactly 0 when denormals are flushed (the kernels run under cpu::FlushDenormals; without it
+//   z in (-87.68, -87.34) gives the denormal p 2^-126): the true value is < 2^-126, a term < 2e-38 of the
+//   largest one, which is exactly 1 since exp(0) == 1. Its 14 operations have no select. NaN stays NaN. z > 0 is outside its contract (exp_u20() covers it; the kernels
 //   never pass it).
 // fp32, DEFAULT build on x86-64: Vectorized<float>::exp_u20() there is std::exp per lane (a libm call
 //   each), so exp_u20_sse2() below does the same computation with SSE2, the x86-64 baseline. Without FMA
@@ -74,13 +75,13 @@ inline at::vec::Vectorized<float> exp_u20_sse2(const at::vec::Vectorized<float>&
 inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<float>& z) {
   using Vec = at::vec::Vectorized<float>;
   using IVec = at::vec::Vectorized<int32_t>;
-  const Vec ln_flt_min(-87.3365478515625f);              // ln(2^-126), rounded up to a float
+  const Vec lowest(-88.0f);                              // round(-88 log2 e) = -127: 2^n's bits are 0
   const Vec shifter(12582912.0f);                        // 1.5 * 2^23: adding it rounds to an integer
   const Vec log2e(1.44269504088896341f);
   const Vec ln2_hi(-0.693359375f);                       // -ln 2 in two parts: n * ln2_hi is exact
   const Vec ln2_lo(2.12194440e-4f);
-  const Vec x = at::vec::clamp_min(z, ln_flt_min);       // n >= -126 below; NaN stays NaN
-  const Vec t = at::vec::fmadd(x, log2e, shifter);       // shifter + n, n = round(x log2 e) in [-126, 0]
+  const Vec x = at::vec::clamp_min(z, lowest);           // n >= -127 below; NaN stays NaN
+  const Vec t = at::vec::fmadd(x, log2e, shifter);       // shifter + n, n = round(x log2 e) in [-127, 0]
   const Vec n = t - shifter;
   Vec r = at::vec::fmadd(n, ln2_hi, x);
   r = at::vec::fmadd(n, ln2_lo, r);                       // x - n ln 2, |r| <= ln 2 / 2 (+ rounding)
@@ -89,9 +90,11 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
   p = at::vec::fmadd(p, r, Vec(0.499991506f));
   p = at::vec::fmadd(p, r, Vec(0.999999701f));
   p = at::vec::fmadd(p, r, Vec(1.0f));                    // exp(r); exactly 1 at r = 0
-  // 2^n: the low bits of t hold n (two's complement), so bits(t) << 23 == n << 23 (mod 2^32)
+  // 2^n: the low bits of t hold n (two's complement), so bits(t) << 23 == n << 23 (mod 2^32). No select for
+  // the underflow: z <= -87.68 gives n = -127, whose bits are those of 0.0, so the result is exactly 0; between
+  // that and ln(FLT_MIN) the result is below 2^-126, which the kernels flush to 0 (cpu::FlushDenormals).
   const IVec two_n = (at::vec::cast<int32_t>(t) << IVec(23)) + IVec(127 << 23);
-  return Vec::blendv(p * at::vec::cast<float>(two_n), Vec(0.0f), z < ln_flt_min);
+  return p * at::vec::cast<float>(two_n);
 }
 #endif
 
