@@ -123,8 +123,8 @@ def _backward(ctx, saved, grad_loss, _unused_grad):
         features, labels = saved
         op = _FUSED_OPS[ctx.op_name]
         with torch.no_grad():
-            _, grad = op.op(features, labels, grad_loss.detach().to(features.dtype), ctx.temperature,
-                            _reduction.SUM, True, False)
+            _, grad = op.op(features, labels, grad_loss.detach().to(features.dtype).contiguous(),
+                            ctx.temperature, _reduction.SUM, True)
         return {"features": grad}
     if not ctx.had_grad:
         raise RuntimeError("imbreg_fast: backward through an RnC op called with compute_grad=False")
@@ -144,15 +144,13 @@ def _autograd(qualname):
 
 
 def _fused_impl(op):
-    def rnc(features, labels, temperature, reduction, *, check_finite=False):
-        """``check_finite=True``: the kernel checks features and labels in its own pass and raises
-        ValueError naming the argument."""
+    def rnc(features, labels, temperature, reduction):
         out_dtype = features.dtype
         dtype = compute_dtype(out_dtype)
         f = features.to(dtype).contiguous()
         y = labels.detach().to(compute_dtype(labels.dtype)).contiguous()
         grad = grad_required(features) and reduction != _reduction.NONE
-        return op(f, y, None, float(temperature), reduction, grad, check_finite)[0].to(out_dtype)
+        return op(f, y, None, float(temperature), reduction, grad)[0].to(out_dtype)
 
     return rnc
 
