@@ -31,6 +31,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include "cpu/common.h"
@@ -101,41 +102,71 @@ struct RowOrder {
   }
 };
 
-// Row i: its distances r[i, :] (all columns, r_ii = 0), its loss l_i (returned) and, when w_row is given,
-// W[i, :] = coef d l_i / d s_i (coef: the anchor's reduction weight c_i; W_ii = 0).
-template <typename T, typename U>
-double rnc_row(int64_t i, const T* f, int64_t n, int64_t d, double tau, const RowOrder<U>& sorter, double coef,
-               T* r_row, T* w_row, int64_t* order, U* dist, double* s, double* lz, std::vector<int64_t>& scratch) {
-  const T* fi = f + i * d;
-  for (int64_t j = 0; j < n; ++j) {
-    r_row[j] = j == i ? T(0) : static_cast<T>(std::sqrt(cpu::squared_distance(fi, f + j * d, d)));
+// e[p] = exp(x[p] - shift[p]) (shift == nullptr: minus shift0) for p < m, vectorised (Sleef on AVX2 / AVX-512).
+inline void exp_shifted(double* e, const double* x, const double* shift, double shift0, int64_t m) {
+  using V = at::vec::Vectorized<double>;
+  int64_t p = 0;
+  for (; p + V::size() <= m; p += V::size()) {
+    const V sh = shift != nullptr ? V::loadu(shift + p) : V(shift0);
+    (V::loadu(x + p) - sh).exp().store(e + p);
   }
+  for (; p < m; ++p) e[p] = std::exp(x[p] - (shift != nullptr ? shift[p] : shift0));
+}
+
+// Suffix sums below e^-kSafeRange of the row max stay normal doubles (e^-708 is the smallest): one shift M
+// (the row max) is then exact enough for every suffix; rows spread wider take the running-max scan.
+constexpr double kSafeRange = 600.0;
+
+// Row i (distances r_row = r[i, :] given): its loss l_i (returned) and, when w_row is given,
+// W[i, :] = coef d l_i / d s_i (coef: the anchor's reduction weight c_i; W_ii = 0).
+// Scratch: order, dist, s, lz, e [n].
+template <typename T, typename U>
+double rnc_row(int64_t i, int64_t n, double tau, const RowOrder<U>& sorter, double coef, const T* r_row, T* w_row,
+               int64_t* order, U* dist, double* s, double* lz, double* e, std::vector<int64_t>& scratch) {
   sorter(i, order, dist, scratch);
   const int64_t m = n - 1;
-  for (int64_t p = 0; p < m; ++p) s[p] = -static_cast<double>(r_row[order[p]]) / tau;
+  double row_max = -std::numeric_limits<double>::infinity();
+  const double neg_inv_tau = -1.0 / tau;
+  for (int64_t p = 0; p < m; ++p) {
+    s[p] = static_cast<double>(r_row[order[p]]) * neg_inv_tau;
+    row_max = std::max(row_max, s[p]);
+  }
 
-  // Pass 1: suffix log-sum-exp (running max mx, sum S of e^{s - mx}); log Z at each group's head, spread over it.
-  double mx = -std::numeric_limits<double>::infinity(), S = 0.0, total = 0.0;
+  // Pass 1: suffix sums back to front; log Z at each group's head, spread over the group.
+  double total = 0.0;
   int64_t group_end = m - 1;
-  for (int64_t p = m - 1; p >= 0; --p) {
-    if (s[p] > mx) {
-      S = S * std::exp(mx - s[p]) + 1.0;   // exp(-inf) = 0 on the first column
-      mx = s[p];
-    } else {
-      S += std::exp(s[p] - mx);
+  auto close_group = [&](int64_t p, double log_z) {   // group [p, group_end] starts at p
+    for (int64_t q = p; q <= group_end; ++q) {
+      lz[q] = log_z;
+      total += log_z - s[q];
     }
-    if (p == 0 || dist[p] != dist[p - 1]) {   // head of the group [p, group_end]
-      const double log_z = mx + std::log(S);
-      for (int64_t q = p; q <= group_end; ++q) {
-        lz[q] = log_z;
-        total += log_z - s[q];
+    group_end = p - 1;
+  };
+  if (s[m - 1] - row_max > -kSafeRange) {
+    // one shift (the row max): every suffix sum holds its own last term >= e^-kSafeRange
+    exp_shifted(e, s, nullptr, row_max, m);
+    double S = 0.0;
+    for (int64_t p = m - 1; p >= 0; --p) {
+      S += e[p];
+      if (p == 0 || dist[p] != dist[p - 1]) close_group(p, row_max + std::log(S));
+    }
+  } else {
+    // running max mx of the suffix, S = sum of e^{s - mx}: finite for any spread of distances
+    double mx = -std::numeric_limits<double>::infinity(), S = 0.0;
+    for (int64_t p = m - 1; p >= 0; --p) {
+      if (s[p] > mx) {
+        S = S * std::exp(mx - s[p]) + 1.0;   // exp(-inf) = 0 on the first column
+        mx = s[p];
+      } else {
+        S += std::exp(s[p] - mx);
       }
-      group_end = p - 1;
+      if (p == 0 || dist[p] != dist[p - 1]) close_group(p, mx + std::log(S));
     }
   }
   if (w_row == nullptr) return total / static_cast<double>(m);
 
   // Pass 2: d l_i / d s_ij (times n - 1) = -1 + e^{s_j - log Z_g} T_g, front to back over the groups.
+  exp_shifted(e, s, lz, 0.0, m);   // e^{s_p - log Z_g(p)} <= 1
   const double c = coef / static_cast<double>(m);
   w_row[i] = T(0);
   double t = 0.0, prev_lz = 0.0;
@@ -144,9 +175,7 @@ double rnc_row(int64_t i, const T* f, int64_t n, int64_t d, double tau, const Ro
     while (b < m && dist[b] == dist[a]) ++b;
     t = (a == 0 ? 0.0 : t * std::exp(lz[a] - prev_lz)) + static_cast<double>(b - a);
     prev_lz = lz[a];
-    for (int64_t p = a; p < b; ++p) {
-      w_row[order[p]] = static_cast<T>(c * (std::exp(s[p] - lz[p]) * t - 1.0));
-    }
+    for (int64_t p = a; p < b; ++p) w_row[order[p]] = static_cast<T>(c * (e[p] * t - 1.0));
     a = b;
   }
   return total / static_cast<double>(m);
@@ -179,16 +208,17 @@ void rnc_forward(const T* f, const U* y, const T* weight, int64_t n, int64_t d, 
   std::vector<T> r(static_cast<size_t>(n) * n);
   std::vector<T> w(grad != nullptr ? static_cast<size_t>(n) * n : 0);
   std::vector<double> anchor_loss(n);
+  cpu::pairwise_distances(f, n, d, r.data(), row_grain(n, d));
 
   at::parallel_for(0, n, row_grain(n, d), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> order(n), scratch;
     std::vector<U> dist(n);
-    std::vector<double> s(n), lz(n);
+    std::vector<double> s(n), lz(n), e(n);
     for (int64_t i = begin; i < end; ++i) {
       const double wi = weight != nullptr ? static_cast<double>(weight[i]) : 1.0;
-      anchor_loss[i] = rnc_row<T, U>(i, f, n, d, tau, sorter, wi * mean_scale, r.data() + i * n,
+      anchor_loss[i] = rnc_row<T, U>(i, n, tau, sorter, wi * mean_scale, r.data() + i * n,
                                      grad != nullptr ? w.data() + i * n : nullptr, order.data(), dist.data(),
-                                     s.data(), lz.data(), scratch);
+                                     s.data(), lz.data(), e.data(), scratch);
     }
   });
 
@@ -201,17 +231,20 @@ void rnc_forward(const T* f, const U* y, const T* weight, int64_t n, int64_t d, 
   *total_out = total * mean_scale;
   if (grad == nullptr) return;
 
+  // W^T, so that row i of W + W^T is contiguous (a blocked ATen copy, deterministic)
+  const at::Tensor wt = at::from_blob(w.data(), {n, n}, c10::CppTypeToScalarType<T>::value).t().contiguous();
+  const T* wt_ptr = wt.const_data_ptr<T>();
   at::parallel_for(0, n, row_grain(n, d), [&](int64_t begin, int64_t end) {
+    std::vector<T> h(n);
     for (int64_t i = begin; i < end; ++i) {
-      T* gi = grad + i * d;
-      std::fill(gi, gi + d, T(0));
-      const T* fi = f + i * d;
       for (int64_t j = 0; j < n; ++j) {
         const double rij = static_cast<double>(r[i * n + j]);
-        if (j == i || !(rij > 0.0)) continue;   // r = 0: subgradient 0
-        const double h = -(static_cast<double>(w[i * n + j]) + static_cast<double>(w[j * n + i])) / (tau * rij);
-        cpu::axpy_difference(gi, static_cast<T>(h), fi, f + j * d, d);
+        // r = 0 (j = i, or coincident features): subgradient 0
+        h[j] = rij > 0.0 ? static_cast<T>(-(static_cast<double>(w[i * n + j]) + static_cast<double>(wt_ptr[i * n + j])) /
+                                          (tau * rij))
+                         : T(0);
       }
+      cpu::weighted_differences(grad + i * d, f + i * d, f, h.data(), n, d);
     }
   });
 }
