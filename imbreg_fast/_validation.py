@@ -17,7 +17,7 @@ import torch
 
 from ._reduction import LOSS_REDUCTIONS
 
-__all__ = ["Rows", "any_true", "as_rows", "check_all_finite", "check_choice", "check_float_tensor", "check_int",
+__all__ = ["ContrastBatch", "Rows", "any_true", "as_contrast_batch", "as_rows", "check_all_finite", "check_choice", "check_float_tensor", "check_int",
            "check_labels", "check_mask", "check_noise_var_value", "check_nonnegative", "check_pair",
            "check_positive", "check_prior_weights", "check_real", "check_real_tensor", "check_reduction",
            "check_same_device", "check_target_constant", "compute_dtype", "is_tracing", "noise_var_tensor",
@@ -325,3 +325,45 @@ def check_noise_var_value(noise_var: torch.Tensor) -> None:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Kernels compute in the input dtype, with fp32 for half types."""
     return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank-N-Contrast batches
+# --------------------------------------------------------------------------------------------------
+
+
+class ContrastBatch(NamedTuple):
+    """A contrastive batch flattened to anchors: features [n, d], labels [n, L] (views repeated), and the
+    shape of the 'none'-reduced loss with how to get it from the [n] per-anchor losses."""
+    features: torch.Tensor
+    labels: torch.Tensor
+    views: int | None        # V of a [B, V, d] input (anchor v * B + b is features[b, v]); None: flat
+    batch: int
+
+
+def as_contrast_batch(features, labels) -> ContrastBatch:
+    """features [n, d] with labels [n] / [n, L], or views [B, V, d] (the published [B, 2, d]) with labels [B] /
+    [B, L]: flattened view-major as the published ``torch.cat([f[:, 0], f[:, 1]])``, labels repeated per view.
+    Labels must be floating (labels are data: they are detached, their distances only compared)."""
+    features = check_float_tensor("features", features)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if not labels.is_floating_point():
+        raise TypeError(f"labels must have a floating dtype, got {labels.dtype} (pass labels.float(), or "
+                        "labels.double() for integers beyond 2^24)")
+    check_same_device(features=features, labels=labels)
+    if features.dim() not in (2, 3):
+        raise ValueError("features must be [n, d] or [B, V, d] (views, e.g. the published [B, 2, d]), got shape "
+                         f"{tuple(features.shape)}")
+    if features.shape[-1] < 1:
+        raise ValueError(f"features must have a feature dimension d >= 1, got shape {tuple(features.shape)}")
+    b = features.shape[0]
+    if labels.dim() not in (1, 2) or labels.shape[0] != b or (labels.dim() == 2 and labels.shape[1] < 1):
+        raise ValueError(f"labels must be [{b}] or [{b}, L] for features of shape {tuple(features.shape)}, got "
+                         f"shape {tuple(labels.shape)}")
+    y = labels.detach().reshape(b, labels.shape[1] if labels.dim() == 2 else 1)
+    if features.dim() == 2:
+        return ContrastBatch(features, y, None, b)
+    v = features.shape[1]
+    f = features.transpose(0, 1).reshape(v * b, features.shape[2])
+    return ContrastBatch(f, y.repeat(v, 1), v, b)

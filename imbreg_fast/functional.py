@@ -55,9 +55,10 @@ from . import _validation as V
 from . import distributed as D
 from ._dispatch import resolve
 from .ops import weighted_losses as _wl   # importing imbreg_fast.ops registers every backend
+from .ops import rnc as _rnc
 
 __all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1_loss", "weighted_huber_loss",
-           "weighted_focal_mse_loss", "weighted_focal_l1_loss"]
+           "weighted_focal_mse_loss", "weighted_focal_l1_loss", "rnc_loss"]
 
 
 def _in_kernel(backend_name: str) -> bool:
@@ -435,3 +436,46 @@ def weighted_focal_l1_loss(pred, target, weight=None, *, activation="sigmoid", b
     act = V.check_choice("activation", activation, _wl.ACTIVATIONS)
     return _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite, _wl.FOCAL_L1, beta=beta,
                           gamma=gamma, activation=act)
+
+
+RNC_LABEL_DISTANCES = ("l1",)      # the published LabelDifference options
+RNC_FEATURE_SIMILARITIES = ("l2",)  # the published FeatureSimilarity options
+
+
+def rnc_loss(features, labels, *, temperature=2.0, label_distance="l1", feature_similarity="l2",
+             reduction="mean", backend="auto", check_finite=True):
+    """Rank-N-Contrast loss (Zha et al., NeurIPS 2023; published ``RnCLoss``), exact in O(n^2 log n).
+
+    For anchors i and k != i: ``-log(e^{s_ik} / sum_{j != i, d_ij >= d_ik} e^{s_ij})`` with
+    ``s_ij = -||f_i - f_j||_2 / temperature`` (``feature_similarity='l2'``) and the label distance
+    ``d_ij = sum_c |y_ic - y_jc|`` (``label_distance='l1'``); ties (d_ij = d_ik) are in the denominator.
+
+    Args:
+        features: ``[B, V, d]`` views (the published ``[B, 2, d]``; flattened view-major as the published code)
+            or a flat ``[n, d]`` batch. Any floating dtype; fp16/bf16 are computed in fp32.
+        labels: ``[B]`` / ``[B, L]`` (repeated per view) or ``[n]`` / ``[n, L]``; floating (integer labels raise
+            TypeError: pass ``labels.float()``). Labels are data: never differentiated.
+        temperature: tau > 0 (the paper's default 2).
+        reduction: ``'mean'`` (mean over the n (n - 1) pairs, as published), ``'sum'`` (sum over anchors of the
+            per-anchor means, = n * 'mean') or ``'none'``: the per-anchor means ``(1 / (n - 1)) sum_k l_ik``,
+            shaped ``[n]`` (flat input) or ``[B, V]`` (views); 'mean' and 'sum' are the mean and sum of 'none'.
+            Fewer than 2 anchors: loss 0.
+        backend, check_finite: as every loss (features and labels checked for NaN/inf).
+    """
+    V.check_positive("temperature", temperature)
+    V.check_choice("label_distance", label_distance, RNC_LABEL_DISTANCES)
+    V.check_choice("feature_similarity", feature_similarity, RNC_FEATURE_SIMILARITIES)
+    batch = V.as_contrast_batch(features, labels)
+    red = V.check_reduction(reduction)
+    _, impl = resolve(_rnc.OP, batch.features, backend)
+    if V.value_checks(check_finite) and batch.features.numel() > 0:
+        f, y = batch.features, batch.labels
+        acc = V.compute_dtype(f.dtype)
+        ok = torch.isfinite(torch.stack([f.sum(dtype=acc).detach(), y.sum(dtype=acc).to(acc)]))
+        if V.any_true(~ok):
+            V.check_all_finite("features", f.detach())
+            V.check_all_finite("labels", y)
+    loss = impl(batch.features, batch.labels, float(temperature), red)
+    if red == _reduction.NONE and batch.views is not None:
+        loss = loss.reshape(batch.views, batch.batch).transpose(0, 1)
+    return loss

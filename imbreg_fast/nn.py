@@ -21,7 +21,7 @@ from .fds import FDS
 from .ops.weighted_losses import ACTIVATIONS
 
 __all__ = ["BMCLoss", "GAILoss", "BNILoss", "FDS", "WeightedMSELoss", "WeightedL1Loss", "WeightedHuberLoss",
-           "WeightedFocalMSELoss", "WeightedFocalL1Loss"]
+           "WeightedFocalMSELoss", "WeightedFocalL1Loss", "RnCLoss"]
 
 
 class _BalancedMSELoss(nn.Module):
@@ -226,3 +226,30 @@ class WeightedFocalL1Loss(_WeightedFocalLoss):
     """Focal-R L1; see :func:`imbreg_fast.functional.weighted_focal_l1_loss`."""
     _fn = staticmethod(F.weighted_focal_l1_loss)
 
+
+
+class RnCLoss(nn.Module):
+    """Rank-N-Contrast loss; ``forward(features, labels)``: see :func:`imbreg_fast.functional.rnc_loss`.
+
+    Defaults are the paper's: ``temperature=2``, L1 label distance, negative L2 feature distance, mean over the
+    n (n - 1) pairs. ``features`` [B, 2, d] (two views, as published) or [n, d]."""
+
+    def __init__(self, temperature: float = 2.0, label_distance: str = "l1", feature_similarity: str = "l2", *,
+                 reduction: str = "mean", backend: str = "auto", check_finite: bool = True):
+        super().__init__()
+        self.temperature = V.check_positive("temperature", temperature)
+        self.label_distance = V.check_choice("label_distance", label_distance, F.RNC_LABEL_DISTANCES)
+        self.feature_similarity = V.check_choice("feature_similarity", feature_similarity,
+                                                 F.RNC_FEATURE_SIMILARITIES)
+        V.check_reduction(reduction)
+        self.reduction, self.backend, self.check_finite = reduction, backend, check_finite
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.rnc_loss(features, labels, temperature=self.temperature, label_distance=self.label_distance,
+                          feature_similarity=self.feature_similarity, reduction=self.reduction,
+                          backend=self.backend, check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, label_distance={self.label_distance!r}, "
+                f"feature_similarity={self.feature_similarity!r}, reduction={self.reduction!r}, "
+                f"backend={self.backend!r}")

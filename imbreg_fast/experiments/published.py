@@ -707,3 +707,33 @@ def accumulate_outer(features, bins, num_bins):
     mean = total / count.clamp(min=1).unsqueeze(1)
     m2 = second - count.view(-1, 1, 1) * mean.unsqueeze(2) * mean.unsqueeze(1)
     return count.double(), mean.double(), m2.double()
+
+
+# --------------------------------------------------------------------------------------------------
+# Rank-N-Contrast (kaiwenzha/Rank-N-Contrast ``loss.py``, no licence; written here from its behaviour)
+# --------------------------------------------------------------------------------------------------
+
+
+def published_rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+    """The published RnC computation: two views ``features`` [B, 2, d] flattened view-major, labels [B, L]
+    repeated, the [n, n] matrices of negative L2 distances / tau (with the row-max subtraction, a no-op: the
+    max is the diagonal's 0) and of L1 label distances, the diagonal removed, then a Python loop over the
+    n - 1 columns k, each materialising an [n, n - 1] mask of the denominators (O(n^3) time and memory kept for
+    backward). Mean over the n (n - 1) pairs. Underflows to -inf / NaN once distance / tau > ~100 in fp32."""
+    f = torch.cat([features[:, v] for v in range(features.shape[1])], dim=0)
+    y = labels.reshape(labels.shape[0], -1).repeat(features.shape[1], 1)
+    label_diffs = (y[:, None, :] - y[None, :, :]).abs().sum(dim=-1)
+    logits = -(f[:, None, :] - f[None, :, :]).norm(2, dim=-1) / temperature
+    logits = logits - logits.max(dim=1, keepdim=True)[0].detach()
+    exp_logits = logits.exp()
+    n = logits.shape[0]
+    keep = ~torch.eye(n, dtype=torch.bool, device=f.device)
+    logits = logits.masked_select(keep).view(n, n - 1)
+    exp_logits = exp_logits.masked_select(keep).view(n, n - 1)
+    label_diffs = label_diffs.masked_select(keep).view(n, n - 1)
+    loss = 0.0
+    for k in range(n - 1):
+        denominators = (label_diffs >= label_diffs[:, k:k + 1]).to(exp_logits.dtype)
+        log_prob = logits[:, k] - torch.log((denominators * exp_logits).sum(dim=-1))
+        loss = loss - (log_prob / (n * (n - 1))).sum()
+    return loss

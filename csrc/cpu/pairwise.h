@@ -1,0 +1,114 @@
+// Pairwise Euclidean distances from the differences themselves: ||a - b||^2 = sum_c (a_c - b_c)^2, never
+// ||a||^2 + ||b||^2 - 2 a.b (which cancels catastrophically for the close pairs of two views of a sample:
+// relative error ~ eps ||a||^2 / ||a - b||^2). Fixed summation order per pair (vector lanes, then the lanes in
+// order, then the tail), so r(a, b) == r(b, a) bit for bit ((a - b)^2 == (b - a)^2 exactly) and the result
+// does not depend on the thread count.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include <ATen/Parallel.h>
+
+#include "cpu/common.h"
+
+namespace imbreg_fast {
+namespace cpu {
+
+// sum_c (a_c - b_c)^2 over c < d (lanes accumulated in T, reduced in a fixed tree, tail in double).
+template <typename T>
+inline double squared_distance(const T* a, const T* b, int64_t d) {
+  using V = at::vec::Vectorized<T>;
+  int64_t c = 0;
+  double total = 0.0;
+  if (d >= V::size()) {
+    V acc(T(0));
+    for (; c + V::size() <= d; c += V::size()) {
+      const V diff = V::loadu(a + c) - V::loadu(b + c);
+      acc = at::vec::fmadd(diff, diff, acc);
+    }
+    total = static_cast<double>(at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, acc));
+  }
+  for (; c < d; ++c) {
+    const double diff = static_cast<double>(a[c]) - static_cast<double>(b[c]);
+    total += diff * diff;
+  }
+  return total;
+}
+
+// out[c] = sum_j h_j (a_c - b_jc) for c < d, b [m, d] rows, from the differences themselves (never
+// (sum_j h_j) a - sum_j h_j b_j, which cancels where h_j is large, i.e. for close pairs). Columns in register
+// blocks of up to kBlockVecs vectors, rows j in order: a fixed summation order.
+template <typename T>
+inline void weighted_differences(T* out, const T* a, const T* b, const T* h, int64_t m, int64_t d) {
+  using V = at::vec::Vectorized<T>;
+  constexpr int64_t kBlockVecs = 8;
+  int64_t c0 = 0;
+  for (; c0 + V::size() <= d; c0 += kBlockVecs * V::size()) {
+    const int64_t nv = std::min<int64_t>(kBlockVecs, (d - c0) / V::size());
+    V acc[kBlockVecs], av[kBlockVecs];
+    for (int64_t k = 0; k < kBlockVecs; ++k) {
+      acc[k] = V(T(0));
+      av[k] = k < nv ? V::loadu(a + c0 + k * V::size()) : V(T(0));
+    }
+    if (nv == kBlockVecs) {
+      for (int64_t j = 0; j < m; ++j) {
+        const V hv(h[j]);
+        const T* bj = b + j * d + c0;
+        for (int64_t k = 0; k < kBlockVecs; ++k) acc[k] = at::vec::fmadd(hv, av[k] - V::loadu(bj + k * V::size()), acc[k]);
+      }
+    } else {
+      for (int64_t j = 0; j < m; ++j) {
+        const V hv(h[j]);
+        const T* bj = b + j * d + c0;
+        for (int64_t k = 0; k < nv; ++k) acc[k] = at::vec::fmadd(hv, av[k] - V::loadu(bj + k * V::size()), acc[k]);
+      }
+    }
+    for (int64_t k = 0; k < nv; ++k) acc[k].store(out + c0 + k * V::size());
+    if (nv < kBlockVecs) {
+      c0 += nv * V::size();
+      break;
+    }
+  }
+  for (int64_t c = c0; c < d; ++c) {   // the tail (< one vector)
+    T acc = T(0);
+    for (int64_t j = 0; j < m; ++j) acc += h[j] * (a[c] - b[j * d + c]);
+    out[c] = acc;
+  }
+}
+
+// dist [n, n] = ||x_i - x_j||_2 for x [n, d], each unordered pair computed once (row pairs (p, n - 1 - p) per task,
+// so every task has the same work), squared distances reduced to T, square roots vectorised per row.
+template <typename T>
+void pairwise_distances(const T* x, int64_t n, int64_t d, T* dist, int64_t grain) {
+  using V = at::vec::Vectorized<T>;
+  auto row = [&](int64_t i) {
+    dist[i * n + i] = T(0);
+    for (int64_t j = i + 1; j < n; ++j) {
+      const T sq = static_cast<T>(squared_distance(x + i * d, x + j * d, d));
+      dist[i * n + j] = sq;
+      dist[j * n + i] = sq;
+    }
+  };
+  at::parallel_for(0, (n + 1) / 2, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      row(p);
+      if (n - 1 - p != p) row(n - 1 - p);
+    }
+  });
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* r = dist + i * n;
+      int64_t j = 0;
+      for (; j + V::size() <= n; j += V::size()) V::loadu(r + j).sqrt().store(r + j);
+      for (; j < n; ++j) r[j] = std::sqrt(r[j]);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace imbreg_fast
