@@ -79,7 +79,7 @@ def test_vs_naive(backend, reduction, published_denominator, ties, with_weights,
 def test_vs_published(backend, ties, dtype):
     """The published AgeDB computation (two views stacked, [n, 1] labels and weights): value and gradient,
     fp64 <= 1e-10 relative, fp32 <= 1e-5."""
-    b = 8 if interpreted(backend) else 48
+    b = 16 if interpreted(backend) else 48
     f, y, p, w = batch(b, 16, dtype, ties=ties, seed=3, spread=12.0)
     f = torch.cat([f, f + 0.3 * torch.randn_like(f)])              # two views
     y, p, w = torch.cat([y, y])[:, None], torch.cat([p, p + 0.5])[:, None], torch.cat([w, w])[:, None]

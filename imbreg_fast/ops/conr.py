@@ -195,8 +195,8 @@ def _register(prefix: str):
 
 
 def _triton_supports(features: torch.Tensor) -> str | None:
-    if features.dim() == 2 and features.shape[1] > 4096:
-        return f"the Triton ConR kernel holds a row of features in registers: d <= 4096 (got {features.shape[1]})"
+    if features.dim() == 2 and features.shape[1] > 1024:
+        return f"the Triton ConR kernel holds a row of features in registers: d <= 1024 (got {features.shape[1]})"
     return None
 
 
