@@ -3,16 +3,17 @@
 // gradient's derivation: imbreg_fast/ops/conr.py. Compiled once per CPU capability; at::vec::Vectorized<T>
 // picks the vector width.
 //
-// Work is per anchor row, O(n d) each (O(n^2 d) in all) and O(n + d) memory per thread; no [n, n] tensor:
+// Work is per anchor row, O(n d) each (O(n^2 d) in all) and O(n + d) memory per thread besides z and z^T
+// ([n, d] each); no [n, n] tensor:
 //   1. z_i = f_i / max(|f_i|, eps)                                   rows in parallel
-//   2. row statistics (rows in parallel): S_i. = z_i . z_. / tau (one dot per column), the terms
+//   2. row statistics (groups of 4 rows in parallel): S_i. = z_i . z_. / tau (similarity_group, from z^T), the terms
 //      t_ij = S_ij + log a_ij, their max M_i, log D_i = M_i + log(sum_j exp(t_ij - M_i) + m_i exp(-M_i))
 //      (the published ones m_i = n - |P_i| shifted by the same M_i), |P_i|, |N_i|, sum_{P_i} S_ij, the loss L_i;
-//   3. gradient (rows in parallel): H_kj = c_k G_kj + c_j G_jk from the statistics of rows k and j, then
+//   3. gradient (groups of 4 rows in parallel, S recomputed): H_kj = c_k G_kj + c_j G_jk from the statistics of rows k and j, then
 //      d L / d z_k = (1/tau) sum_j H_kj z_j and the normalisation's Jacobian (I - z_k z_k^T) / |f_k|.
 // Determinism: every value of row i is computed by the same operations in the same order whatever the thread
-// that runs it (a dot is one vector multiply-add chain over the features then a lane sum in lane order, and
-// dot(a, b) == dot(b, a) bit for bit); the loss is the sum of the rows in row order. Results are bit-identical
+// that runs it (S_ij is one multiply-add chain over the features in order, and S_ij == S_ji bit for bit); the
+// loss is the sum of the rows in row order. Results are bit-identical
 // for any number of threads. The columns of a row are taken a vector at a time, the last vector partial (its
 // extra lanes masked), so the tail is no special case.
 #include <ATen/ATen.h>
@@ -38,7 +39,7 @@ namespace {
 using at::vec::Vectorized;
 
 constexpr double kNormEps = 1e-12;    // F.normalize's eps
-constexpr int64_t kRowGrain = 8;       // rows per task at least (each row is O(n d))
+constexpr int64_t kGroupGrain = 2;     // row groups per task at least (each row is O(n d))
 
 template <typename T>
 inline T lane_sum(const Vectorized<T>& v) {
@@ -70,45 +71,43 @@ inline T dot(const T* a, const T* b, int64_t d) {
   return s;
 }
 
-// out[j] = z_i . z_j * inv_tau for j < n; four columns per pass over z_i (the same chain per column as dot()).
+// S rows i0 .. i0 + kGroup - 1 (rows past n repeat row n - 1): out[r * npad + j] = (z_i . z_j) / tau for
+// j < npad, from zt = z^T [d, npad] (zero columns past n). Each entry is one multiply-add chain over the
+// features in order, z_i[c] * z_j[c] (the same bits for S_ji: the product commutes), whatever the grouping:
+// no lane sums. kGroup rows x 2 column vectors of accumulators per pass over the features.
+constexpr int64_t kGroup = 4;
+
 template <typename T>
-void similarity_row(const T* z, int64_t n, int64_t d, int64_t i, T inv_tau, T* out) {
+void similarity_group(const T* z, const T* zt, int64_t n, int64_t npad, int64_t d, int64_t i0, T inv_tau, T* out) {
   using V = Vectorized<T>;
-  const T* zi = z + i * d;
-  int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const T* b0 = z + j * d;
-    const T* b1 = b0 + d;
-    const T* b2 = b1 + d;
-    const T* b3 = b2 + d;
-    V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-    int64_t c = 0;
-    for (; c + V::size() <= d; c += V::size()) {
-      const V x = V::loadu(zi + c);
-      a0 = at::vec::fmadd(x, V::loadu(b0 + c), a0);
-      a1 = at::vec::fmadd(x, V::loadu(b1 + c), a1);
-      a2 = at::vec::fmadd(x, V::loadu(b2 + c), a2);
-      a3 = at::vec::fmadd(x, V::loadu(b3 + c), a3);
+  const T* zr[kGroup];
+  for (int64_t r = 0; r < kGroup; ++r) zr[r] = z + std::min(i0 + r, n - 1) * d;
+  for (int64_t j = 0; j < npad; j += 2 * V::size()) {
+    V a[kGroup][2];
+    for (int64_t r = 0; r < kGroup; ++r) a[r][0] = a[r][1] = V(T(0));
+    const T* col = zt + j;
+    for (int64_t c = 0; c < d; ++c, col += npad) {
+      const V b0 = V::loadu(col), b1 = V::loadu(col + V::size());
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kGroup; ++r) {
+        const V x(zr[r][c]);
+        a[r][0] = at::vec::fmadd(x, b0, a[r][0]);
+        a[r][1] = at::vec::fmadd(x, b1, a[r][1]);
+      }
     }
-    T s0 = lane_sum(a0), s1 = lane_sum(a1), s2 = lane_sum(a2), s3 = lane_sum(a3);
-    for (; c < d; ++c) {
-      s0 += zi[c] * b0[c];
-      s1 += zi[c] * b1[c];
-      s2 += zi[c] * b2[c];
-      s3 += zi[c] * b3[c];
+    for (int64_t r = 0; r < kGroup; ++r) {
+      (a[r][0] * V(inv_tau)).store(out + r * npad + j);
+      (a[r][1] * V(inv_tau)).store(out + r * npad + j + V::size());
     }
-    out[j] = s0 * inv_tau;
-    out[j + 1] = s1 * inv_tau;
-    out[j + 2] = s2 * inv_tau;
-    out[j + 3] = s3 * inv_tau;
   }
-  for (; j < n; ++j) out[j] = dot(zi, z + j * d, d) * inv_tau;
 }
 
 template <typename T>
 struct Problem {
   int64_t n, d;
   const T* z;          // [n, d] normalised features
+  const T* zt;         // [d, npad] z transposed, zero columns past n
+  int64_t npad;        // n rounded up to two vectors
   const T* y;          // [n] targets
   const T* p;          // [n] predictions
   const T* log_w;      // [n] log omega (0 where omega = 0 or without weights: such terms are multiplied by 0)
@@ -123,6 +122,12 @@ struct RowStats {
   std::vector<uint8_t> valid;
   explicit RowStats(int64_t n) : log_d(n), inv_pos(n), loss(n), valid(n) {}
 };
+
+// Whether no lane of the mask vector m (all-ones / zero lanes) is set.
+template <typename T>
+inline bool none_set(const Vectorized<T>& m) {
+  return m.zero_mask() == (1 << Vectorized<T>::size()) - 1;
+}
 
 // Masks of one vector of columns [j, j + count) of row i: positives (|dy| <= w, j != i, j < n) and negatives
 // (|dy| > w, |dp| <= w, j < n); dy = |y_i - y_j| returned.
@@ -141,23 +146,23 @@ inline void column_masks(const Problem<T>& P, int64_t i, int64_t j, int64_t coun
   neg = (dy > w) & (dp <= w) & in_range;
 }
 
-// Pass 2 for rows [begin, end): s and t are scratch rows of n entries.
+// Pass 2 for the row groups [begin, end): sg (kGroup rows of S) and t are scratch of npad entries per row.
 template <typename T>
 void row_statistics(const Problem<T>& P, const T* omega, int64_t begin, int64_t end, RowStats<T>& out) {
   using V = Vectorized<T>;
   const int64_t n = P.n;
-  const int64_t padded = (n + V::size() - 1) / V::size() * V::size();
-  std::vector<T> s(n), t(padded);   // t: whole vectors, -inf past n
+  std::vector<T> sg(kGroup * P.npad), t(P.npad);   // t: whole vectors, -inf past n
   const T minus_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = begin; i < end; ++i) {
-    similarity_row(P.z, n, P.d, i, P.inv_tau, s.data());
+  for (int64_t i = begin * kGroup; i < std::min(end * kGroup, n); ++i) {
+    if (i % kGroup == 0) similarity_group(P.z, P.zt, n, P.npad, P.d, i, P.inv_tau, sg.data());
+    const T* s = sg.data() + (i % kGroup) * P.npad;
     V vmax(minus_inf), npos(T(0)), nneg(T(0)), spos(T(0));
     const V one(T(1)), zero(T(0)), neg_shift(P.log_w[i]);
     for (int64_t j = 0; j < n; j += V::size()) {
       const int64_t count = std::min<int64_t>(V::size(), n - j);
       V pos, neg, dy;
       column_masks(P, i, j, count, pos, neg, dy);
-      const V sv = V::loadu(s.data() + j, count);
+      const V sv = V::loadu(s + j);
       // t_ij = S_ij (positive), S_ij + log omega_i + e |dy| (negative), -inf (neither)
       V tv = V::blendv(V(minus_inf), sv, pos);
       tv = V::blendv(tv, sv + neg_shift + V(P.pushing) * dy, neg);
@@ -182,6 +187,7 @@ void row_statistics(const Problem<T>& P, const T* omega, int64_t begin, int64_t 
     for (int64_t j = 0; j < n; j += V::size()) {
       const V tv = V::loadu(t.data() + j);
       const V live = tv != V(minus_inf);
+      if (none_set(live)) continue;          // adds exactly 0
       const V arg = at::vec::minimum(tv - V(m), zero);
       acc = acc + (exp_shifted(V::blendv(zero, arg, live)) & live);
     }
@@ -196,23 +202,28 @@ void row_statistics(const Problem<T>& P, const T* omega, int64_t begin, int64_t 
   }
 }
 
-// Pass 3 for rows [begin, end): grad [n, d] rows of d (sum_i coef_i L_i) / d f, coef_i = c_i [valid_i];
+// Pass 3 for the row groups [begin, end): grad [n, d] rows of d (sum_i coef_i L_i) / d f, coef_i = c_i [valid_i];
 // denom [n] = max(|f_k|, eps), grad_out in the output dtype O.
 template <typename T, typename O>
 void gradient_rows(const Problem<T>& P, const RowStats<T>& st, const T* coef, const T* denom, int64_t begin,
                    int64_t end, O* grad) {
   using V = Vectorized<T>;
   const int64_t n = P.n, d = P.d;
-  std::vector<T> s(n), h(n), gz(d);
+  std::vector<T> sg(kGroup * P.npad), h(n), gz(d);
   const V zero(T(0));
-  for (int64_t k = begin; k < end; ++k) {
-    similarity_row(P.z, n, d, k, P.inv_tau, s.data());
+  for (int64_t k = begin * kGroup; k < std::min(end * kGroup, n); ++k) {
+    if (k % kGroup == 0) similarity_group(P.z, P.zt, n, P.npad, d, k, P.inv_tau, sg.data());
+    const T* s = sg.data() + (k % kGroup) * P.npad;
     const V ck(coef[k]), log_dk(st.log_d[k]), inv_k(st.inv_pos[k]), log_wk(P.log_w[k]);
     for (int64_t j = 0; j < n; j += V::size()) {
       const int64_t count = std::min<int64_t>(V::size(), n - j);
       V pos, neg, dy;
       column_masks(P, k, j, count, pos, neg, dy);
-      const V sv = V::loadu(s.data() + j, count);
+      if (none_set(pos | neg)) {             // H = 0 exactly
+        zero.store(h.data() + j, count);
+        continue;
+      }
+      const V sv = V::loadu(s + j);
       const V cj = V::loadu(coef + j, count);
       const V log_dj = V::loadu(st.log_d.data() + j, count);
       const V inv_j = V::loadu(st.inv_pos.data() + j, count);
@@ -314,10 +325,16 @@ std::vector<T> conr_cpu(const at::Tensor& features, const at::Tensor& targets, c
       for (int64_t c = 0; c < d; ++c) z[i * d + c] = fi[c] / dn;
     }
   });
-  Problem<T> P{n, d, z.data(), y, p, log_w.data(), static_cast<T>(window), static_cast<T>(1.0 / temperature),
+  const int64_t npad = (n + 2 * Vectorized<T>::size() - 1) / (2 * Vectorized<T>::size()) * (2 * Vectorized<T>::size());
+  std::vector<T> zt(d * npad, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < d; ++c) zt[c * npad + i] = z[i * d + c];
+  }
+  const int64_t groups = (n + kGroup - 1) / kGroup;
+  Problem<T> P{n, d, z.data(), zt.data(), npad, y, p, log_w.data(), static_cast<T>(window), static_cast<T>(1.0 / temperature),
                static_cast<T>(pushing), published};
   RowStats<T> st(n);
-  at::parallel_for(0, n, kRowGrain, [&](int64_t b, int64_t e) { row_statistics(P, w, b, e, st); });
+  at::parallel_for(0, groups, kGroupGrain, [&](int64_t b, int64_t e) { row_statistics(P, w, b, e, st); });
   if (want_grad) {
     std::vector<T> coef = make_coef(st);
     for (int64_t i = 0; i < n; ++i) {
@@ -326,7 +343,7 @@ std::vector<T> conr_cpu(const at::Tensor& features, const at::Tensor& targets, c
     }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad->scalar_type(), "conr_grad", [&] {
       scalar_t* g = grad->mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, n, kRowGrain, [&](int64_t b, int64_t e) {
+      at::parallel_for(0, groups, kGroupGrain, [&](int64_t b, int64_t e) {
         gradient_rows<T, scalar_t>(P, st, coef.data(), denom.data(), b, e, g);
       });
     });
