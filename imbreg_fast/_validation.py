@@ -21,7 +21,7 @@ __all__ = ["ContrastBatch", "Rows", "any_true", "as_contrast_batch", "as_rows", 
            "check_labels", "check_mask", "check_noise_var_value", "check_nonnegative", "check_pair",
            "check_positive", "check_prior_weights", "check_real", "check_real_tensor", "check_reduction",
            "check_same_device", "check_target_constant", "compute_dtype", "is_tracing", "noise_var_tensor",
-           "refuse_batched", "value_checks"]
+           "refuse_batched", "value_checks", "ConRInputs", "check_conr_values", "conr_inputs"]
 
 
 def is_tracing() -> bool:
@@ -367,3 +367,54 @@ def as_contrast_batch(features, labels) -> ContrastBatch:
     v = features.shape[1]
     f = features.transpose(0, 1).reshape(v * b, features.shape[2])
     return ContrastBatch(f, y.repeat(v, 1), v, b)
+
+
+# ConR (features [n, d], per-anchor targets / preds / weights)
+# --------------------------------------------------------------------------------------------------
+
+
+class ConRInputs(NamedTuple):
+    features: torch.Tensor          # [n, d]
+    targets: torch.Tensor           # [n], compute dtype, detached
+    preds: torch.Tensor             # [n], compute dtype, detached
+    weights: torch.Tensor | None    # [n], compute dtype, detached
+
+
+def _per_anchor(name: str, x, n: int, dtype: torch.dtype, features: torch.Tensor) -> torch.Tensor:
+    x = check_float_tensor(name, x)
+    if tuple(x.shape) not in ((n,), (n, 1)):
+        raise ValueError(f"{name} must have shape [{n}] or [{n}, 1] for features of shape "
+                         f"{tuple(features.shape)}, got {tuple(x.shape)}")
+    check_same_device(features=features, **{name: x})
+    return x.detach().reshape(n).to(dtype)
+
+
+def conr_inputs(features, targets, preds, weights) -> ConRInputs:
+    """ConR's tensors: features a floating [n, d] (the two views stacked along dim 0, as the published
+    code takes them, or any flat batch), targets / preds / weights floating [n] or [n, 1] on its device.
+    targets must not require grad (labels are data); preds and weights are detached (never differentiated)."""
+    features = check_float_tensor("features", features)
+    if features.dim() != 2:
+        raise ValueError(f"features must be [n, d] (stack the views along dim 0), got shape "
+                         f"{tuple(features.shape)}")
+    if isinstance(targets, torch.Tensor) and targets.requires_grad and torch.is_grad_enabled():
+        raise ValueError("targets requires grad, but ConR does not differentiate its targets (labels are "
+                         "data): pass targets.detach()")
+    n, dtype = features.shape[0], compute_dtype(features.dtype)
+    y = _per_anchor("targets", targets, n, dtype, features)
+    p = _per_anchor("preds", preds, n, dtype, features)
+    w = None if weights is None else _per_anchor("weights", weights, n, dtype, features)
+    return ConRInputs(features, y, p, w)
+
+
+def check_conr_values(inputs: ConRInputs) -> None:
+    """No NaN / inf anywhere, weights >= 0 (the explicit checks of the torch backend)."""
+    if inputs.features.numel() == 0:
+        return
+    check_all_finite("features", inputs.features)
+    check_all_finite("targets", inputs.targets)
+    check_all_finite("preds", inputs.preds)
+    if inputs.weights is not None:
+        check_all_finite("weights", inputs.weights)
+        if any_true(inputs.weights < 0):
+            raise ValueError("weights must be >= 0")

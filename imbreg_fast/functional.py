@@ -58,7 +58,7 @@ from .ops import weighted_losses as _wl   # importing imbreg_fast.ops registers 
 from .ops import rnc as _rnc
 
 __all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1_loss", "weighted_huber_loss",
-           "weighted_focal_mse_loss", "weighted_focal_l1_loss", "rnc_loss"]
+           "weighted_focal_mse_loss", "weighted_focal_l1_loss", "rnc_loss", "conr_loss"]
 
 
 def _in_kernel(backend_name: str) -> bool:
@@ -479,3 +479,56 @@ def rnc_loss(features, labels, *, temperature=2.0, label_distance="l1", feature_
     if red == _reduction.NONE and batch.views is not None:
         loss = loss.reshape(batch.views, batch.batch).transpose(0, 1)
     return loss
+
+
+def conr_loss(features, targets, preds, *, weights=None, window=1.0, temperature=0.07, pushing=0.01,
+              published_denominator=True, reduction="mean", backend="auto", check_finite=True):
+    """ConR, contrastive regularisation for imbalanced regression (Keramati et al., ICLR 2024;
+    docs/methods.md, ConR section). Add ``beta * conr_loss(...)`` (the paper: beta = 4) to a DIR loss.
+
+    For each anchor i of the batch, with z = features / |features| (rows; F.normalize's eps 1e-12) and
+    S_ij = z_i . z_j / temperature: positives P_i = {j != i: |y_i - y_j| <= window}, negatives
+    N_i = {j: |y_i - y_j| > window and |p_i - p_j| <= window} (p: preds), and
+
+        L_i = omega_i (log D_i - mean_{j in P_i} S_ij),
+        D_i = sum_{P_i} e^{S_ij} + sum_{N_i} omega_i e^{pushing |y_i - y_j|} e^{S_ij} + m_i.
+
+    An anchor with no negative (as published) or no positive (the published code returns NaN for the whole
+    batch then) contributes 0; ``'mean'`` divides by the number of all anchors n, as published.
+
+    Args:
+        features: ``[n, d]`` floating; the published code's batch is the two augmented views stacked along
+            dim 0 (n = 2B), any flat batch works. Gradients flow into it only.
+        targets: ``[n]`` or ``[n, 1]`` floating labels (data: must not require grad).
+        preds: ``[n]`` or ``[n, 1]`` floating predictions; detached (never differentiated), as published.
+        weights: ``[n]`` / ``[n, 1]`` omega_i >= 0 (e.g. LDS weights) or None (all ones); constants. They
+            scale the anchor's loss and its negatives' pushing weight.
+        window: w, the label (and prediction) similarity window (>= 0).
+        temperature: tau > 0. The default 0.07 is the value the published AgeDB code actually uses (it
+            ignores its ``t`` argument).
+        pushing: e, the negatives' pushing strength exp(e |y_i - y_j|).
+        published_denominator: True (default) reproduces the published code's m_i = n - |P_i|: its masked
+            similarity matrix keeps exp(0) = 1 in every non-positive column (undocumented; it changes the
+            value). False: the clean denominator (m_i = 0).
+        reduction: ``'mean'`` (sum over anchors / n), ``'sum'`` or ``'none'`` ([n] per anchor).
+        backend, check_finite: as every op (module docstring).
+
+    fp16 / bf16 features are computed in fp32, in log space (max-shifted log-sum-exp): no overflow at
+    e^{1/0.07} (the published code returns NaN in fp16). The result has features' dtype.
+    """
+    inputs = V.conr_inputs(features, targets, preds, weights)
+    window = V.check_nonnegative("window", window)
+    temperature = V.check_positive("temperature", temperature)
+    pushing = V.check_real("pushing", pushing)
+    if not isinstance(published_denominator, bool):
+        raise TypeError(f"published_denominator must be a bool, got {type(published_denominator).__name__}")
+    red = V.check_reduction(reduction)
+    check_values = V.value_checks(check_finite)
+    name, impl = resolve("conr_loss", inputs.features, backend)
+    in_kernel = check_values and _in_kernel(name)
+    if in_kernel:
+        V.refuse_batched(*inputs)
+    elif check_values:
+        V.check_conr_values(inputs)
+    return _call(impl, in_kernel, inputs.features, inputs.targets, inputs.preds, inputs.weights, window,
+                 temperature, pushing, published_denominator, red)

@@ -21,7 +21,7 @@ from .fds import FDS
 from .ops.weighted_losses import ACTIVATIONS
 
 __all__ = ["BMCLoss", "GAILoss", "BNILoss", "FDS", "WeightedMSELoss", "WeightedL1Loss", "WeightedHuberLoss",
-           "WeightedFocalMSELoss", "WeightedFocalL1Loss", "RnCLoss"]
+           "WeightedFocalMSELoss", "WeightedFocalL1Loss", "RnCLoss", "ConRLoss"]
 
 
 class _BalancedMSELoss(nn.Module):
@@ -253,3 +253,35 @@ class RnCLoss(nn.Module):
         return (f"temperature={self.temperature}, label_distance={self.label_distance!r}, "
                 f"feature_similarity={self.feature_similarity!r}, reduction={self.reduction!r}, "
                 f"backend={self.backend!r}")
+
+
+class ConRLoss(nn.Module):
+    """ConR regulariser: ``forward(features, targets, preds, weights=None)``; see
+    :func:`imbreg_fast.functional.conr_loss`.
+
+    The paper's defaults: window w = 1, temperature tau = 0.07 (the value the published AgeDB code uses),
+    pushing e = 0.01; the published training adds ``beta * ConR`` with beta = 4 to the regression loss (beta
+    is not part of this module: multiply the result). ``published_denominator=True`` reproduces the published
+    code's extra n - |P_i| in each denominator.
+    """
+
+    def __init__(self, window: float = 1.0, temperature: float = 0.07, pushing: float = 0.01, *,
+                 published_denominator: bool = True, reduction: str = "mean", backend: str = "auto",
+                 check_finite: bool = True):
+        super().__init__()
+        self.window = V.check_nonnegative("window", window)
+        self.temperature = V.check_positive("temperature", temperature)
+        self.pushing = V.check_real("pushing", pushing)
+        self.published_denominator = published_denominator
+        V.check_reduction(reduction)
+        self.reduction, self.backend, self.check_finite = reduction, backend, check_finite
+
+    def forward(self, features, targets, preds, weights=None):
+        return F.conr_loss(features, targets, preds, weights=weights, window=self.window,
+                           temperature=self.temperature, pushing=self.pushing,
+                           published_denominator=self.published_denominator, reduction=self.reduction,
+                           backend=self.backend, check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        return (f"window={self.window}, temperature={self.temperature}, pushing={self.pushing}, "
+                f"published_denominator={self.published_denominator}, reduction={self.reduction!r}")

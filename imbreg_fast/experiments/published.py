@@ -141,6 +141,8 @@ __all__ = [
     "published_smooth", "published_calibrate_mean_var", "published_fds_smooth", "published_fds_update",
     "recolor_gathered", "recolor_masked_loop", "recolor_sorted_loop", "recolor_grouped_mm", "grouped_mm_presort",
     "accumulate_masked_loop", "accumulate_outer",
+    # ConR
+    "conr_loss_published",
 ]
 
 
@@ -737,3 +739,48 @@ def published_rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature
         log_prob = logits[:, k] - torch.log((denominators * exp_logits).sum(dim=-1))
         loss = loss - (log_prob / (n * (n - 1))).sum()
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------
+# ConR (BorealisAI/ConR, CC BY-NC-SA 4.0: written here from what agedb-dir/loss.py computes)
+# ----------------------------------------------------------------------------------------------------
+
+
+def conr_loss_published(features, targets, preds, w=1.0, weights=1.0, t=0.2, e=0.01):
+    """ConR as the published AgeDB code computes it, with its quirks (docs/methods.md, ConR section):
+
+    - ``t`` is ignored: the temperature is 0.07 whatever is passed;
+    - every similarity outside the positives is zeroed by a multiplication, so exp(0) = 1 enters the
+      denominator for each non-positive column (n - |P_i| ones, the anchor's own column included);
+    - an anchor without positives divides 0 by 0: the whole loss is NaN;
+    - exp(S) is taken in the input dtype: fp16 overflows at e^{1/0.07} and returns NaN / inf;
+    - the diagonal is cleared with a Python loop over the rows (one indexing write per row).
+
+    features [n, d] (the two views stacked along dim 0), targets / preds [n, 1] (or [n]), weights a float or
+    [n, 1] / [n] (omega_i: pushing weight of row i's negatives and scale of row i's loss). preds is used as
+    given (the published training passes ``outputs.clone().detach()``).
+    """
+    tau = 0.07
+    n = features.shape[0]
+    z = F.normalize(features, dim=1)
+    y_row, y_col = targets.reshape(n, 1), targets.reshape(1, n)
+    p_row, p_col = preds.reshape(n, 1), preds.reshape(1, n)
+    if isinstance(weights, torch.Tensor):
+        weights = weights.reshape(n, 1)
+    label_gap = (y_row - y_col).abs()
+    pred_gap = (p_row - p_col).abs()
+    positive = label_gap.le(w)
+    negative = (~label_gap.le(w)) * pred_gap.le(w)
+    for i in range(n):
+        positive[i][i] = 0
+    sim = torch.einsum("ic,jc->ij", z, z) / tau
+    pos_sim = sim * positive
+    neg_sim = sim * negative
+    push = weights * torch.exp(label_gap * e)
+    neg_sum = (push * torch.exp(neg_sim) * negative).sum(1)
+    has_negative = negative.sum(1).bool()
+    positives = positive.sum(1)
+    exp_pos = torch.exp(pos_sim)
+    ratio = exp_pos / (exp_pos.sum(1) + neg_sum).unsqueeze(-1)
+    per_anchor = (-torch.log(ratio) * positive).sum(1) / positives
+    return (weights * (per_anchor * has_negative).unsqueeze(-1)).mean()

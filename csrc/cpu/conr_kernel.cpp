@@ -1,0 +1,416 @@
+// CPU kernels of ConR: conr_fwd (loss and d loss / d features in one call) and conr_bwd (the gradient for a
+// per-anchor incoming gradient, reduction 'none'). Schema and conventions: csrc/conr.cpp; definitions and the
+// gradient's derivation: imbreg_fast/ops/conr.py. Compiled once per CPU capability; at::vec::Vectorized<T>
+// picks the vector width.
+//
+// Work is per anchor row, O(n d) each (O(n^2 d) in all) and O(n + d) memory per thread besides z and z^T
+// ([n, d] each); no [n, n] tensor:
+//   1. z_i = f_i / max(|f_i|, eps)                                   rows in parallel
+//   2. row statistics (groups of 4 rows in parallel): S_i. = z_i . z_. / tau (similarity_group, from z^T), the terms
+//      t_ij = S_ij + log a_ij, their max M_i, log D_i = M_i + log(sum_j exp(t_ij - M_i) + m_i exp(-M_i))
+//      (the published ones m_i = n - |P_i| shifted by the same M_i), |P_i|, |N_i|, sum_{P_i} S_ij, the loss L_i;
+//   3. gradient (groups of 4 rows in parallel, S recomputed): H_kj = c_k G_kj + c_j G_jk from the statistics of rows k and j, then
+//      d L / d z_k = (1/tau) sum_j H_kj z_j and the normalisation's Jacobian (I - z_k z_k^T) / |f_k|.
+// Determinism: every value of row i is computed by the same operations in the same order whatever the thread
+// that runs it (S_ij is one multiply-add chain over the features in order, and S_ij == S_ji bit for bit); the
+// loss is the sum of the rows in row order. Results are bit-identical
+// for any number of threads. The columns of a row are taken a vector at a time, the last vector partial (its
+// extra lanes masked), so the tail is no special case.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "cpu/common.h"
+#include "cpu/fast_exp.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace imbreg_fast {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr double kNormEps = 1e-12;    // F.normalize's eps
+constexpr int64_t kGroupGrain = 2;     // row groups per task at least (each row is O(n d))
+
+template <typename T>
+inline T lane_sum(const Vectorized<T>& v) {
+  __at_align__ T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T s = T(0);
+  for (int64_t l = 0; l < Vectorized<T>::size(); ++l) s += lanes[l];
+  return s;
+}
+
+template <typename T>
+inline T lane_max(const Vectorized<T>& v) {
+  __at_align__ T lanes[Vectorized<T>::size()];
+  v.store(lanes);
+  T m = lanes[0];
+  for (int64_t l = 1; l < Vectorized<T>::size(); ++l) m = std::max(m, lanes[l]);
+  return m;
+}
+
+// a . b over d entries: one vector chain, lane sum in lane order, then the d mod VL tail in order.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t d) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t c = 0;
+  for (; c + V::size() <= d; c += V::size()) acc = at::vec::fmadd(V::loadu(a + c), V::loadu(b + c), acc);
+  T s = lane_sum(acc);
+  for (; c < d; ++c) s += a[c] * b[c];
+  return s;
+}
+
+// S rows i0 .. i0 + kGroup - 1 (rows past n repeat row n - 1): out[r * npad + j] = (z_i . z_j) / tau for
+// j < npad, from zt = z^T [d, npad] (zero columns past n). Each entry is one multiply-add chain over the
+// features in order, z_i[c] * z_j[c] (the same bits for S_ji: the product commutes), whatever the grouping:
+// no lane sums. kGroup rows x 2 column vectors of accumulators per pass over the features.
+constexpr int64_t kGroup = 4;
+
+template <typename T>
+void similarity_group(const T* z, const T* zt, int64_t n, int64_t npad, int64_t d, int64_t i0, T inv_tau, T* out) {
+  using V = Vectorized<T>;
+  const T* zr[kGroup];
+  for (int64_t r = 0; r < kGroup; ++r) zr[r] = z + std::min(i0 + r, n - 1) * d;
+  for (int64_t j = 0; j < npad; j += 2 * V::size()) {
+    V a[kGroup][2];
+    for (int64_t r = 0; r < kGroup; ++r) a[r][0] = a[r][1] = V(T(0));
+    const T* col = zt + j;
+    for (int64_t c = 0; c < d; ++c, col += npad) {
+      const V b0 = V::loadu(col), b1 = V::loadu(col + V::size());
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kGroup; ++r) {
+        const V x(zr[r][c]);
+        a[r][0] = at::vec::fmadd(x, b0, a[r][0]);
+        a[r][1] = at::vec::fmadd(x, b1, a[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < kGroup; ++r) {
+      (a[r][0] * V(inv_tau)).store(out + r * npad + j);
+      (a[r][1] * V(inv_tau)).store(out + r * npad + j + V::size());
+    }
+  }
+}
+
+template <typename T>
+struct Problem {
+  int64_t n, d;
+  const T* z;          // [n, d] normalised features
+  const T* zt;         // [d, npad] z transposed, zero columns past n
+  int64_t npad;        // n rounded up to two vectors
+  const T* y;          // [n] targets
+  const T* p;          // [n] predictions
+  const T* log_w;      // [n] log omega (0 where omega = 0 or without weights: such terms are multiplied by 0)
+  T window, inv_tau, pushing;
+  bool published;
+};
+
+// Per-row statistics of pass 2. Invalid rows (no positive or no negative): log_d = 0, inv_pos = 0, valid = 0.
+template <typename T>
+struct RowStats {
+  std::vector<T> log_d, inv_pos, loss;
+  std::vector<uint8_t> valid;
+  explicit RowStats(int64_t n) : log_d(n), inv_pos(n), loss(n), valid(n) {}
+};
+
+// Whether no lane of the mask vector m (all-ones / zero lanes) is set.
+template <typename T>
+inline bool none_set(const Vectorized<T>& m) {
+  return m.zero_mask() == (1 << Vectorized<T>::size()) - 1;
+}
+
+// Masks of one vector of columns [j, j + count) of row i: positives (|dy| <= w, j != i, j < n) and negatives
+// (|dy| > w, |dp| <= w, j < n); dy = |y_i - y_j| returned.
+template <typename T>
+inline void column_masks(const Problem<T>& P, int64_t i, int64_t j, int64_t count, Vectorized<T>& pos,
+                         Vectorized<T>& neg, Vectorized<T>& dy) {
+  using V = Vectorized<T>;
+  const V idx = V::arange(static_cast<T>(j), T(1));
+  const V in_range = idx < V(static_cast<T>(P.n));
+  const V not_self = idx != V(static_cast<T>(i));
+  dy = (V(P.y[i]) - V::loadu(P.y + j, count)).abs();
+  const V dp = (V(P.p[i]) - V::loadu(P.p + j, count)).abs();
+  const V w(P.window);
+  const V close = dy <= w;
+  pos = close & not_self & in_range;
+  neg = (dy > w) & (dp <= w) & in_range;
+}
+
+// Pass 2 for the row groups [begin, end): sg (kGroup rows of S) and t are scratch of npad entries per row.
+template <typename T>
+void row_statistics(const Problem<T>& P, const T* omega, int64_t begin, int64_t end, RowStats<T>& out) {
+  using V = Vectorized<T>;
+  const int64_t n = P.n;
+  std::vector<T> sg(kGroup * P.npad), t(P.npad);   // t: whole vectors, -inf past n
+  const T minus_inf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = begin * kGroup; i < std::min(end * kGroup, n); ++i) {
+    if (i % kGroup == 0) similarity_group(P.z, P.zt, n, P.npad, P.d, i, P.inv_tau, sg.data());
+    const T* s = sg.data() + (i % kGroup) * P.npad;
+    V vmax(minus_inf), npos(T(0)), nneg(T(0)), spos(T(0));
+    const V one(T(1)), zero(T(0)), neg_shift(P.log_w[i]);
+    for (int64_t j = 0; j < n; j += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), n - j);
+      V pos, neg, dy;
+      column_masks(P, i, j, count, pos, neg, dy);
+      const V sv = V::loadu(s + j);
+      // t_ij = S_ij (positive), S_ij + log omega_i + e |dy| (negative), -inf (neither)
+      V tv = V::blendv(V(minus_inf), sv, pos);
+      tv = V::blendv(tv, sv + neg_shift + V(P.pushing) * dy, neg);
+      tv.store(t.data() + j);
+      vmax = at::vec::maximum(vmax, tv);
+      npos = npos + (one & pos);
+      nneg = nneg + (one & neg);
+      spos = spos + (sv & pos);
+    }
+    const T n_pos = lane_sum(npos), n_neg = lane_sum(nneg);
+    if (n_pos == T(0) || n_neg == T(0)) {
+      out.log_d[i] = T(0);
+      out.inv_pos[i] = T(0);
+      out.loss[i] = T(0);
+      out.valid[i] = 0;
+      continue;
+    }
+    const T ones = static_cast<T>(n) - n_pos;            // >= 1: the anchor's own column is never a positive
+    T m = lane_max(vmax);
+    if (P.published) m = std::max(m, std::log(ones));
+    V acc(T(0));
+    for (int64_t j = 0; j < n; j += V::size()) {
+      const V tv = V::loadu(t.data() + j);
+      const V live = tv != V(minus_inf);
+      if (none_set(live)) continue;          // adds exactly 0
+      const V arg = at::vec::minimum(tv - V(m), zero);
+      acc = acc + (exp_shifted(V::blendv(zero, arg, live)) & live);
+    }
+    T sum = lane_sum(acc);
+    if (P.published) sum += ones * std::exp(-m);
+    const T log_d = m + std::log(sum);
+    const T inv = T(1) / n_pos;
+    out.log_d[i] = log_d;
+    out.inv_pos[i] = inv;
+    out.loss[i] = (omega ? omega[i] : T(1)) * (log_d - lane_sum(spos) * inv);
+    out.valid[i] = 1;
+  }
+}
+
+// Pass 3 for the row groups [begin, end): grad [n, d] rows of d (sum_i coef_i L_i) / d f, coef_i = c_i [valid_i];
+// denom [n] = max(|f_k|, eps), grad_out in the output dtype O.
+template <typename T, typename O>
+void gradient_rows(const Problem<T>& P, const RowStats<T>& st, const T* coef, const T* denom, int64_t begin,
+                   int64_t end, O* grad) {
+  using V = Vectorized<T>;
+  const int64_t n = P.n, d = P.d;
+  std::vector<T> sg(kGroup * P.npad), h(n), gz(d);
+  const V zero(T(0));
+  for (int64_t k = begin * kGroup; k < std::min(end * kGroup, n); ++k) {
+    if (k % kGroup == 0) similarity_group(P.z, P.zt, n, P.npad, d, k, P.inv_tau, sg.data());
+    const T* s = sg.data() + (k % kGroup) * P.npad;
+    const V ck(coef[k]), log_dk(st.log_d[k]), inv_k(st.inv_pos[k]), log_wk(P.log_w[k]);
+    for (int64_t j = 0; j < n; j += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), n - j);
+      V pos, neg, dy;
+      column_masks(P, k, j, count, pos, neg, dy);
+      if (none_set(pos | neg)) {             // H = 0 exactly
+        zero.store(h.data() + j, count);
+        continue;
+      }
+      const V sv = V::loadu(s + j);
+      const V cj = V::loadu(coef + j, count);
+      const V log_dj = V::loadu(st.log_d.data() + j, count);
+      const V inv_j = V::loadu(st.inv_pos.data() + j, count);
+      const V log_wj = V::loadu(P.log_w + j, count);
+      // G_kj = a_kj e^{S_kj} / D_k - [j in P_k] / |P_k|; for a negative, log a_kj = log omega_k + e |dy|
+      const V push = V(P.pushing) * dy;
+      const V row_arg = V::blendv(sv + push + log_wk, sv, pos) - log_dk;
+      const V col_arg = V::blendv(sv + push + log_wj, sv, pos) - log_dj;
+      const V e_row = exp_shifted(at::vec::minimum(row_arg, zero));
+      const V e_col = exp_shifted(at::vec::minimum(col_arg, zero));
+      const V on_pos = ck * (e_row - inv_k) + cj * (e_col - inv_j);
+      const V on_neg = ck * e_row + cj * e_col;
+      V hv = V::blendv(zero, on_neg, neg);
+      hv = V::blendv(hv, on_pos, pos);
+      hv.store(h.data() + j, count);
+    }
+    // g = (1/tau) sum_j H_kj z_j  (columns in order, zero weights skipped)
+    std::fill(gz.begin(), gz.end(), T(0));
+    for (int64_t j = 0; j < n; ++j) {
+      const T hj = h[j];
+      if (hj == T(0)) continue;
+      const T* zj = P.z + j * d;
+      const V hv(hj);
+      int64_t c = 0;
+      for (; c + V::size() <= d; c += V::size()) at::vec::fmadd(hv, V::loadu(zj + c), V::loadu(gz.data() + c)).store(gz.data() + c);
+      for (; c < d; ++c) gz[c] += hj * zj[c];
+    }
+    // d / d f_k = (g - z_k (z_k . g)) / |f_k|  (|f_k| > eps), g / eps otherwise; g carries 1/tau
+    const T* zk = P.z + k * d;
+    O* out = grad + k * d;
+    if (denom[k] > static_cast<T>(kNormEps)) {
+      const T proj = dot(zk, gz.data(), d) * P.inv_tau;
+      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<O>((gz[c] * P.inv_tau - zk[c] * proj) / denom[k]);
+    } else {
+      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<O>(gz[c] * P.inv_tau / denom[k]);
+    }
+  }
+}
+
+void check_inputs(const char* op, const at::Tensor& features, const at::Tensor& targets, const at::Tensor& preds,
+                  const std::optional<at::Tensor>& weights, double temperature) {
+  const auto dt = features.scalar_type();
+  TORCH_CHECK(features.device().is_cpu(), op, ": the CPU kernel needs CPU tensors, got features on ",
+              features.device());
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": features must be float32, float64, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(features.dim() == 2, op, ": features must be [n, d], got ", features.sizes());
+  const int64_t n = features.size(0);
+  const auto cdt = cpu::compute_dtype(dt);
+  auto per_anchor = [&](const char* name, const at::Tensor& x) {
+    TORCH_CHECK(x.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", x.device());
+    TORCH_CHECK(x.scalar_type() == cdt, op, ": ", name, " must have the compute dtype ", cdt, ", got ",
+                x.scalar_type());
+    TORCH_CHECK(x.dim() == 1 && x.size(0) == n, op, ": ", name, " must be [", n, "], got ", x.sizes());
+  };
+  per_anchor("targets", targets);
+  per_anchor("preds", preds);
+  if (weights.has_value()) per_anchor("weights", *weights);
+  TORCH_CHECK(std::isfinite(temperature) && temperature > 0.0, op, ": temperature must be finite and > 0, got ",
+              temperature);
+}
+
+template <typename T>
+void check_values(const T* f, int64_t nd, const T* y, const T* p, const T* w, int64_t n) {
+  if (cpu::any_non_finite(f, 1, nd, nullptr)) cpu::raise_non_finite("features", false);
+  if (cpu::any_non_finite(y, 1, n, nullptr)) cpu::raise_non_finite("targets", false);
+  if (cpu::any_non_finite(p, 1, n, nullptr)) cpu::raise_non_finite("preds", false);
+  if (w != nullptr) {
+    if (cpu::any_non_finite(w, 1, n, nullptr)) cpu::raise_non_finite("weights", false);
+    for (int64_t i = 0; i < n; ++i) TORCH_CHECK_VALUE(w[i] >= T(0), "weights must be >= 0, got ", w[i]);
+  }
+}
+
+// The shared part of both ops: z, the norms, the statistics; then the gradient for coefficients made by
+// make_coef(stats) (nullptr: no gradient). Returns the per-row losses.
+template <typename T, typename MakeCoef>
+std::vector<T> conr_cpu(const at::Tensor& features, const at::Tensor& targets, const at::Tensor& preds,
+                        const std::optional<at::Tensor>& weights, double window, double temperature, double pushing,
+                        bool published, bool check_finite, bool want_grad, MakeCoef make_coef, at::Tensor* grad) {
+  const int64_t n = features.size(0), d = features.size(1);
+  const at::Tensor f = features.to(targets.scalar_type()).contiguous();
+  const T* fp = f.const_data_ptr<T>();
+  const T* y = targets.const_data_ptr<T>();
+  const T* p = preds.const_data_ptr<T>();
+  at::Tensor w_t = weights.has_value() ? weights->contiguous() : at::Tensor();
+  const T* w = w_t.defined() ? w_t.const_data_ptr<T>() : nullptr;
+  if (check_finite) check_values<T>(fp, n * d, y, p, w, n);
+
+  std::vector<T> z(n * d), denom(n), log_w(n, T(0));
+  if (w != nullptr) {
+    for (int64_t i = 0; i < n; ++i) log_w[i] = w[i] > T(0) ? std::log(w[i]) : T(0);
+  }
+  at::parallel_for(0, n, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const T* fi = fp + i * d;
+      const T nrm = std::sqrt(dot(fi, fi, d));
+      const T dn = std::max(nrm, static_cast<T>(kNormEps));
+      denom[i] = dn;
+      for (int64_t c = 0; c < d; ++c) z[i * d + c] = fi[c] / dn;
+    }
+  });
+  const int64_t npad = (n + 2 * Vectorized<T>::size() - 1) / (2 * Vectorized<T>::size()) * (2 * Vectorized<T>::size());
+  std::vector<T> zt(d * npad, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < d; ++c) zt[c * npad + i] = z[i * d + c];
+  }
+  const int64_t groups = (n + kGroup - 1) / kGroup;
+  Problem<T> P{n, d, z.data(), zt.data(), npad, y, p, log_w.data(), static_cast<T>(window), static_cast<T>(1.0 / temperature),
+               static_cast<T>(pushing), published};
+  RowStats<T> st(n);
+  at::parallel_for(0, groups, kGroupGrain, [&](int64_t b, int64_t e) { row_statistics(P, w, b, e, st); });
+  if (want_grad) {
+    std::vector<T> coef = make_coef(st);
+    for (int64_t i = 0; i < n; ++i) {
+      if (!st.valid[i]) coef[i] = T(0);
+      if (w != nullptr) coef[i] *= w[i];
+    }
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad->scalar_type(), "conr_grad", [&] {
+      scalar_t* g = grad->mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, groups, kGroupGrain, [&](int64_t b, int64_t e) {
+        gradient_rows<T, scalar_t>(P, st, coef.data(), denom.data(), b, e, g);
+      });
+    });
+  }
+  return st.loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> conr_fwd_cpu(const at::Tensor& features, const at::Tensor& targets,
+                                                const at::Tensor& preds, const std::optional<at::Tensor>& weights,
+                                                double window, double temperature, double pushing,
+                                                bool published_denominator, int64_t reduction, bool compute_grad,
+                                                bool check_finite) {
+  constexpr const char* op = "conr_fwd";
+  check_inputs(op, features, targets, preds, weights, temperature);
+  TORCH_CHECK(reduction == at::Reduction::None || reduction == at::Reduction::Mean || reduction == at::Reduction::Sum,
+              op, ": reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
+  const auto dt = features.scalar_type();
+  const int64_t n = features.size(0);
+  const bool grad_here = compute_grad && reduction != at::Reduction::None;
+  at::Tensor grad = grad_here ? at::empty(features.sizes(), features.options()) : at::empty({0}, features.options());
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(targets.scalar_type(), op, [&] {
+    using T = scalar_t;
+    const T r = reduction == at::Reduction::Mean ? T(1) / static_cast<T>(std::max<int64_t>(n, 1)) : T(1);
+    auto coef = [&](const RowStats<T>&) { return std::vector<T>(n, r); };
+    std::vector<T> rows = conr_cpu<T>(features, targets, preds, weights, window, temperature, pushing,
+                                      published_denominator, check_finite, grad_here, coef, &grad);
+    if (reduction == at::Reduction::None) {
+      loss = at::empty({n}, targets.options());
+      std::copy(rows.begin(), rows.end(), loss.mutable_data_ptr<T>());
+      loss = loss.to(dt);
+    } else {
+      double total = 0.0;
+      for (T v : rows) total += static_cast<double>(v);
+      if (reduction == at::Reduction::Mean) total /= static_cast<double>(std::max<int64_t>(n, 1));
+      loss = at::scalar_tensor(total, features.options().dtype(dt));
+    }
+  });
+  return {loss, grad};
+}
+
+at::Tensor conr_bwd_cpu(const at::Tensor& features, const at::Tensor& targets, const at::Tensor& preds,
+                        const std::optional<at::Tensor>& weights, const at::Tensor& grad_rows, double window,
+                        double temperature, double pushing, bool published_denominator) {
+  constexpr const char* op = "conr_bwd";
+  check_inputs(op, features, targets, preds, weights, temperature);
+  const int64_t n = features.size(0);
+  TORCH_CHECK(grad_rows.scalar_type() == targets.scalar_type() && grad_rows.dim() == 1 && grad_rows.size(0) == n,
+              op, ": grad_rows must be [", n, "] of dtype ", targets.scalar_type(), ", got ", grad_rows.sizes(), " ",
+              grad_rows.scalar_type());
+  at::Tensor grad = at::empty(features.sizes(), features.options());
+  const at::Tensor g = grad_rows.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(targets.scalar_type(), op, [&] {
+    using T = scalar_t;
+    const T* gp = g.const_data_ptr<T>();
+    auto coef = [&](const RowStats<T>&) { return std::vector<T>(gp, gp + n); };
+    conr_cpu<T>(features, targets, preds, weights, window, temperature, pushing, published_denominator, false,
+                true, coef, &grad);
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imbreg_fast, CPU, m) {
+  m.impl("conr_fwd", &conr_fwd_cpu);
+  m.impl("conr_bwd", &conr_bwd_cpu);
+}
+
+}  // namespace imbreg_fast
