@@ -1,0 +1,244 @@
+// CPU kernels of RankSim: ranksim_fwd, ranksim_bwd. Schema and conventions: csrc/ranksim.cpp; maths:
+// docs/methods.md (RankSim) and imbreg_fast/ops/ranksim.py. Compiled once per CPU capability (DEFAULT, AVX2,
+// AVX512; setup.py); at::vec::Vectorized<T> picks the vector width.
+//
+// Every pass works row by row (at::parallel_for over rows); a row's results depend on that row's inputs
+// only and are summed in a fixed order, so the output is bit-identical whatever the number of threads. The
+// row reduction of the loss is a serial sum in row order.
+// Ranks: a sort per row of (value, index) pairs, O(m log m) per row, O(m^2 log m) in all, with the strict
+// total order "descending value, NaN above every number, equal values: the later index first" — the
+// published stable rule; a total order, so std::sort is deterministic and never sees an inconsistent
+// comparator (NaN included).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include "cpu/common.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace imbreg_fast {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr double kNormEps = 1e-12;   // F.normalize's eps
+constexpr int64_t kRowGrain = 8;     // rows per parallel task (a row is O(m log m + m d) work)
+
+// Whether (a, ia) comes before (b, ib) in the rank order.
+template <typename K>
+inline bool ranks_before(K a, int64_t ia, K b, int64_t ib) {
+  const bool na = std::isnan(a), nb = std::isnan(b);
+  if (na || nb) return na && nb ? ia > ib : na;
+  if (a != b) return a > b;
+  return ia > ib;
+}
+
+// out[j] = (r_j + 1) / m for the keys key[0..m), r_j the position of j in the rank order. pairs: scratch [m].
+template <typename T, typename K>
+void rank_row(const K* key, int64_t m, std::vector<std::pair<K, int64_t>>& pairs, T* out) {
+  pairs.resize(m);
+  for (int64_t j = 0; j < m; ++j) pairs[j] = {key[j], j};
+  std::sort(pairs.begin(), pairs.end(), [](const std::pair<K, int64_t>& a, const std::pair<K, int64_t>& b) {
+    return ranks_before(a.first, a.second, b.first, b.second);
+  });
+  const T mt = static_cast<T>(m);
+  for (int64_t p = 0; p < m; ++p) out[pairs[p].second] = static_cast<T>(p + 1) / mt;
+}
+
+// sum_k a[k] b[k] over d values: vector lanes, then the lanes in order. Symmetric in (a, b) bit for bit.
+template <typename T>
+inline T dot(const T* a, const T* b, int64_t d) {
+  using V = Vectorized<T>;
+  V acc(T(0));
+  int64_t k = 0;
+  for (; k + V::size() <= d; k += V::size()) acc = at::vec::fmadd(V::loadu(a + k), V::loadu(b + k), acc);
+  __at_align__ T lanes[V::size()];
+  acc.store(lanes);
+  T s = T(0);
+  for (int64_t l = 0; l < V::size(); ++l) s += lanes[l];
+  for (; k < d; ++k) s += a[k] * b[k];
+  return s;
+}
+
+// y[k] += a x[k]
+template <typename T>
+inline void axpy(T a, const T* x, T* y, int64_t d) {
+  using V = Vectorized<T>;
+  const V av(a);
+  int64_t k = 0;
+  for (; k + V::size() <= d; k += V::size()) at::vec::fmadd(av, V::loadu(x + k), V::loadu(y + k)).store(y + k);
+  for (; k < d; ++k) y[k] += a * x[k];
+}
+
+template <typename T, typename L>
+void forward_impl(const T* x, const L* y, int64_t m, int64_t d, T* z, T* norms, T* s, T* rf, T* ry, T* rows) {
+  // z_i = x_i / max(|x_i|, eps)  (F.normalize)
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const T n = std::sqrt(dot(x + i * d, x + i * d, d));
+      norms[i] = n;
+      const T c = std::max(n, static_cast<T>(kNormEps));
+      for (int64_t k = 0; k < d; ++k) z[i * d + k] = x[i * d + k] / c;
+    }
+  });
+  // Per row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2.
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<T, int64_t>> pairs_t;
+    std::vector<std::pair<L, int64_t>> pairs_l;
+    std::vector<L> keys(m);
+    for (int64_t i = begin; i < end; ++i) {
+      T* si = s + i * m;
+      for (int64_t j = 0; j < m; ++j) si[j] = dot(z + i * d, z + j * d, d);
+      rank_row(si, m, pairs_t, rf + i * m);
+      for (int64_t j = 0; j < m; ++j) keys[j] = -std::abs(y[i] - y[j]);
+      rank_row(keys.data(), m, pairs_l, ry + i * m);
+      T acc = T(0);
+      for (int64_t j = 0; j < m; ++j) {
+        const T e = rf[i * m + j] - ry[i * m + j];
+        acc += e * e;
+      }
+      rows[i] = acc / static_cast<T>(m);
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* norms, const T* s, const T* rf,
+                   const T* ry, T lam, int64_t m, int64_t d, T* ds, T* gx) {
+  const T mt = static_cast<T>(m);
+  // dS_i = (rank(S_i + lam G_i) - R_f,i) / lam,  G_ij = (g_i / m) (2 (R_f - R_y)_ij)  (the d/dR_f of
+  // g_i mean_j (R_f - R_y)^2); g_i = grad[i] ('none'), grad ('sum') or grad / m ('mean').
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<std::pair<T, int64_t>> pairs;
+    std::vector<T> perturbed(m), rank_p(m);
+    for (int64_t i = begin; i < end; ++i) {
+      const T gi = per_row ? grad[i] : mean ? grad[0] / mt : grad[0];
+      const T c = gi / mt;
+      for (int64_t j = 0; j < m; ++j) {
+        const T g = c * (T(2) * (rf[i * m + j] - ry[i * m + j]));
+        perturbed[j] = s[i * m + j] + lam * g;
+      }
+      rank_row(perturbed.data(), m, pairs, rank_p.data());
+      for (int64_t j = 0; j < m; ++j) ds[i * m + j] = (rank_p[j] - rf[i * m + j]) / lam;
+    }
+  });
+  // S = z z^T: dz_i = sum_j (dS_ij + dS_ji) z_j. z = x / c, c = max(|x|, eps):
+  //   |x| >= eps: dx = dz / |x| - x (dz . x) / |x|^3 = (dz - z (z . dz)) / |x|;   |x| < eps: dx = dz / eps.
+  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      T* out = gx + i * d;
+      std::fill(out, out + d, T(0));
+      for (int64_t j = 0; j < m; ++j) {
+        const T a = ds[i * m + j] + ds[j * m + i];
+        if (a != T(0)) axpy(a, z + j * d, out, d);
+      }
+      const T n = norms[i];
+      if (n >= static_cast<T>(kNormEps)) {
+        const T proj = dot(z + i * d, out, d);
+        for (int64_t k = 0; k < d; ++k) out[k] = (out[k] - z[i * d + k] * proj) / n;
+      } else {
+        for (int64_t k = 0; k < d; ++k) out[k] = out[k] / static_cast<T>(kNormEps);
+      }
+    }
+  });
+}
+
+void check_reduction(const char* op, int64_t reduction) {
+  TORCH_CHECK(reduction == at::Reduction::None || reduction == at::Reduction::Mean || reduction == at::Reduction::Sum,
+              op, ": reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranksim_fwd_cpu(
+    const at::Tensor& features, const at::Tensor& labels, double lam, int64_t reduction, bool compute_grad) {
+  const char* op = "imbreg_fast::ranksim_fwd";
+  TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu(), op, ": CPU tensors expected");
+  TORCH_CHECK(features.dim() == 2, op, ": features must be [m, d], got ", features.sizes());
+  const auto dt = features.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": features must be float32 or float64, got ", dt);
+  const auto lt = labels.scalar_type();
+  TORCH_CHECK(lt == at::kFloat || lt == at::kDouble, op, ": labels must be float32 or float64, got ", lt);
+  TORCH_CHECK(labels.dim() == 1 && labels.size(0) == features.size(0), op, ": labels must be [m] for features ",
+              features.sizes(), ", got ", labels.sizes());
+  TORCH_CHECK(std::isfinite(lam) && lam > 0.0, op, ": lam must be finite and > 0, got ", lam);
+  check_reduction(op, reduction);
+  const at::Tensor x = features.contiguous();
+  const at::Tensor y = labels.contiguous();
+  const int64_t m = x.size(0), d = x.size(1);
+  const auto opt = x.options();
+  at::Tensor z = at::empty({m, d}, opt), norms = at::empty({m}, opt);
+  at::Tensor s = at::empty({m, m}, opt), rf = at::empty({m, m}, opt), ry = at::empty({m, m}, opt);
+  at::Tensor rows = at::empty({m}, opt);
+  at::Tensor loss;
+  AT_DISPATCH_FLOATING_TYPES(dt, "ranksim", [&] {
+    using T = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES(lt, "ranksim_labels", [&] {
+      forward_impl<T, scalar_t>(x.const_data_ptr<T>(), y.const_data_ptr<scalar_t>(), m, d, z.mutable_data_ptr<T>(),
+                                norms.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(), rf.mutable_data_ptr<T>(),
+                                ry.mutable_data_ptr<T>(), rows.mutable_data_ptr<T>());
+    });
+    if (reduction == at::Reduction::None) {
+      loss = rows;
+    } else {
+      const T* r = rows.const_data_ptr<T>();
+      T total = T(0);
+      for (int64_t i = 0; i < m; ++i) total += r[i];
+      if (reduction == at::Reduction::Mean) total = m > 0 ? total / static_cast<T>(m) : T(0);
+      loss = at::scalar_tensor(total, opt);
+    }
+  });
+  if (!compute_grad) {
+    const at::Tensor e = at::empty({0}, opt);
+    return {loss, e, e, e, e, e};
+  }
+  return {loss, z, norms, s, rf, ry};
+}
+
+at::Tensor ranksim_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& norms,
+                           const at::Tensor& s, const at::Tensor& rank_f, const at::Tensor& rank_y, double lam,
+                           int64_t reduction) {
+  const char* op = "imbreg_fast::ranksim_bwd";
+  check_reduction(op, reduction);
+  TORCH_CHECK(z.dim() == 2, op, ": z must be [m, d], got ", z.sizes());
+  const int64_t m = z.size(0), d = z.size(1);
+  const auto dt = z.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op, ": z must be float32 or float64, got ", dt);
+  for (const at::Tensor* t : {&grad_loss, &norms, &s, &rank_f, &rank_y}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == dt, op, ": every tensor must be a CPU ", dt, " tensor");
+  }
+  TORCH_CHECK(norms.numel() == m && s.sizes() == at::IntArrayRef({m, m}) && rank_f.sizes() == s.sizes() &&
+                  rank_y.sizes() == s.sizes(),
+              op, ": norms [m], s, rank_f, rank_y [m, m] expected for z ", z.sizes());
+  const bool per_row = reduction == at::Reduction::None;
+  TORCH_CHECK(per_row ? grad_loss.numel() == m : grad_loss.numel() == 1, op, ": grad_loss must be ",
+              per_row ? "[m]" : "a scalar", ", got ", grad_loss.sizes());
+  TORCH_CHECK(std::isfinite(lam) && lam > 0.0, op, ": lam must be finite and > 0, got ", lam);
+  const at::Tensor g = grad_loss.contiguous(), zc = z.contiguous(), nc = norms.contiguous(), sc = s.contiguous();
+  const at::Tensor rfc = rank_f.contiguous(), ryc = rank_y.contiguous();
+  at::Tensor gx = at::empty({m, d}, z.options());
+  if (m == 0) return gx;
+  at::Tensor ds = at::empty({m, m}, z.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "ranksim", [&] {
+    using T = scalar_t;
+    backward_impl<T>(g.const_data_ptr<T>(), per_row, reduction == at::Reduction::Mean, zc.const_data_ptr<T>(), nc.const_data_ptr<T>(),
+                     sc.const_data_ptr<T>(), rfc.const_data_ptr<T>(), ryc.const_data_ptr<T>(), static_cast<T>(lam), m,
+                     d, ds.mutable_data_ptr<T>(), gx.mutable_data_ptr<T>());
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(imbreg_fast, CPU, m) {
+  m.impl("ranksim_fwd", &ranksim_fwd_cpu);
+  m.impl("ranksim_bwd", &ranksim_bwd_cpu);
+}
+
+}  // namespace imbreg_fast
