@@ -194,9 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       loss = at::scalar_tensor(total, opt);
     }
   });
-  if (!compute_grad) {
-    const at::Tensor e = at::empty({0}, opt);
-    return {loss, e, e, e, e, e};
+  if (!compute_grad) {   // distinct empty tensors: the outputs may not alias each other
+    auto e = [&] { return at::empty({0}, opt); };
+    return {loss, e(), e(), e(), e(), e()};
   }
   return {loss, z, norms, s, rf, ry};
 }
