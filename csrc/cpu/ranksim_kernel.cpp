@@ -5,10 +5,10 @@
 // Every pass works row by row (at::parallel_for over rows); a row's results depend on that row's inputs
 // only and are summed in a fixed order, so the output is bit-identical whatever the number of threads. The
 // row reduction of the loss is a serial sum in row order.
-// Ranks: a sort per row of (value, index) pairs, O(m log m) per row, O(m^2 log m) in all, with the strict
-// total order "descending value, NaN above every number, equal values: the later index first" — the
-// published stable rule; a total order, so std::sort is deterministic and never sees an inconsistent
-// comparator (NaN included).
+// Ranks: a sort per row of integer keys that encode (value, index) (RankKey), O(m log m) per row,
+// O(m^2 log m) in all, in the total order "descending value, NaN above every number, equal values: the
+// later index first" — the published stable rule; keys are distinct, so the result is unique
+// (deterministic) and the comparison is a plain integer one (NaN included).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -20,6 +20,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <functional>
+#include <limits>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -32,25 +35,43 @@ using at::vec::Vectorized;
 constexpr double kNormEps = 1e-12;   // F.normalize's eps
 constexpr int64_t kRowGrain = 8;     // rows per parallel task (a row is O(m log m + m d) work)
 
-// Whether (a, ia) comes before (b, ib) in the rank order.
-template <typename K>
-inline bool ranks_before(K a, int64_t ia, K b, int64_t ib) {
-  const bool na = std::isnan(a), nb = std::isnan(b);
-  if (na || nb) return na && nb ? ia > ib : na;
-  if (a != b) return a > b;
-  return ia > ib;
-}
+// Rank keys: the value's bits mapped to an unsigned integer of the same order (sign bit set: all bits
+// flipped; else the sign bit set), above them the column index, so that one integer comparison orders
+// (value, index) pairs: sorted descending, the larger value first and among equal values the larger (later)
+// index first — the rank order. -0.0 is mapped to +0.0 (equal values) and every NaN to the positive quiet
+// NaN, whose key lies above +inf's (torch.sort's order: NaN above every number). float: a 64-bit key
+// (32 value bits, 32 index bits); double: 128 bits.
+template <typename K> struct RankKey;
+template <> struct RankKey<float> {
+  using type = uint64_t;
+  static type make(float v, int64_t j) {
+    uint32_t b;
+    v = std::isnan(v) ? std::numeric_limits<float>::quiet_NaN() : v + 0.0f;
+    std::memcpy(&b, &v, sizeof b);
+    b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return (static_cast<type>(b) << 32) | static_cast<uint32_t>(j);
+  }
+};
+template <> struct RankKey<double> {
+  using type = unsigned __int128;
+  static type make(double v, int64_t j) {
+    uint64_t b;
+    v = std::isnan(v) ? std::numeric_limits<double>::quiet_NaN() : v + 0.0;
+    std::memcpy(&b, &v, sizeof b);
+    b = (b & 0x8000000000000000ull) ? ~b : (b | 0x8000000000000000ull);
+    return (static_cast<type>(b) << 32) | static_cast<uint32_t>(j);
+  }
+};
 
-// out[j] = (r_j + 1) / m for the keys key[0..m), r_j the position of j in the rank order. pairs: scratch [m].
+// out[j] = (r_j + 1) / m for the values v[0..m), r_j the position of j in the rank order. keys: scratch.
 template <typename T, typename K>
-void rank_row(const K* key, int64_t m, std::vector<std::pair<K, int64_t>>& pairs, T* out) {
-  pairs.resize(m);
-  for (int64_t j = 0; j < m; ++j) pairs[j] = {key[j], j};
-  std::sort(pairs.begin(), pairs.end(), [](const std::pair<K, int64_t>& a, const std::pair<K, int64_t>& b) {
-    return ranks_before(a.first, a.second, b.first, b.second);
-  });
+void rank_row(const K* v, int64_t m, std::vector<typename RankKey<K>::type>& keys, T* out) {
+  using Key = typename RankKey<K>::type;
+  keys.resize(m);
+  for (int64_t j = 0; j < m; ++j) keys[j] = RankKey<K>::make(v[j], j);
+  std::sort(keys.begin(), keys.end(), std::greater<Key>());
   const T mt = static_cast<T>(m);
-  for (int64_t p = 0; p < m; ++p) out[pairs[p].second] = static_cast<T>(p + 1) / mt;
+  for (int64_t p = 0; p < m; ++p) out[static_cast<uint32_t>(keys[p])] = static_cast<T>(p + 1) / mt;
 }
 
 // sum_k a[k] b[k] over d values: vector lanes, then the lanes in order. Symmetric in (a, b) bit for bit.
@@ -91,15 +112,15 @@ void forward_impl(const T* x, const L* y, int64_t m, int64_t d, T* z, T* norms, 
   });
   // Per row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2.
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<T, int64_t>> pairs_t;
-    std::vector<std::pair<L, int64_t>> pairs_l;
-    std::vector<L> keys(m);
+    std::vector<typename RankKey<T>::type> sort_t;
+    std::vector<typename RankKey<L>::type> sort_l;
+    std::vector<L> label_key(m);
     for (int64_t i = begin; i < end; ++i) {
       T* si = s + i * m;
       for (int64_t j = 0; j < m; ++j) si[j] = dot(z + i * d, z + j * d, d);
-      rank_row(si, m, pairs_t, rf + i * m);
-      for (int64_t j = 0; j < m; ++j) keys[j] = -std::abs(y[i] - y[j]);
-      rank_row(keys.data(), m, pairs_l, ry + i * m);
+      rank_row(si, m, sort_t, rf + i * m);
+      for (int64_t j = 0; j < m; ++j) label_key[j] = -std::abs(y[i] - y[j]);
+      rank_row(label_key.data(), m, sort_l, ry + i * m);
       T acc = T(0);
       for (int64_t j = 0; j < m; ++j) {
         const T e = rf[i * m + j] - ry[i * m + j];
@@ -117,7 +138,7 @@ void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* 
   // dS_i = (rank(S_i + lam G_i) - R_f,i) / lam,  G_ij = (g_i / m) (2 (R_f - R_y)_ij)  (the d/dR_f of
   // g_i mean_j (R_f - R_y)^2); g_i = grad[i] ('none'), grad ('sum') or grad / m ('mean').
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<T, int64_t>> pairs;
+    std::vector<typename RankKey<T>::type> sort_keys;
     std::vector<T> perturbed(m), rank_p(m);
     for (int64_t i = begin; i < end; ++i) {
       const T gi = per_row ? grad[i] : mean ? grad[0] / mt : grad[0];
@@ -126,7 +147,7 @@ void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* 
         const T g = c * (T(2) * (rf[i * m + j] - ry[i * m + j]));
         perturbed[j] = s[i * m + j] + lam * g;
       }
-      rank_row(perturbed.data(), m, pairs, rank_p.data());
+      rank_row(perturbed.data(), m, sort_keys, rank_p.data());
       for (int64_t j = 0; j < m; ++j) ds[i * m + j] = (rank_p[j] - rf[i * m + j]) / lam;
     }
   });
@@ -169,6 +190,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               features.sizes(), ", got ", labels.sizes());
   TORCH_CHECK(std::isfinite(lam) && lam > 0.0, op, ": lam must be finite and > 0, got ", lam);
   check_reduction(op, reduction);
+  TORCH_CHECK(features.size(0) <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 rows, got ",
+              features.size(0));
   const at::Tensor x = features.contiguous();
   const at::Tensor y = labels.contiguous();
   const int64_t m = x.size(0), d = x.size(1);
