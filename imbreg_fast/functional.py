@@ -55,6 +55,7 @@ from . import _validation as V
 from . import distributed as D
 from ._dispatch import resolve
 from .ops import weighted_losses as _wl   # importing imbreg_fast.ops registers every backend
+from .ops import ranksim as _rs
 
 __all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1_loss", "weighted_huber_loss",
            "weighted_focal_mse_loss", "weighted_focal_l1_loss"]
@@ -433,8 +434,6 @@ def weighted_focal_l1_loss(pred, target, weight=None, *, activation="sigmoid", b
 # --------------------------------------------------------------------------------------------------
 # RankSim (Gong et al., ICML 2022)
 # --------------------------------------------------------------------------------------------------
-
-from .ops import ranksim as _rs   # noqa: E402  (registered with the other families by imbreg_fast.ops)
 
 __all__ += ["ranksim_loss"]
 

@@ -341,6 +341,8 @@ def test_opcheck_cpp():
         _, z, n, s, rf, ry = fwd(x, y, 2.0, reduction, True)
         g = torch.rand(9 if reduction == 0 else (), dtype=torch.float64)
         torch.library.opcheck(torch.ops.imbreg_fast.ranksim_bwd.default, (g, z, n, s, rf, ry, 2.0, reduction))
+    # without compute_grad: five distinct empty tensors (outputs may not alias)
+    torch.library.opcheck(fwd.default, (x, y, 2.0, 2, False), test_utils=("test_schema", "test_faketensor"))
 
 
 # --------------------------------------------------------------------------------------------------
