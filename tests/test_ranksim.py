@@ -199,7 +199,7 @@ def test_layouts_non_contiguous_expanded(backend):
     base = run(x4, y, "sum", "torch", torch.tensor(2.0, dtype=torch.float64))
     xt = x4.t().contiguous().t()                                    # same values, column-major
     assert not xt.is_contiguous()
-    y_exp = y[:1].reshape(1, 1).expand(12, 1) if False else y.reshape(12, 1).expand(12, 1)
+    y_exp = y.reshape(12, 1, 1).expand(12, 1, 1)[:, :, 0]            # [n, 1] through an expanded view
     for xi in (x3, xt):
         loss, grad = run(xi, y_exp, "sum", backend, torch.tensor(2.0, dtype=torch.float64))
         assert_close(loss, base[0], torch.float64)
