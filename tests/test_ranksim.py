@@ -391,3 +391,22 @@ def test_bad_inputs(backend):
     assert out.shape == ()
     with pytest.raises(ValueError, match="gamma"):
         N.RankSimLoss(gamma=float("nan"))
+
+
+@pytest.mark.requires_cpp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpp_ranks_two_index_bytes_nan_signed_zero(dtype):
+    """m = 300 > 256 (two index bytes in the radix keys); NaN, +-0 and repeated values in S and the labels:
+    the C++ ranks equal the torch backend's sort-based ranks (the stable rule) exactly."""
+    if "cpp" not in [p.values[0] for p in FUSED]:
+        pytest.skip("cpp backend not available")
+    from imbreg_fast.ops.ranksim import label_keys, rank_normalised
+    m = 300
+    x, y = make_batch(m, 6, dtype, seed=20)
+    x[7] = -0.0                                      # S entries +-0
+    x[11] = x[12]                                    # repeated rows: repeated S values
+    x[40, 2] = float("nan")                          # unchecked NaN row and column
+    y[::3] = -y[::3]
+    _, z, n, s, rf, ry = torch.ops.imbreg_fast.ranksim_fwd(x, y, 2.0, 2, True)
+    assert torch.equal(rf, rank_normalised(s, dtype))
+    assert torch.equal(ry, rank_normalised(label_keys(y), dtype))

@@ -5,10 +5,10 @@
 // Every pass works row by row (at::parallel_for over rows); a row's results depend on that row's inputs
 // only and are summed in a fixed order, so the output is bit-identical whatever the number of threads. The
 // row reduction of the loss is a serial sum in row order.
-// Ranks: a sort per row of integer keys that encode (value, index) (RankKey), O(m log m) per row,
-// O(m^2 log m) in all, in the total order "descending value, NaN above every number, equal values: the
-// later index first" — the published stable rule; keys are distinct, so the result is unique
-// (deterministic) and the comparison is a plain integer one (NaN included).
+// Ranks: a sort per row of integer keys that encode (value, index) (RankKey), by an LSD radix sort over the
+// bytes that can differ (at most 4 + 2 passes for float and m <= 65536: O(m) per row, O(m^2) in all). The
+// keys order "descending value, NaN above every number, equal values: the later index first" — the
+// published stable rule; they are distinct, so the order is unique (deterministic), NaN included.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -21,7 +21,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <functional>
 #include <limits>
 #include <tuple>
 #include <utility>
@@ -63,15 +62,42 @@ template <> struct RankKey<double> {
   }
 };
 
-// out[j] = (r_j + 1) / m for the values v[0..m), r_j the position of j in the rank order. keys: scratch.
+// Least-significant-digit radix sort (bytes, counting sort per pass: stable) of keys that are distinct,
+// ascending. Only the bytes that can differ are sorted: the low index bytes (m <= 2^(8 idx_bytes)) and the
+// value bytes (bits 32 and up); a pass whose byte is the same for every key is skipped.
+template <typename Key>
+void radix_sort(std::vector<Key>& keys, std::vector<Key>& tmp, int idx_bytes, int value_bytes) {
+  const int64_t m = static_cast<int64_t>(keys.size());
+  tmp.resize(m);
+  Key* src = keys.data();
+  Key* dst = tmp.data();
+  auto pass = [&](int byte) {
+    const int shift = 8 * byte;
+    int64_t count[257] = {0};
+    for (int64_t i = 0; i < m; ++i) ++count[static_cast<unsigned>((src[i] >> shift) & 0xff) + 1];
+    if (count[static_cast<unsigned>((src[0] >> shift) & 0xff) + 1] == m) return;
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (int64_t i = 0; i < m; ++i) dst[count[static_cast<unsigned>((src[i] >> shift) & 0xff)]++] = src[i];
+    std::swap(src, dst);
+  };
+  for (int b = 0; b < idx_bytes; ++b) pass(b);
+  for (int b = 4; b < 4 + value_bytes; ++b) pass(b);
+  if (src != keys.data()) std::copy(src, src + m, keys.data());
+}
+
+// out[j] = (r_j + 1) / m for the values v[0..m), r_j the position of j in the rank order: the keys sorted
+// descending, i.e. their complements ascending. keys, tmp: scratch.
 template <typename T, typename K>
-void rank_row(const K* v, int64_t m, std::vector<typename RankKey<K>::type>& keys, T* out) {
-  using Key = typename RankKey<K>::type;
+void rank_row(const K* v, int64_t m, std::vector<typename RankKey<K>::type>& keys,
+              std::vector<typename RankKey<K>::type>& tmp, T* out) {
+  if (m == 0) return;
   keys.resize(m);
-  for (int64_t j = 0; j < m; ++j) keys[j] = RankKey<K>::make(v[j], j);
-  std::sort(keys.begin(), keys.end(), std::greater<Key>());
+  for (int64_t j = 0; j < m; ++j) keys[j] = ~RankKey<K>::make(v[j], j);
+  int idx_bytes = 1;
+  while (idx_bytes < 4 && ((m - 1) >> (8 * idx_bytes)) != 0) ++idx_bytes;
+  radix_sort(keys, tmp, idx_bytes, static_cast<int>(sizeof(K)));
   const T mt = static_cast<T>(m);
-  for (int64_t p = 0; p < m; ++p) out[static_cast<uint32_t>(keys[p])] = static_cast<T>(p + 1) / mt;
+  for (int64_t p = 0; p < m; ++p) out[~static_cast<uint32_t>(keys[p])] = static_cast<T>(p + 1) / mt;
 }
 
 // sum_k a[k] b[k] over d values: vector lanes, then the lanes in order. Symmetric in (a, b) bit for bit.
@@ -112,15 +138,15 @@ void forward_impl(const T* x, const L* y, int64_t m, int64_t d, T* z, T* norms, 
   });
   // Per row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2.
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<typename RankKey<T>::type> sort_t;
-    std::vector<typename RankKey<L>::type> sort_l;
+    std::vector<typename RankKey<T>::type> sort_t, tmp_t;
+    std::vector<typename RankKey<L>::type> sort_l, tmp_l;
     std::vector<L> label_key(m);
     for (int64_t i = begin; i < end; ++i) {
       T* si = s + i * m;
       for (int64_t j = 0; j < m; ++j) si[j] = dot(z + i * d, z + j * d, d);
-      rank_row(si, m, sort_t, rf + i * m);
+      rank_row(si, m, sort_t, tmp_t, rf + i * m);
       for (int64_t j = 0; j < m; ++j) label_key[j] = -std::abs(y[i] - y[j]);
-      rank_row(label_key.data(), m, sort_l, ry + i * m);
+      rank_row(label_key.data(), m, sort_l, tmp_l, ry + i * m);
       T acc = T(0);
       for (int64_t j = 0; j < m; ++j) {
         const T e = rf[i * m + j] - ry[i * m + j];
@@ -138,7 +164,7 @@ void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* 
   // dS_i = (rank(S_i + lam G_i) - R_f,i) / lam,  G_ij = (g_i / m) (2 (R_f - R_y)_ij)  (the d/dR_f of
   // g_i mean_j (R_f - R_y)^2); g_i = grad[i] ('none'), grad ('sum') or grad / m ('mean').
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<typename RankKey<T>::type> sort_keys;
+    std::vector<typename RankKey<T>::type> sort_keys, tmp;
     std::vector<T> perturbed(m), rank_p(m);
     for (int64_t i = begin; i < end; ++i) {
       const T gi = per_row ? grad[i] : mean ? grad[0] / mt : grad[0];
@@ -147,7 +173,7 @@ void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* 
         const T g = c * (T(2) * (rf[i * m + j] - ry[i * m + j]));
         perturbed[j] = s[i * m + j] + lam * g;
       }
-      rank_row(perturbed.data(), m, sort_keys, rank_p.data());
+      rank_row(perturbed.data(), m, sort_keys, tmp, rank_p.data());
       for (int64_t j = 0; j < m; ++j) ds[i * m + j] = (rank_p[j] - rf[i * m + j]) / lam;
     }
   });
