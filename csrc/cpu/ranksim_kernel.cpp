@@ -5,8 +5,8 @@
 // Every pass works row by row (at::parallel_for over rows); a row's results depend on that row's inputs
 // only and are summed in a fixed order, so the output is bit-identical whatever the number of threads. The
 // row reduction of the loss is a serial sum in row order.
-// Ranks: a sort per row of integer keys that encode (value, index) (RankKey), by an LSD radix sort over the
-// bytes that can differ (at most 4 + 2 passes for float and m <= 65536: O(m) per row, O(m^2) in all). The
+// Ranks: a sort per row of integer keys that encode (value, index) (RankKey), by a stable LSD radix sort
+// over the value bytes (at most 4 passes for float, 8 for double: O(m) per row, O(m^2) in all). The
 // keys order "descending value, NaN above every number, equal values: the later index first" — the
 // published stable rule; they are distinct, so the order is unique (deterministic), NaN included.
 #include <ATen/ATen.h>
@@ -62,42 +62,46 @@ template <> struct RankKey<double> {
   }
 };
 
-// Least-significant-digit radix sort (bytes, counting sort per pass: stable) of keys that are distinct,
-// ascending. Only the bytes that can differ are sorted: the low index bytes (m <= 2^(8 idx_bytes)) and the
-// value bytes (bits 32 and up); a pass whose byte is the same for every key is skipped.
+// Least-significant-digit radix sort (bytes; a counting sort per pass, stable), ascending, over the value
+// bytes of the keys only (bits 32 and up); a pass whose byte is the same for every key is skipped. The
+// index bits need no pass: the sort is stable, so keys of equal values keep their input order.
 template <typename Key>
-void radix_sort(std::vector<Key>& keys, std::vector<Key>& tmp, int idx_bytes, int value_bytes) {
+void radix_sort_values(std::vector<Key>& keys, std::vector<Key>& tmp, int value_bytes) {
   const int64_t m = static_cast<int64_t>(keys.size());
   tmp.resize(m);
   Key* src = keys.data();
   Key* dst = tmp.data();
-  auto pass = [&](int byte) {
+  for (int byte = 4; byte < 4 + value_bytes; ++byte) {
     const int shift = 8 * byte;
     int64_t count[257] = {0};
     for (int64_t i = 0; i < m; ++i) ++count[static_cast<unsigned>((src[i] >> shift) & 0xff) + 1];
-    if (count[static_cast<unsigned>((src[0] >> shift) & 0xff) + 1] == m) return;
+    if (count[static_cast<unsigned>((src[0] >> shift) & 0xff) + 1] == m) continue;
     for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
     for (int64_t i = 0; i < m; ++i) dst[count[static_cast<unsigned>((src[i] >> shift) & 0xff)]++] = src[i];
     std::swap(src, dst);
-  };
-  for (int b = 0; b < idx_bytes; ++b) pass(b);
-  for (int b = 4; b < 4 + value_bytes; ++b) pass(b);
+  }
   if (src != keys.data()) std::copy(src, src + m, keys.data());
 }
 
-// out[j] = (r_j + 1) / m for the values v[0..m), r_j the position of j in the rank order: the keys sorted
-// descending, i.e. their complements ascending. keys, tmp: scratch.
+// out[j] = rank_value[r_j] = (r_j + 1) / m for the values v[0..m), r_j the position of j in the rank order:
+// the keys sorted descending, i.e. their complements ascending; the keys enter in DESCENDING index order,
+// so that the stable sort leaves equal values with the later index first. keys, tmp: scratch.
 template <typename T, typename K>
-void rank_row(const K* v, int64_t m, std::vector<typename RankKey<K>::type>& keys,
+void rank_row(const K* v, int64_t m, const T* rank_value, std::vector<typename RankKey<K>::type>& keys,
               std::vector<typename RankKey<K>::type>& tmp, T* out) {
   if (m == 0) return;
   keys.resize(m);
-  for (int64_t j = 0; j < m; ++j) keys[j] = ~RankKey<K>::make(v[j], j);
-  int idx_bytes = 1;
-  while (idx_bytes < 4 && ((m - 1) >> (8 * idx_bytes)) != 0) ++idx_bytes;
-  radix_sort(keys, tmp, idx_bytes, static_cast<int>(sizeof(K)));
-  const T mt = static_cast<T>(m);
-  for (int64_t p = 0; p < m; ++p) out[~static_cast<uint32_t>(keys[p])] = static_cast<T>(p + 1) / mt;
+  for (int64_t j = 0; j < m; ++j) keys[j] = ~RankKey<K>::make(v[m - 1 - j], m - 1 - j);
+  radix_sort_values(keys, tmp, static_cast<int>(sizeof(K)));
+  for (int64_t p = 0; p < m; ++p) out[~static_cast<uint32_t>(keys[p])] = rank_value[p];
+}
+
+// rank_value[p] = (p + 1) / m, the normalised rank of position p (a division, as the published code).
+template <typename T>
+std::vector<T> rank_values(int64_t m) {
+  std::vector<T> r(m);
+  for (int64_t p = 0; p < m; ++p) r[p] = static_cast<T>(p + 1) / static_cast<T>(m);
+  return r;
 }
 
 // sum_k a[k] b[k] over d values: vector lanes, then the lanes in order. Symmetric in (a, b) bit for bit.
@@ -137,6 +141,7 @@ void forward_impl(const T* x, const L* y, int64_t m, int64_t d, T* z, T* norms, 
     }
   });
   // Per row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2.
+  const std::vector<T> rank_value = rank_values<T>(m);
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<typename RankKey<T>::type> sort_t, tmp_t;
     std::vector<typename RankKey<L>::type> sort_l, tmp_l;
@@ -144,9 +149,9 @@ void forward_impl(const T* x, const L* y, int64_t m, int64_t d, T* z, T* norms, 
     for (int64_t i = begin; i < end; ++i) {
       T* si = s + i * m;
       for (int64_t j = 0; j < m; ++j) si[j] = dot(z + i * d, z + j * d, d);
-      rank_row(si, m, sort_t, tmp_t, rf + i * m);
+      rank_row(si, m, rank_value.data(), sort_t, tmp_t, rf + i * m);
       for (int64_t j = 0; j < m; ++j) label_key[j] = -std::abs(y[i] - y[j]);
-      rank_row(label_key.data(), m, sort_l, tmp_l, ry + i * m);
+      rank_row(label_key.data(), m, rank_value.data(), sort_l, tmp_l, ry + i * m);
       T acc = T(0);
       for (int64_t j = 0; j < m; ++j) {
         const T e = rf[i * m + j] - ry[i * m + j];
@@ -161,6 +166,7 @@ template <typename T>
 void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* norms, const T* s, const T* rf,
                    const T* ry, T lam, int64_t m, int64_t d, T* ds, T* gx) {
   const T mt = static_cast<T>(m);
+  const std::vector<T> rank_value = rank_values<T>(m);
   // dS_i = (rank(S_i + lam G_i) - R_f,i) / lam,  G_ij = (g_i / m) (2 (R_f - R_y)_ij)  (the d/dR_f of
   // g_i mean_j (R_f - R_y)^2); g_i = grad[i] ('none'), grad ('sum') or grad / m ('mean').
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
@@ -173,7 +179,7 @@ void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* 
         const T g = c * (T(2) * (rf[i * m + j] - ry[i * m + j]));
         perturbed[j] = s[i * m + j] + lam * g;
       }
-      rank_row(perturbed.data(), m, sort_keys, tmp, rank_p.data());
+      rank_row(perturbed.data(), m, rank_value.data(), sort_keys, tmp, rank_p.data());
       for (int64_t j = 0; j < m; ++j) ds[i * m + j] = (rank_p[j] - rf[i * m + j]) / lam;
     }
   });
