@@ -418,3 +418,41 @@ def check_conr_values(inputs: ConRInputs) -> None:
         check_all_finite("weights", inputs.weights)
         if any_true(inputs.weights < 0):
             raise ValueError("weights must be >= 0")
+
+
+# RankSim
+# --------------------------------------------------------------------------------------------------
+
+
+def check_ranksim_inputs(features, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """features [n, ...] floating (viewed as [n, d] rows, d >= 1), targets [n] or [n, 1] real, same device
+    -> (features [n, d], targets [n])."""
+    features = check_float_tensor("features", features)
+    targets = check_real_tensor("targets", targets)
+    if features.dim() < 2:
+        raise ValueError(f"features must be [n, d] (or [n, ...], flattened per sample), got shape "
+                         f"{tuple(features.shape)}")
+    n = features.shape[0]
+    if not (targets.dim() == 1 or (targets.dim() == 2 and targets.shape[1] == 1)) or targets.shape[0] != n:
+        raise ValueError(f"targets must be [n] or [n, 1] with n = {n} (features' first dimension), got shape "
+                         f"{tuple(targets.shape)}")
+    check_same_device(features=features, targets=targets)
+    d = math.prod(features.shape[1:])
+    rows = features.reshape(n, d)
+    if d < 1:
+        raise ValueError(f"features must have at least one value per sample, got shape {tuple(features.shape)}")
+    return rows, targets.reshape(n)
+
+
+def check_subsample_index(index, n: int, device: torch.device, check_values: bool) -> torch.Tensor:
+    """An explicit RankSim subsample: a 1-D integer tensor of row indices in [0, n) on ``device``."""
+    if index.dtype == torch.bool or index.is_floating_point() or index.is_complex():
+        raise TypeError(f"subsample must be 'unique_labels', None or an integer index tensor, got a {index.dtype} "
+                        "tensor")
+    if index.dim() != 1:
+        raise ValueError(f"subsample must be a 1-D index tensor, got shape {tuple(index.shape)}")
+    if index.device != device:
+        raise ValueError(f"subsample is on {index.device} but features are on {device}")
+    if check_values and index.numel() > 0 and any_true((index < 0) | (index >= n)):
+        raise ValueError(f"subsample holds indices outside [0, {n})")
+    return index

@@ -56,9 +56,10 @@ from . import distributed as D
 from ._dispatch import resolve
 from .ops import weighted_losses as _wl   # importing imbreg_fast.ops registers every backend
 from .ops import rnc as _rnc
+from .ops import ranksim as _rs
 
 __all__ = ["bmc_loss", "gai_loss", "bni_loss", "weighted_mse_loss", "weighted_l1_loss", "weighted_huber_loss",
-           "weighted_focal_mse_loss", "weighted_focal_l1_loss", "rnc_loss", "conr_loss"]
+           "weighted_focal_mse_loss", "weighted_focal_l1_loss", "rnc_loss", "conr_loss", "ranksim_loss"]
 
 
 def _in_kernel(backend_name: str) -> bool:
@@ -532,3 +533,89 @@ def conr_loss(features, targets, preds, *, weights=None, window=1.0, temperature
         V.check_conr_values(inputs)
     return _call(impl, in_kernel, inputs.features, inputs.targets, inputs.preds, inputs.weights, window,
                  temperature, pushing, published_denominator, red)
+
+
+# --------------------------------------------------------------------------------------------------
+# RankSim (Gong et al., ICML 2022)
+# --------------------------------------------------------------------------------------------------
+
+
+def unique_label_subsample(targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Rows of one random sample per distinct label, in ascending label order; None when the labels are all
+    distinct (the published rule: then the batch is used as is, in its own order).
+
+    Vectorised form of the published per-label ``random.choice``: a random permutation (``generator``, on
+    the targets' device; None: torch's global generator), a stable sort of the permuted labels, and the
+    first row of each run of equal labels — a uniformly random member of each label. Reads the number of
+    distinct labels (a host sync; the output's size depends on the data)."""
+    y = targets.reshape(-1)
+    n = y.shape[0]
+    values, order = torch.sort(y, stable=True)
+    first = torch.ones(n, dtype=torch.bool, device=y.device)
+    first[1:] = values[1:] != values[:-1]
+    if n == 0 or bool(first.all()):
+        return None
+    perm = torch.randperm(n, generator=generator, device=y.device)
+    values, order = torch.sort(y[perm], stable=True)
+    first[1:] = values[1:] != values[:-1]
+    return perm[order[first]]
+
+
+def ranksim_loss(features, targets, *, interpolation_lambda=2.0, subsample="unique_labels", generator=None,
+                 reduction="sum", backend="auto", check_finite=True):
+    """RankSim regulariser (Gong et al., ICML 2022): the ranks of each row of the features' cosine-similarity
+    matrix should match the ranks of the same row of the label similarities -|y_i - y_j|.
+
+    With z_i = x_i / max(|x_i|, 1e-12), S = z z^T and, per row i of the m kept samples,
+    ``R_f,i = rank(S_i)``, ``R_y,i = rank(-|y_i - y|)``, ``L_i = mean_j (R_f,ij - R_y,ij)^2``; the published
+    value is ``sum_i L_i``. ``rank(v)_j = (r_j + 1) / m``, r_j the 0-based descending position; ties: the
+    later index first (the published STS-B code's stable rule; deterministic on every backend).
+
+    Gradient: the blackbox-solver surrogate of the published code, dL/dS_i = (rank(S_i + lambda G_i) -
+    rank(S_i)) / lambda, G_i the incoming gradient on R_f,i, then exactly through the cosine similarity.
+
+    .. warning::
+        The gradient is NOT linear in the incoming gradient. Multiplying the loss by gamma (as
+        :class:`imbreg_fast.nn.RankSimLoss` does, and the published training code), an AMP ``GradScaler``'s
+        loss scale, the 1/k of gradient accumulation or DDP's averaging all change the perturbation
+        lambda·G and therefore the DIRECTION of the gradient, not only its size. This op uses exactly the
+        incoming gradient, as the published method does: apply these scalings as the published code did to
+        reproduce its training. It cannot be differentiated twice (RuntimeError).
+
+    Args:
+        features: ``[n, d]`` (or ``[n, ...]``, flattened per sample) floating; the encoder's output.
+        targets: ``[n]`` or ``[n, 1]`` labels (floating or integer); not differentiated.
+        interpolation_lambda: lambda > 0 of the blackbox gradient (paper: 2; the published scripts' flag
+            defaults to 1).
+        subsample: ``'unique_labels'`` (default, published): when labels repeat, keep one random sample per
+            distinct label (``generator`` makes it reproducible), rows in ascending label order; when all
+            labels are distinct the batch is kept as is. ``None``: every row. An integer index tensor: those
+            rows, in that order (deterministic; also the form that works under ``torch.compile``).
+        generator: ``torch.Generator`` on the targets' device for ``'unique_labels'`` (None: global RNG).
+        reduction: ``'sum'`` (default, published: sum over the m rows), ``'mean'`` (over rows; 0 for
+            m = 0), ``'none'`` (``[m]``, the rows in subsample order).
+        backend, check_finite: as every op (module docstring). ``check_finite`` checks features and targets
+            explicitly on every backend (a host sync).
+    """
+    x, y = V.check_ranksim_inputs(features, targets)
+    lam = V.check_positive("interpolation_lambda", interpolation_lambda)
+    red = V.check_reduction(reduction)
+    check_values = V.value_checks(check_finite)
+    if check_values and x.numel() > 0:
+        V.check_all_finite("features", x)
+        if y.is_floating_point():
+            V.check_all_finite("targets", y)
+    if isinstance(subsample, torch.Tensor):
+        index = V.check_subsample_index(subsample, x.shape[0], x.device, check_values)
+    elif subsample is None:
+        index = None
+    elif isinstance(subsample, str) and subsample == "unique_labels":
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        index = unique_label_subsample(y, generator)
+    else:
+        raise ValueError(f"subsample must be 'unique_labels', None or an integer index tensor, got {subsample!r}")
+    if index is not None:
+        x, y = x[index], y[index]
+    name, impl = resolve(_rs.OP, x, backend)
+    return impl(x, y.detach(), lam, red)

@@ -21,7 +21,7 @@ from .fds import FDS
 from .ops.weighted_losses import ACTIVATIONS
 
 __all__ = ["BMCLoss", "GAILoss", "BNILoss", "FDS", "WeightedMSELoss", "WeightedL1Loss", "WeightedHuberLoss",
-           "WeightedFocalMSELoss", "WeightedFocalL1Loss", "RnCLoss", "ConRLoss"]
+           "WeightedFocalMSELoss", "WeightedFocalL1Loss", "RnCLoss", "ConRLoss", "RankSimLoss"]
 
 
 class _BalancedMSELoss(nn.Module):
@@ -285,3 +285,36 @@ class ConRLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"window={self.window}, temperature={self.temperature}, pushing={self.pushing}, "
                 f"published_denominator={self.published_denominator}, reduction={self.reduction!r}")
+
+
+class RankSimLoss(nn.Module):
+    """RankSim regulariser times its balancing weight: ``gamma * ranksim_loss(features, targets, ...)``
+    (paper defaults gamma = 100, lambda = 2; see :func:`imbreg_fast.functional.ranksim_loss`).
+
+    gamma multiplies the loss, as the published training code (``loss += gamma * regularizer``): the
+    blackbox gradient then sees an incoming gradient of gamma, which sets the size of its perturbation —
+    RankSim's gradient is NOT linear in the incoming gradient, so gamma (and any loss scale, accumulation
+    division or DDP averaging applied after this module) changes the gradient's direction, not only its
+    size. ``forward(features, targets, generator=None)``."""
+
+    def __init__(self, gamma: float = 100.0, interpolation_lambda: float = 2.0, *, subsample="unique_labels",
+                 reduction: str = "sum", backend: str = "auto", check_finite: bool = True):
+        super().__init__()
+        self.gamma = V.check_real("gamma", gamma)
+        self.interpolation_lambda = V.check_positive("interpolation_lambda", interpolation_lambda)
+        V.check_reduction(reduction)
+        if not (subsample is None or (isinstance(subsample, str) and subsample == "unique_labels")):
+            raise ValueError(f"subsample must be 'unique_labels' or None for the module (pass an index tensor to "
+                             f"imbreg_fast.functional.ranksim_loss), got {subsample!r}")
+        self.subsample, self.reduction, self.backend, self.check_finite = subsample, reduction, backend, check_finite
+
+    def forward(self, features, targets, generator=None):
+        return self.gamma * F.ranksim_loss(features, targets, interpolation_lambda=self.interpolation_lambda,
+                                           subsample=self.subsample, generator=generator, reduction=self.reduction,
+                                           backend=self.backend, check_finite=self.check_finite)
+
+    def extra_repr(self) -> str:
+        return (f"gamma={self.gamma}, interpolation_lambda={self.interpolation_lambda}, subsample={self.subsample!r}, "
+                f"reduction={self.reduction!r}, backend={self.backend!r}")
+
+

@@ -103,7 +103,7 @@ def test_backends_are_registered_from_one_place():
         assert "@register(" not in text, f"{module} registers a backend with a decorator at import"
     with_calls = {m for m, n in register_calls.items() if n}
     assert with_calls <= {"imbreg_fast.ops.balanced_mse", "imbreg_fast.ops.weighted_losses", "imbreg_fast.ops.fds",
-                          "imbreg_fast.ops.conr"}
+                          "imbreg_fast.ops.conr", "imbreg_fast.ops.ranksim", "imbreg_fast.ops.rnc"}
     ops_init = open(MODULES["imbreg_fast.ops"]).read()
     assert "register_backends" in ops_init and "_extension.load()" in ops_init
     # every public op has the torch backend, and the order is torch, cpp, triton

@@ -143,6 +143,8 @@ __all__ = [
     "accumulate_masked_loop", "accumulate_outer",
     # ConR
     "conr_loss_published",
+    # RankSim
+    "published_unique_label_indices", "ranksim_loss_published",
 ]
 
 
@@ -784,3 +786,79 @@ def conr_loss_published(features, targets, preds, w=1.0, weights=1.0, t=0.2, e=0
     ratio = exp_pos / (exp_pos.sum(1) + neg_sum).unsqueeze(-1)
     per_anchor = (-torch.log(ratio) * positive).sum(1) / positives
     return (weights * (per_anchor * has_negative).unsqueeze(-1)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------
+# RankSim (BorealisAI/ranksim-imbalanced-regression, CC BY-NC-SA 4.0: read to learn what it computes;
+# this is our own code of that computation)
+# ----------------------------------------------------------------------------------------------------
+# What the published regulariser computes (agedb-dir / sts-b-dir ``ranksim.py`` + ``ranking.py``):
+# - when the labels repeat, one sample per distinct label, picked with Python's ``random.choice``, in the
+#   ascending order of ``torch.unique``; all labels distinct: the batch as is;
+# - S = normalize(x) normalize(x)^T with F.normalize (eps 1e-12), materialised [m, m];
+# - a Python loop over the m rows: label ranks of -|y_i - y| and the feature ranks of S_i through an
+#   autograd.Function (the blackbox solver), one F.mse_loss per row, summed;
+# - ranks: the inverse of the (flipped) ascending argsort, (rank + 1) / m; the STS-B file sorts stably
+#   (numpy ``kind='stable'``: among equal values the later index ranks first), the AgeDB file with
+#   ``torch.argsort`` (no tie guarantee): ``stable=True`` here reproduces the STS-B rule, ``False`` the
+#   AgeDB calls;
+# - backward of the ranker: -(rank(S_i) - rank(S_i + lambda G_i)) / (lambda + 1e-8).
+# Deviations, none of which changes a value: ranks keep the similarities' dtype (the published code casts
+# them to float32; identical for fp32 features, and it lets fp64 runs be compared to 1e-10); the
+# device is the inputs' (the published STS-B code hard-codes .cuda()); ``eps`` exposes the 1e-8 (in float32
+# lambda + 1e-8 rounds to lambda for lambda >= 0.125; in float64 it does not: pass eps=0 to compare with
+# the paper's formula).
+
+
+def _published_rank(seq: torch.Tensor, stable: bool) -> torch.Tensor:
+    order = torch.sort(seq, dim=1, stable=stable).indices if stable else torch.argsort(seq, dim=1)
+    return torch.argsort(order.flip(1), dim=1)
+
+
+def _published_rank_normalised(seq: torch.Tensor, stable: bool) -> torch.Tensor:
+    return (_published_rank(seq, stable) + 1).to(seq.dtype) / seq.shape[1]
+
+
+class _PublishedBlackboxRanker(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, seq, lambda_val, stable, eps):
+        rank = _published_rank_normalised(seq, stable)
+        ctx.lambda_val, ctx.stable, ctx.eps = lambda_val, stable, eps
+        ctx.save_for_backward(seq, rank)
+        return rank
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        seq, rank = ctx.saved_tensors
+        rank_prime = _published_rank_normalised(seq + ctx.lambda_val * grad_output, ctx.stable)
+        return -(rank - rank_prime) / (ctx.lambda_val + ctx.eps), None, None, None
+
+
+def published_unique_label_indices(targets: torch.Tensor, rng=None) -> Optional[list]:
+    """The published subsample: for each distinct label (ascending) one of its rows by ``rng.choice``
+    (``rng``: a ``random.Random``; None: the ``random`` module, as published); None if no label repeats."""
+    import random
+
+    rng = random if rng is None else rng
+    unique = torch.unique(targets)
+    if len(unique) == len(targets):
+        return None
+    return [rng.choice((targets == t).nonzero()[:, 0]).item() for t in unique]
+
+
+def ranksim_loss_published(features: torch.Tensor, targets: torch.Tensor, lambda_val: float, *, stable: bool = True,
+                           eps: float = 1e-8, rng=None, indices=None) -> torch.Tensor:
+    """The published ``batchwise_ranking_regularizer(features, targets, lambda_val)``: features [n, ...],
+    targets [n, 1]. ``indices``: use these rows instead of the random subsample (to compare with a given
+    draw)."""
+    if indices is None:
+        indices = published_unique_label_indices(targets, rng)
+    x, y = (features, targets) if indices is None else (features[indices], targets[indices])
+    z = F.normalize(x.view(x.size(0), -1))
+    xxt = torch.matmul(z, z.permute(1, 0))
+    loss = 0
+    for i in range(len(y)):
+        label_ranks = _published_rank_normalised(-torch.abs(y[i] - y).transpose(0, 1), stable).to(xxt.dtype)
+        feature_ranks = _PublishedBlackboxRanker.apply(xxt[i].unsqueeze(0), lambda_val, stable, eps)
+        loss = loss + F.mse_loss(feature_ranks, label_ranks)
+    return loss

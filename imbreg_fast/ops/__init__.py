@@ -7,10 +7,10 @@ extension loaded), then triton (triton itself is imported on the first Triton ca
 glue lives in one module here; see README "Anatomy of an op".
 """
 from .. import _extension
-from . import balanced_mse, conr, fds, rnc, weighted_losses
+from . import balanced_mse, conr, fds, ranksim, rnc, weighted_losses
 
 CPP_LOADED = _extension.load()
 
-for _family in (balanced_mse, weighted_losses, fds, rnc, conr):
+for _family in (balanced_mse, weighted_losses, fds, rnc, conr, ranksim):
     _family.register_backends(cpp=CPP_LOADED)
 del _family
