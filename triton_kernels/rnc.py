@@ -199,7 +199,8 @@ def _row_kernel(
         ones = tl.where(valid, 1.0, 0.0).to(log_z.dtype)        # (a python-float where is fp32)
         am, asum = tl.associative_scan((tl.where(valid, -log_z, 0.0), ones), 0, _lse_combine)
         end = tl.associative_scan(tl.where(is_end, lane, BLOCK - 1), 0, _min_combine, reverse=True)
-        t = tl.gather(asum, end, 0) * tl.exp(tl.gather(am, end, 0) + log_z)
+        # (the padding lanes' exponent is not bounded: kept at 0 so they stay finite)
+        t = tl.gather(asum, end, 0) * tl.exp(tl.where(valid, tl.gather(am, end, 0) + log_z, 0.0))
         coef = tl.load(coef_ptr + i) / m
         w = coef * (tl.exp(s_sorted - log_z) * t - 1.0)
         w = tl.where(bad, nan, w)
