@@ -14,11 +14,16 @@ for any distance / tau; the published max-subtraction is a no-op since the row m
 - ``torch``: that formulation in plain PyTorch (cdist without the Gram-matrix shortcut, sort, logcumsumexp),
   differentiated by autograd; the fallback and the oracle of the fused kernels.
 - ``cpp``: op ``imbreg_fast::rnc_fwd`` (schema csrc/rnc.cpp, kernel csrc/cpu/rnc_kernel.cpp).
+- ``triton``: op ``imbreg_fast::triton_rnc_fwd``, a custom op around the launcher of
+  ``imbreg_fast.triton_kernels.rnc`` (a program per anchor row: bitonic sort by label distance, suffix
+  log-sum-exp scan; n <= MAX_N anchors), same contract.
 
 Every backend function takes ``features`` [n, d] (any floating dtype, half types computed in fp32), ``labels``
 [n, L] (floating, constant), the temperature and a reduction code (``imbreg_fast._reduction``).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -155,14 +160,36 @@ def _fused_impl(op):
     return rnc
 
 
-def _register_fused(backend: str, qualname: str) -> None:
+def _register_fused(backend: str, qualname: str, supports=None) -> None:
     fused = register_fused_op(qualname, **_autograd(qualname))
     _FUSED_OPS[qualname] = fused
-    register(OP, backend)(_fused_impl(fused))
+    register(OP, backend, supports=supports)(_fused_impl(fused))
+
+
+@torch.library.custom_op("imbreg_fast::triton_rnc_fwd", mutates_args=())
+def triton_rnc_fwd(features: torch.Tensor, labels: torch.Tensor, anchor_weight: Optional[torch.Tensor],
+                   temperature: float, reduction: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton RnC: (loss, d loss / d features); see ``imbreg_fast::rnc_fwd``."""
+    from ..triton_kernels import rnc
+
+    return rnc.rnc_fwd(features, labels, anchor_weight, temperature, reduction, compute_grad)
+
+
+TRITON_MAX_N = 4096   # = imbreg_fast.triton_kernels.rnc.MAX_N (readable without importing Triton)
+
+
+def _triton_supports(features: torch.Tensor) -> str | None:
+    """features: the flat [n, d] batch."""
+    if features.dim() == 2 and features.shape[0] > TRITON_MAX_N:
+        return (f"the Triton RnC kernel sorts a whole row in one block: n <= {TRITON_MAX_N} anchors "
+                f"(got n = {features.shape[0]})")
+    return None
 
 
 def register_backends(cpp: bool) -> None:
-    """Register the family's backends with the dispatcher: torch, then cpp (when the extension is loaded)."""
+    """Register the family's backends with the dispatcher: torch, then cpp (when the extension is loaded), then
+    triton."""
     register(OP, "torch")(rnc_torch)
     if cpp and hasattr(torch.ops.imbreg_fast, "rnc_fwd"):
         _register_fused("cpp", "imbreg_fast::rnc_fwd")
+    _register_fused("triton", "imbreg_fast::triton_rnc_fwd", supports=_triton_supports)
