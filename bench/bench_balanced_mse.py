@@ -168,9 +168,9 @@ REFERENCE = {"bmc": reference_bmc, "bmc_dense": reference_bmc_dense, "gai": refe
              "bni_irregular": reference_bni}
 
 
-def ours(case: Case, p: Problem, backend: str) -> torch.Tensor:
+def ours(case: Case, p: Problem, backend: str, check_finite: bool = CHECK_FINITE) -> torch.Tensor:
     noise_var = p.sigma ** 2
-    kw = dict(backend=backend, check_finite=CHECK_FINITE)
+    kw = dict(backend=backend, check_finite=check_finite)
     if case.op == "bmc":
         return F.bmc_loss(p.pred, p.target, noise_var, **kw)
     if case.op == "bmc_dense":

@@ -1,7 +1,7 @@
 """Rank-N-Contrast: forward + backward (w.r.t. the features), time and peak extra memory.
 
 Side by side in one run: our backends (``torch``, ``cpp``; ``triton`` on CUDA only, when registered) against the
-published O(n^3) formulation (imbreg_fast/experiments/published.py ``published_rnc_loss``) in eager mode and
+published O(n^3) formulation (imbreg_fast/experiments/published.py ``rnc_loss_published``) in eager mode and
 under ``torch.compile`` (``dynamic=False, fullgraph=True``; compilation excluded from the timing, reported as
 ``compile_s``). One benchmarked call = ``loss = f(features, labels); loss.backward()`` with two views
 ``features`` [B, 2, d] (n = 2B anchors), fp32, integer ages as labels (ties, as in AgeDB).
@@ -53,7 +53,7 @@ def make_problem(case: Case, device):
 
 
 def reference(features, labels):
-    return pub.published_rnc_loss(features, labels[:, None], 2.0)
+    return pub.rnc_loss_published(features, labels[:, None], 2.0)
 
 
 def make_step(case: Case, kind: str, device):

@@ -12,7 +12,7 @@ import torch
 import imbreg_fast.functional as F
 import imbreg_fast.nn as N
 from conftest import backend_params, interpreted, op_kernel_registered
-from imbreg_fast.experiments.published import published_rnc_loss
+from imbreg_fast.experiments.published import rnc_loss_published
 from naive_rnc import rnc_loss_naive
 
 OP = "rnc_loss"
@@ -108,7 +108,7 @@ def test_matches_published(backend, dtype, ties):
     f, y = make_batch(b, 16, ties=ties, dtype=dtype, seed=3)
     loss, g = run(f, y, "mean", backend)
     x = f.detach().clone().requires_grad_(True)
-    ref = published_rnc_loss(x, y, 2.0)
+    ref = rnc_loss_published(x, y, 2.0)
     (g_ref,) = torch.autograd.grad(ref, x)
     torch.testing.assert_close(loss, ref.detach(), **TOL[dtype])
     assert_grad_close(g, g_ref, TOL[dtype]["rtol"])
@@ -152,7 +152,7 @@ def test_large_distances_stay_finite(backend, scale):
     b = 5 if interpreted(backend) else 16
     f, y = make_batch(b, 8, dtype=torch.float32, seed=7, scale=scale)
     with torch.no_grad():
-        pub = published_rnc_loss(f, y, 2.0)
+        pub = rnc_loss_published(f, y, 2.0)
     assert not torch.isfinite(pub)
     loss, g = run(f, y, "mean", backend)
     ref, g_ref = run(f.double(), y.double(), "mean", "torch")
@@ -193,7 +193,7 @@ def test_coincident_features(backend, reduction):
     torch.testing.assert_close(g, g_t, rtol=1e-10, atol=1e-12)
     if reduction == "mean":
         x = f.clone().requires_grad_(True)
-        (g_pub,) = torch.autograd.grad(published_rnc_loss(x, y, 2.0), x, grad_output_for(reduction, f))
+        (g_pub,) = torch.autograd.grad(rnc_loss_published(x, y, 2.0), x, grad_output_for(reduction, f))
         torch.testing.assert_close(g, g_pub, rtol=1e-10, atol=1e-12)
     # n = 2 with identical features: one pair per anchor, -log(e^s / e^s) = 0, gradient 0
     l2, g2 = run(torch.ones(1, 2, 3, dtype=torch.float64), torch.zeros(1), reduction, backend)

@@ -145,6 +145,8 @@ __all__ = [
     "conr_loss_published",
     # RankSim
     "published_unique_label_indices", "ranksim_loss_published",
+    # Rank-N-Contrast
+    "rnc_loss_published",
 ]
 
 
@@ -718,7 +720,7 @@ def accumulate_outer(features, bins, num_bins):
 # --------------------------------------------------------------------------------------------------
 
 
-def published_rnc_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
+def rnc_loss_published(features: torch.Tensor, labels: torch.Tensor, temperature: float = 2.0) -> torch.Tensor:
     """The published RnC computation: two views ``features`` [B, 2, d] flattened view-major, labels [B, L]
     repeated, the [n, n] matrices of negative L2 distances / tau (with the row-max subtraction, a no-op: the
     max is the diagonal's 0) and of L1 label distances, the diagonal removed, then a Python loop over the
