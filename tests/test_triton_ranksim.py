@@ -26,7 +26,7 @@ def batch(m, d, dtype, device, seed=0):
     return x.to(dtype).to(device), y.to(dtype).to(device)
 
 
-@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("reduction", [pytest.param(0, marks=pytest.mark.slow), 1, pytest.param(2, marks=pytest.mark.slow)])
 def test_many_blocks_vs_naive(reduction, triton_device):
     """m = 70 > the rank block (64): two column blocks and two comparison tiles per row, partial tiles in
     the similarity and chain kernels; d = 37 > BLOCK_D: two feature chunks."""

@@ -44,8 +44,13 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("case", list(CASES))
+# the interpreter runs flat_n37_d37 slowly (~12-25 s a call): one reduction in the default pass, the others
+# with -m slow
+_NAIVE_PARAMS = [pytest.param(case, red, marks=[pytest.mark.slow] if case == "flat_n37_d37" and red != "mean" else [],
+                              id=f"{case}-{red}") for case in CASES for red in REDUCTIONS]
+
+
+@pytest.mark.parametrize("case, reduction", _NAIVE_PARAMS)
 def test_vs_naive_and_torch(case, reduction, triton_device):
     """Values vs the plain loops (fp64, 1e-12) and the torch backend; gradients vs the torch backend with
     grad_output != 1 (per anchor for 'none')."""
@@ -102,6 +107,7 @@ def test_fp32_vs_torch(reduction, ties, triton_device):
     assert_grad_close(g.cpu(), g_t, 1e-5)
 
 
+@pytest.mark.slow       # ~50 s under the interpreter
 def test_row_block_128_vs_torch(triton_device):
     """n = 70: the row program's block is 128 (7-level hypercube sort, 58 padding lanes); five row blocks."""
     f, y = make_batch(35, 6, views=2, ties=True, seed=47)
@@ -189,7 +195,8 @@ def test_non_contiguous_and_expanded(triton_device):
     torch.testing.assert_close(g3.cpu(), g4, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("reduction", [pytest.param("none", marks=pytest.mark.slow), "mean",
+                                       pytest.param("sum", marks=pytest.mark.slow)])
 def test_deterministic(reduction, triton_device):
     """Run to run bit-identical (fixed sort network, fixed-order sums, no atomics)."""
     f, y = make_batch(11, 7, dtype=torch.float32, seed=53)
@@ -265,7 +272,7 @@ def test_op_contract(triton_device):
     torch.testing.assert_close(mean, per.mean(), **F64)
 
 
-@pytest.mark.parametrize("reduction", [0, 1, 2])
+@pytest.mark.parametrize("reduction", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
 def test_opcheck(reduction, triton_device):
     f = torch.randn(9, 5, dtype=torch.float64, device=triton_device, requires_grad=True)
     y = torch.randint(0, 3, (9, 1)).double().to(triton_device)
