@@ -27,8 +27,7 @@ import torch
 import imbreg_fast
 import imbreg_fast.experiments.published as pub
 import imbreg_fast.functional as F
-from harness import preset, run_benchmark
-from imbreg_fast import _dispatch, _extension
+from harness import skip_unavailable, preset, run_benchmark
 
 CHECK_FINITE = os.environ.get("IMBREG_BENCH_CHECK_FINITE", "1") != "0"
 D = 128
@@ -94,25 +93,11 @@ def make_step(case: Case, kind: str, device):
     return step, p
 
 
-def skip_unavailable(device: str, kind: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device: CUDA providers (and the triton backend) are not benchmarked here")
-    if kind == "cpp":
-        if not _extension.cpp_available():
-            pytest.skip(f"cpp backend unavailable: {_extension.cpp_error()}")
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("imbreg_fast::conr_fwd", "CPU"):
-            pytest.skip("C++ op imbreg_fast::conr_fwd has no CPU kernel registered in this build")
-    if kind == "triton":
-        reason = _dispatch._triton_reason(torch.device(device))
-        if reason is not None:
-            pytest.skip(f"triton backend unavailable: {reason}")
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fwd_bwd(benchmark, case: Case, provider: str):
     device, kind = provider.split("-", 1)
-    skip_unavailable(device, kind)
+    skip_unavailable("conr_loss", device, kind)
     if kind == "reference_compile":
         torch._dynamo.reset()
     step, p = make_step(case, kind, device)

@@ -24,7 +24,7 @@ import torch
 import imbreg_fast
 import imbreg_fast.experiments.published as pub
 import imbreg_fast.functional as F
-from harness import preset, run_benchmark
+from harness import skip_unavailable, preset, run_benchmark
 
 CHECK_FINITE = os.environ.get("IMBREG_BENCH_CHECK_FINITE", "1") != "0"
 SIZES = {"smoke": 64, "quick": 256, "full": 512}
@@ -35,20 +35,11 @@ PROVIDERS = ("cpu-reference", "cpu-reference_compile", "cpu-torch", "cpu-cpp",
 MODES = ("fwd", "fwd_bwd")
 
 
-def _skip_unavailable(device: str, kind: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device on this machine")
-    if kind in ("cpp", "triton"):
-        info = imbreg_fast.backend_info()[kind]
-        if not info["available"] or "ranksim_loss" not in info["ops"]:
-            pytest.skip(f"backend {kind} unavailable here: {info['reason'] or 'op not built'}")
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_ranksim(benchmark, provider, mode):
     device, kind = provider.split("-", 1)
-    _skip_unavailable(device, kind)
+    skip_unavailable("ranksim_loss", device, kind)
     n = SIZES[preset()]
     g = torch.Generator().manual_seed(0)
     features = torch.randn(n, DIM, generator=g).to(device).requires_grad_(mode == "fwd_bwd")

@@ -24,11 +24,9 @@ import torch
 import imbreg_fast
 import imbreg_fast.experiments.published as pub
 import imbreg_fast.functional as F
-from harness import median_seconds, preset, run_benchmark
-from imbreg_fast import _dispatch, _extension
+from harness import skip_unavailable, median_seconds, preset, run_benchmark
 
 CHECK_FINITE = os.environ.get("IMBREG_BENCH_CHECK_FINITE", "1") != "0"
-CPP_KERNEL = "imbreg_fast::rnc_fwd"
 
 
 @dataclass(frozen=True)
@@ -73,32 +71,11 @@ def make_step(case: Case, kind: str, device):
     return step, features
 
 
-def skip_unavailable(device: str, kind: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device: CUDA providers are not benchmarked here; the Triton interpreter is not "
-                    "benchmarked")
-    if kind == "cpp":
-        if not _extension.cpp_available():
-            pytest.skip(f"cpp backend unavailable: {_extension.cpp_error()}")
-        try:
-            registered = torch._C._dispatch_has_kernel_for_dispatch_key(CPP_KERNEL, "CPU")
-        except RuntimeError:
-            registered = False
-        if not registered:
-            pytest.skip(f"C++ op {CPP_KERNEL} has no CPU kernel registered in this build")
-    if kind == "triton":
-        if "triton" not in _dispatch._IMPLS.get("rnc_loss", {}):
-            pytest.skip("no triton implementation of rnc_loss registered")
-        reason = _dispatch._triton_reason(torch.device(device))
-        if reason is not None:
-            pytest.skip(f"triton backend unavailable: {reason}")
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_fwd_bwd(benchmark, case: Case, provider: str):
     device, kind = provider.split("-", 1)
-    skip_unavailable(device, kind)
+    skip_unavailable("rnc_loss", device, kind)
     if kind == "reference_compile":
         torch._dynamo.reset()
     step, features = make_step(case, kind, device)

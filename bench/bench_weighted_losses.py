@@ -22,7 +22,7 @@ import torch
 import imbreg_fast
 import imbreg_fast.experiments.published as pub
 import imbreg_fast.functional as F
-from harness import preset, run_benchmark
+from harness import skip_unavailable, preset, run_benchmark
 
 
 CHECK_FINITE = os.environ.get("IMBREG_BENCH_CHECK_FINITE", "1") != "0"
@@ -46,21 +46,12 @@ def reference_fn(name):
     return fn
 
 
-def _skip_unavailable(device: str, kind: str) -> None:
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA device on this machine")
-    if kind in ("cpp", "triton"):
-        info = imbreg_fast.backend_info()[kind]
-        if not info["available"] or "weighted_regression_loss" not in info["ops"]:
-            pytest.skip(f"backend {kind} unavailable here: {info['reason'] or 'op not built'}")
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("name", LOSSES)
 def test_weighted_loss(benchmark, name, provider, mode):
     device, kind = provider.split("-", 1)
-    _skip_unavailable(device, kind)
+    skip_unavailable("weighted_regression_loss", device, kind)
     shape = SHAPES[preset()]
     g = torch.Generator().manual_seed(0)
     pred = torch.randn(shape, generator=g).to(device).requires_grad_(mode == "fwd_bwd")

@@ -32,6 +32,8 @@ from typing import Callable
 import pytest
 import torch
 
+import imbreg_fast
+
 from peak_memory import MB, PeakMemory, extrapolate_bytes, measure_peak_memory, memory_budget_bytes
 
 __all__ = ["PRESETS", "preset", "seconds_budget", "sync", "run_benchmark", "median_seconds", "memory_gate",
@@ -140,3 +142,15 @@ def memory_gate(what: str, probe: Callable[[int], Callable[[], object]], probe_s
                     f"(extrapolated from probes at sizes {probes}), over the {budget / GB:.1f} GB budget "
                     f"(IMBREG_BENCH_MEM_BUDGET_GB, capped at 80% of the available memory)" + (f"; {note}" if note else ""))
     return predicted
+
+
+def skip_unavailable(op: str, device: str, kind: str) -> None:
+    """Skip a provider that cannot run here: a CUDA provider without a CUDA device, or our ``cpp`` / ``triton``
+    backend when it is unavailable or has no implementation of the public op ``op`` (e.g. ``'rnc_loss'``)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device: CUDA providers (and the triton backend, which runs on CUDA tensors) are not "
+                    "benchmarked here")
+    if kind in ("cpp", "triton"):
+        info = imbreg_fast.backend_info()[kind]
+        if not info["available"] or op not in info["ops"]:
+            pytest.skip(f"backend {kind} unavailable here: {info['reason'] or f'{op} not built'}")

@@ -80,3 +80,21 @@ def backend_params(op: str, cpp_ops=(), include_torch: bool = True):
 def interpreted(backend: str) -> bool:
     """True for the Triton backend running under the (slow) interpreter: keep such problems tiny."""
     return backend == "triton" and not torch.cuda.is_available()
+
+
+def assert_compiled_step_matches_eager(step, make_model, compile_backend: str) -> None:
+    """``step(model) -> loss`` run eagerly and under ``torch.compile(fullgraph=True, backend=compile_backend)``
+    on fresh models from ``make_model()`` (same seed): equal losses and parameter gradients."""
+    torch._dynamo.reset()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend=compile_backend)):
+        torch.manual_seed(0)
+        model = make_model()
+        loss = fn(model)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    (eager_loss, eager_grads), (comp_loss, comp_grads) = results
+    torch.testing.assert_close(comp_loss, eager_loss)
+    for a, b in zip(comp_grads, eager_grads):
+        assert a is not None
+        torch.testing.assert_close(a, b)

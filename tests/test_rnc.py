@@ -11,7 +11,7 @@ import torch
 
 import imbreg_fast.functional as F
 import imbreg_fast.nn as N
-from conftest import backend_params, interpreted, op_kernel_registered
+from conftest import assert_compiled_step_matches_eager, backend_params, interpreted, op_kernel_registered
 from imbreg_fast.experiments.published import rnc_loss_published
 from naive_rnc import rnc_loss_naive
 
@@ -283,19 +283,8 @@ def test_torch_compile_training_step(backend, compile_backend):
         return (F.rnc_loss(z, y, backend=backend) + F.rnc_loss(z, y, reduction="none", backend=backend).sum()
                 + (z.sum(-1).mean(1) - y).pow(2).mean())
 
-    torch._dynamo.reset()
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend=compile_backend)):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double()
-        loss = fn(model)
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters()]))
-    (eager_loss, eager_grads), (comp_loss, comp_grads) = results
-    torch.testing.assert_close(comp_loss, eager_loss)
-    for a, b in zip(comp_grads, eager_grads):
-        assert a is not None
-        torch.testing.assert_close(a, b)
+    assert_compiled_step_matches_eager(
+        step, lambda: torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5)).double(), compile_backend)
 
 
 @requires_cpp_op

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import imbreg_fast.functional as F
-from conftest import backend_params, interpreted, op_kernel_registered
+from conftest import assert_compiled_step_matches_eager, backend_params, interpreted, op_kernel_registered
 import imbreg_fast.experiments.published as pub
 from naive_weighted_losses import flat, weighted_loss_naive
 
@@ -297,19 +297,8 @@ def test_torch_compile_training_step(backend, compile_backend):
                 + F.weighted_huber_loss(pred, y, w, backend=backend)
                 + F.weighted_l1_loss(pred, y, reduction="none", backend=backend).mean())
 
-    torch._dynamo.reset()
-    results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend=compile_backend)):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double()
-        loss = fn(model)
-        loss.backward()
-        results.append((loss.detach(), [p.grad for p in model.parameters()]))
-    (eager_loss, eager_grads), (comp_loss, comp_grads) = results
-    torch.testing.assert_close(comp_loss, eager_loss)
-    for a, b in zip(comp_grads, eager_grads):
-        assert a is not None
-        torch.testing.assert_close(a, b)
+    assert_compiled_step_matches_eager(
+        step, lambda: torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).double(), compile_backend)
 
 
 @requires_cpp_op
