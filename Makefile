@@ -33,12 +33,16 @@ build-python: venv
 test: build
 	$(MAKE) --no-print-directory test-cpu test-triton
 
+# Tests run in parallel worker processes (pytest-xdist): TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= auto
+PYTEST := $(VPY) -m pytest -n $(TEST_WORKERS)
+
 test-cpu:
-	$(VPY) -m pytest tests -m "not requires_triton and not slow" -q
+	$(PYTEST) tests -m "not requires_triton and not slow" -q
 
 # Triton kernels run on the CPU under the interpreter (TRITON_INTERPRET must be set before `import triton`).
 test-triton:
-	TRITON_INTERPRET=1 $(VPY) -m pytest tests -m "requires_triton and not slow" -q; rc=$$?; \
+	TRITON_INTERPRET=1 $(PYTEST) tests -m "requires_triton and not slow" -q; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "no Triton tests collected"; rc=0; fi; exit $$rc
 
 # The quick tour: `benchmark synthetic --quick`, then `train depth --quick` (artefacts in imbreg_fast_out/).

@@ -14,6 +14,7 @@ compiled in from a header generated here (build/generated/imbreg_build_id.h).
 Switches (environment variables):
   IMBREG_SKIP_EXT=1         pure-Python install, no extension at all
   IMBREG_CPU_CAPABILITIES   comma list among default,avx2,avx512 (default: all the compiler supports)
+  IMBREG_DEBUG=1            keep debug information (-g) in the libraries (default -g0: half the compile time)
   MAX_JOBS                  parallel compile jobs (ninja)
 """
 import glob
@@ -115,8 +116,11 @@ def _extensions():
     if "default" not in capabilities:
         capabilities.insert(0, "default")
 
+    # -g0 overrides the -g of Python's own CFLAGS: debug information for ATen's templates doubles the compile
+    # time (and the libraries' size). IMBREG_DEBUG=1 keeps it for a debugger or a profiler's source view.
+    debug = _env_flag("IMBREG_DEBUG")
     common = ["-O3", "-std=c++17", "-fvisibility=hidden", "-fvisibility-inlines-hidden",
-              "-DTORCH_API_INCLUDE_EXTENSION_H"]
+              "-DTORCH_API_INCLUDE_EXTENSION_H"] + ([] if debug else ["-g0"])
     include_dirs = [os.path.join(ROOT, "csrc"), GENERATED_DIR]
     exts = [CppExtension("imbreg_fast._C", schema_sources, include_dirs=include_dirs,
                          extra_compile_args={"cxx": common + ["-DIMBREG_EXT_NAME=_C"]})]
