@@ -228,6 +228,22 @@ def check_all_finite(name: str, x: torch.Tensor, mask: torch.Tensor | None = Non
                          + " (pass check_finite=False to skip this check)")
 
 
+def check_all_finite_async(name: str, x: torch.Tensor) -> None:
+    """:func:`check_all_finite` without a host sync on CUDA: an asynchronous device-side assert there
+    (``torch._assert_async``, the policy of docs/methods.md §1.8: the next synchronising call raises), the
+    ValueError elsewhere. On the CPU a NaN / inf is first looked for in one sum (a single reduction pass; only
+    a non-finite sum, which an overflow of finite values also gives, pays the exact elementwise check)."""
+    if x.is_cuda and not torch._C._functorch.is_batchedtensor(x):
+        torch._assert_async(torch.isfinite(x).all(),
+                            f"imbreg_fast: {name} contains NaN or inf (pass check_finite=False to skip this check)")
+        return
+    if x.is_floating_point():
+        total = x.sum(dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        if not any_true(~torch.isfinite(total)):
+            return
+    check_all_finite(name, x)
+
+
 def check_labels(labels, mask=None, *, check_finite: bool = True, name: str = "labels") -> torch.Tensor:
     """Real-valued labels (floating or integer), an optional bool mask of their shape and device, and
     (``check_finite``) no NaN/inf where the mask keeps them."""
@@ -453,6 +469,10 @@ def check_subsample_index(index, n: int, device: torch.device, check_values: boo
         raise ValueError(f"subsample must be a 1-D index tensor, got shape {tuple(index.shape)}")
     if index.device != device:
         raise ValueError(f"subsample is on {index.device} but features are on {device}")
-    if check_values and index.numel() > 0 and any_true((index < 0) | (index >= n)):
-        raise ValueError(f"subsample holds indices outside [0, {n})")
+    if check_values and index.numel() > 0:
+        message = f"subsample holds indices outside [0, {n})"
+        if index.is_cuda and not torch._C._functorch.is_batchedtensor(index):
+            torch._assert_async(((index >= 0) & (index < n)).all(), "imbreg_fast: " + message)
+        elif any_true((index < 0) | (index >= n)):
+            raise ValueError(message)
     return index

@@ -461,7 +461,8 @@ def rnc_loss(features, labels, *, temperature=2.0, label_distance="l1", feature_
             per-anchor means, = n * 'mean') or ``'none'``: the per-anchor means ``(1 / (n - 1)) sum_k l_ik``,
             shaped ``[n]`` (flat input) or ``[B, V]`` (views); 'mean' and 'sum' are the mean and sum of 'none'.
             Fewer than 2 anchors: loss 0.
-        backend, check_finite: as every loss (features and labels checked for NaN/inf).
+        backend, check_finite: as every loss (features and labels checked for NaN/inf before the kernel;
+            on CUDA an asynchronous device-side assert, no host sync).
     """
     V.check_positive("temperature", temperature)
     V.check_choice("label_distance", label_distance, RNC_LABEL_DISTANCES)
@@ -470,12 +471,8 @@ def rnc_loss(features, labels, *, temperature=2.0, label_distance="l1", feature_
     red = V.check_reduction(reduction)
     _, impl = resolve(_rnc.OP, batch.features, backend)
     if V.value_checks(check_finite) and batch.features.numel() > 0:
-        f, y = batch.features, batch.labels
-        acc = V.compute_dtype(f.dtype)
-        ok = torch.isfinite(torch.stack([f.sum(dtype=acc).detach(), y.sum(dtype=acc).to(acc)]))
-        if V.any_true(~ok):
-            V.check_all_finite("features", f.detach())
-            V.check_all_finite("labels", y)
+        V.check_all_finite_async("features", batch.features.detach())
+        V.check_all_finite_async("labels", batch.labels)
     loss = impl(batch.features, batch.labels, float(temperature), red)
     if red == _reduction.NONE and batch.views is not None:
         loss = loss.reshape(batch.views, batch.batch).transpose(0, 1)
@@ -595,16 +592,17 @@ def ranksim_loss(features, targets, *, interpolation_lambda=2.0, subsample="uniq
         reduction: ``'sum'`` (default, published: sum over the m rows), ``'mean'`` (over rows; 0 for
             m = 0), ``'none'`` (``[m]``, the rows in subsample order).
         backend, check_finite: as every op (module docstring). ``check_finite`` checks features and targets
-            explicitly on every backend (a host sync).
+            before the kernel (CPU: ValueError naming the argument; CUDA: an asynchronous device-side assert,
+            no host sync).
     """
     x, y = V.check_ranksim_inputs(features, targets)
     lam = V.check_positive("interpolation_lambda", interpolation_lambda)
     red = V.check_reduction(reduction)
     check_values = V.value_checks(check_finite)
     if check_values and x.numel() > 0:
-        V.check_all_finite("features", x)
+        V.check_all_finite_async("features", x.detach())
         if y.is_floating_point():
-            V.check_all_finite("targets", y)
+            V.check_all_finite_async("targets", y)
     if isinstance(subsample, torch.Tensor):
         index = V.check_subsample_index(subsample, x.shape[0], x.device, check_values)
     elif subsample is None:

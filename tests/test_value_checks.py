@@ -219,3 +219,82 @@ def test_fused_backends_check_inside_the_kernel(monkeypatch):
         for arg in args:
             with pytest.raises(ValueError, match=rf"^{arg} contains NaN"):
                 _call(name, _with_bad(kw, arg, 1, math.nan), "cpp")
+
+
+# --- RnC and RankSim: the checks before the kernel (no host sync on CUDA) ---------------------------------------
+
+def _contrastive(name, bad=None, where=None, value=math.nan, backend="torch"):
+    g = torch.Generator().manual_seed(3)
+    f = torch.randn(N, 5, generator=g)
+    y = torch.randint(0, 6, (N,), generator=g).float()
+    if bad == "features":
+        f.view(-1)[where * (f.numel() - 1) // 2] = value
+    elif bad is not None:
+        y[where * (N - 1) // 2] = value
+    if name == "rnc":
+        return F.rnc_loss(f, y, backend=backend)
+    return F.ranksim_loss(f, y, subsample=None, backend=backend)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "triton"])
+@pytest.mark.parametrize("value", list(BAD), ids=list(BAD))
+@pytest.mark.parametrize("where", [0, 1, 2], ids=["first", "middle", "last"])
+@pytest.mark.parametrize("name,label", [("rnc", "labels"), ("ranksim", "targets")])
+def test_contrastive_checks_name_the_argument(name, label, where, value, backend):
+    with pytest.raises(ValueError, match=r"^features contains NaN or inf"):
+        _contrastive(name, "features", where, BAD[value], backend)
+    with pytest.raises(ValueError, match=rf"^{label} contains NaN or inf"):
+        _contrastive(name, label, where, BAD[value], backend)
+    assert torch.isfinite(_contrastive(name, backend=backend))
+
+
+def test_contrastive_check_sums_first_and_an_overflowing_sum_is_not_an_error():
+    """The CPU check reads one sum per argument; finite values whose sum overflows take the exact check and
+    pass."""
+    from imbreg_fast import _validation as V
+    big = torch.full((4, 3), torch.finfo(torch.float32).max)
+    V.check_all_finite_async("features", big)        # the sum is inf; every value is finite: no error
+    big[3, 2] = math.nan
+    with pytest.raises(ValueError, match=r"^features contains NaN"):
+        V.check_all_finite_async("features", big)
+
+
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that reports is_cuda, to run the CUDA branch of the value checks here."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+@pytest.mark.parametrize("finite", [True, False])
+def test_cuda_checks_are_device_side_asserts_without_a_host_read(monkeypatch, finite):
+    """On CUDA the checks of RnC / RankSim (and the subsample index bounds) never read a value on the host
+    (docs/methods.md §1.8): they issue torch._assert_async on the condition, which is false exactly when a
+    value is bad."""
+    from imbreg_fast import _validation as V
+    asserted = []
+
+    def no_host_read(*args, **kwargs):
+        raise AssertionError("a value check read a tensor on the host")
+
+    monkeypatch.setattr(V, "any_true", no_host_read)
+    monkeypatch.setattr(torch, "_assert_async", lambda cond, msg="": asserted.append((bool(cond), msg)))
+    x = torch.randn(6, 3)
+    if not finite:
+        x[5, 2] = math.inf
+    V.check_all_finite_async("features", x.as_subclass(_FakeCuda))
+    index = torch.tensor([0, 5 if finite else 6])
+    V.check_subsample_index(index.as_subclass(_FakeCuda), 6, index.device, True)
+    assert [ok for ok, _ in asserted] == [finite, finite]
+    assert "features contains NaN or inf" in asserted[0][1] and "outside [0, 6)" in asserted[1][1]
+
+
+@pytest.mark.parametrize("name,args", [("rnc", ("features", "labels")), ("ranksim", ("features", "targets"))])
+def test_rnc_and_ranksim_use_the_sync_free_check(monkeypatch, name, args):
+    from imbreg_fast import _validation as V
+    seen = []
+    monkeypatch.setattr(V, "check_all_finite_async", lambda arg, x: seen.append(arg))
+    monkeypatch.setattr(V, "check_all_finite", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sync check")))
+    _contrastive(name)
+    assert tuple(seen) == args
