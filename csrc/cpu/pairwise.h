@@ -1,8 +1,8 @@
 // Pairwise Euclidean distances from the differences themselves: ||a - b||^2 = sum_c (a_c - b_c)^2, never
 // ||a||^2 + ||b||^2 - 2 a.b (which cancels catastrophically for the close pairs of two views of a sample:
 // relative error ~ eps ||a||^2 / ||a - b||^2). Fixed summation order per pair (vector lanes, then the lanes in
-// order, then the tail), so r(a, b) == r(b, a) bit for bit ((a - b)^2 == (b - a)^2 exactly) and the result
-// does not depend on the thread count.
+// a fixed tree, then the tail), each unordered pair computed once, so r(a, b) == r(b, a) and the result does
+// not depend on the thread count.
 #pragma once
 
 #include <ATen/cpu/vec/functional.h>
@@ -19,25 +19,34 @@
 namespace imbreg_fast {
 namespace cpu {
 
-// sum_c (a_c - b_c)^2 over c < d (lanes accumulated in T, reduced in a fixed tree, tail in double).
-template <typename T>
-inline double squared_distance(const T* a, const T* b, int64_t d) {
+// sum_c (a_c - b_k,c)^2 over c < d for the K rows b[k] (k < K): one accumulator chain per row (vector lanes in
+// feature order), the K chains interleaved so that they run in parallel instead of one after the other; then
+// each chain's lanes in a fixed tree and the tail in double. Row k's result does not depend on K or on the other
+// rows: the same bits as K = 1.
+template <typename T, int K>
+inline void squared_distances(const T* a, const T* const* b, int64_t d, double* out) {
   using V = at::vec::Vectorized<T>;
   int64_t c = 0;
-  double total = 0.0;
-  if (d >= V::size()) {
-    V acc(T(0));
-    for (; c + V::size() <= d; c += V::size()) {
-      const V diff = V::loadu(a + c) - V::loadu(b + c);
-      acc = at::vec::fmadd(diff, diff, acc);
+  V acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = V(T(0));
+  for (; c + V::size() <= d; c += V::size()) {
+    const V av = V::loadu(a + c);
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const V diff = av - V::loadu(b[k] + c);
+      acc[k] = at::vec::fmadd(diff, diff, acc[k]);
     }
-    total = static_cast<double>(at::vec::vec_reduce_all<T>([](const V& x, const V& y) { return x + y; }, acc));
   }
-  for (; c < d; ++c) {
-    const double diff = static_cast<double>(a[c]) - static_cast<double>(b[c]);
-    total += diff * diff;
+  for (int k = 0; k < K; ++k) {
+    double total = d >= V::size() ? static_cast<double>(at::vec::vec_reduce_all<T>(
+                                        [](const V& x, const V& y) { return x + y; }, acc[k]))
+                                  : 0.0;
+    for (int64_t t = c; t < d; ++t) {
+      const double diff = static_cast<double>(a[t]) - static_cast<double>(b[k][t]);
+      total += diff * diff;
+    }
+    out[k] = total;
   }
-  return total;
 }
 
 // out[c] = sum_j h_j (a_c - b_jc) for c < d, b [m, d] rows, from the differences themselves (never
@@ -88,10 +97,18 @@ void pairwise_distances(const T* x, int64_t n, int64_t d, T* dist, int64_t grain
   using V = at::vec::Vectorized<T>;
   auto row = [&](int64_t i) {
     dist[i * n + i] = T(0);
-    for (int64_t j = i + 1; j < n; ++j) {
-      const T sq = static_cast<T>(squared_distance(x + i * d, x + j * d, d));
-      dist[i * n + j] = sq;
-      dist[j * n + i] = sq;
+    const T* xi = x + i * d;
+    int64_t j = i + 1;
+    double sq[4];
+    for (; j + 4 <= n; j += 4) {
+      const T* b[4] = {x + j * d, x + (j + 1) * d, x + (j + 2) * d, x + (j + 3) * d};
+      squared_distances<T, 4>(xi, b, d, sq);
+      for (int k = 0; k < 4; ++k) dist[i * n + j + k] = dist[(j + k) * n + i] = static_cast<T>(sq[k]);
+    }
+    for (; j < n; ++j) {
+      const T* b[1] = {x + j * d};
+      squared_distances<T, 1>(xi, b, d, sq);
+      dist[i * n + j] = dist[j * n + i] = static_cast<T>(sq[0]);
     }
   };
   at::parallel_for(0, (n + 1) / 2, grain, [&](int64_t begin, int64_t end) {
