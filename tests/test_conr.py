@@ -113,6 +113,24 @@ def test_backends_agree_large(backend):
     torch.testing.assert_close(g.double(), ref_g, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("layout", ["sparse", "dense", "mixed"])
+def test_sparse_and_dense_rows(backend, layout):
+    """The C++ kernel computes S only on the rows' positives and negatives (one dot product each) where they are
+    few, and by dense tiles where a group of rows has many (docs/methods.md, ConR): both, and batches mixing
+    them, against the torch backend in fp64."""
+    n = 24 if interpreted(backend) else 160
+    f, y, p, w = batch(n, 19, torch.float64, seed=11, spread=100.0 if layout == "sparse" else 3.0)
+    if layout == "mixed":   # the first half spread out (few active columns per row), the second clustered
+        y[: n // 2] = torch.arange(n // 2, dtype=y.dtype) * 50.0
+        p[: n // 2] = y[: n // 2] + 0.3
+    for reduction in REDUCTIONS:
+        ours, g, _ = run(backend, f, y, p, w, reduction)
+        ref, ref_g, _ = run("torch", f, y, p, w, reduction)
+        torch.testing.assert_close(ours, ref, **tol(torch.float64))
+        torch.testing.assert_close(g, ref_g, **tol(torch.float64))
+
+
 # --------------------------------------------------------------------------------------------------
 # The published code's quirks and our definitions where it fails
 # --------------------------------------------------------------------------------------------------

@@ -3,19 +3,21 @@
 // gradient's derivation: imbreg_fast/ops/conr.py. Compiled once per CPU capability; at::vec::Vectorized<T>
 // picks the vector width.
 //
-// Work is per anchor row, O(n d) each (O(n^2 d) in all) and O(n + d) memory per thread besides z and z^T
-// ([n, d] each); no [n, n] tensor:
+// Work is per anchor row, O(n + a d) each for a active columns (positives and negatives; O(n d) where a row group
+// is dense) and O(n + d) memory per thread besides z and z^T ([n, d] each); no [n, n] tensor:
 //   1. z_i = f_i / max(|f_i|, eps)                                   rows in parallel
-//   2. row statistics (groups of 4 rows in parallel): S_i. = z_i . z_. / tau (similarity_group, from z^T), the terms
-//      t_ij = S_ij + log a_ij, their max M_i, log D_i = M_i + log(sum_j exp(t_ij - M_i) + m_i exp(-M_i))
-//      (the published ones m_i = n - |P_i| shifted by the same M_i), |P_i|, |N_i|, sum_{P_i} S_ij, the loss L_i;
-//   3. gradient (groups of 4 rows in parallel, S recomputed): H_kj = c_k G_kj + c_j G_jk from the statistics of rows k and j, then
+//   2. row statistics (groups of 4 rows in parallel): the active columns (active_group: vector masks, compacted)
+//      and their S_ij = z_i . z_j / tau (dense tiles of similarity_group for a dense group, else a dot product
+//      per pair), the terms t_ij = S_ij + log a_ij, their max M_i, log D_i = M_i + log(sum_j exp(t_ij - M_i) +
+//      m_i exp(-M_i)) (the published ones m_i = n - |P_i| shifted by the same M_i), |P_i|, |N_i|,
+//      sum_{P_i} S_ij, the loss L_i;
+//   3. gradient (groups of 4 rows in parallel, the active columns and S recomputed): H_kj = c_k G_kj + c_j G_jk
+//      from the statistics of rows k and j (zero off the active columns: both relations are symmetric), then
 //      d L / d z_k = (1/tau) sum_j H_kj z_j and the normalisation's Jacobian (I - z_k z_k^T) / |f_k|.
 // Determinism: every value of row i is computed by the same operations in the same order whatever the thread
-// that runs it (S_ij is one multiply-add chain over the features in order, and S_ij == S_ji bit for bit); the
-// loss is the sum of the rows in row order. Results are bit-identical
-// for any number of threads. The columns of a row are taken a vector at a time, the last vector partial (its
-// extra lanes masked), so the tail is no special case.
+// that runs it (the dense/sparse choice of a group depends on its data only; either way S_ij == S_ji bit for bit
+// within one method); the loss is the sum of the rows in row order. Results are bit-identical for any number of
+// threads. Columns are taken a vector at a time, the last vector partial (its extra lanes masked).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -123,12 +125,6 @@ struct RowStats {
   explicit RowStats(int64_t n) : log_d(n), inv_pos(n), loss(n), valid(n) {}
 };
 
-// Whether no lane of the mask vector m (all-ones / zero lanes) is set.
-template <typename T>
-inline bool none_set(const Vectorized<T>& m) {
-  return m.zero_mask() == (1 << Vectorized<T>::size()) - 1;
-}
-
 // Masks of one vector of columns [j, j + count) of row i: positives (|dy| <= w, j != i, j < n) and negatives
 // (|dy| > w, |dp| <= w, j < n); dy = |y_i - y_j| returned.
 template <typename T>
@@ -146,59 +142,136 @@ inline void column_masks(const Problem<T>& P, int64_t i, int64_t j, int64_t coun
   neg = (dy > w) & (dp <= w) & in_range;
 }
 
-// Pass 2 for the row groups [begin, end): sg (kGroup rows of S) and t are scratch of npad entries per row.
+// The columns a row needs: positives and negatives (the "active" columns; the others enter D_i only through the
+// published constant m_i, and H only as 0). Both relations are symmetric (|y_i - y_j| and |p_i - p_j|), so row
+// k's active columns are also the rows whose G has a term in column k.
+template <typename T>
+struct ActiveRows {
+  // kGroup rows, each with up to npad entries: column index, S_ij, whether positive, |y_i - y_j|; count[r]
+  // entries, padded to whole vectors (padding: valid 0).
+  std::vector<int64_t> cols;
+  std::vector<T> s, pos, valid, dy;
+  int64_t count[kGroup];
+  int64_t npad;
+  explicit ActiveRows(int64_t npad_) : cols(kGroup * npad_), s(kGroup * npad_), pos(kGroup * npad_),
+                                       valid(kGroup * npad_), dy(kGroup * npad_), count{}, npad(npad_) {}
+};
+
+// Rows above this fraction of active columns (on average over a group) take the dense similarity tiles: a tile
+// costs about d / (2 VL) cycles per column, a separate dot product several times that.
+constexpr int64_t kDenseDivisor = 6;   // dense when active > n / kDenseDivisor per row
+
+// The active columns of rows i0 .. i0 + kGroup - 1 (rows >= n: none) and their similarities S_ij = z_i . z_j / tau:
+// from the tiles of similarity_group where the group is dense, else one dot product per active pair (a
+// multiply-add chain per vector lane, lanes summed in order: symmetric in i, j). The choice depends on the data
+// only (never on the thread): results are the same for any thread count. sg: scratch [kGroup, npad].
+template <typename T>
+void active_group(const Problem<T>& P, int64_t i0, ActiveRows<T>& A, std::vector<T>& sg) {
+  using V = Vectorized<T>;
+  const int64_t n = P.n;
+  const int full = (1 << V::size()) - 1;
+  __at_align__ T dyl[V::size()];
+  int64_t total = 0;
+  for (int64_t r = 0; r < kGroup; ++r) {
+    const int64_t i = i0 + r;
+    int64_t m = 0;
+    int64_t* cols = A.cols.data() + r * A.npad;
+    T* pos = A.pos.data() + r * A.npad;
+    T* dyv = A.dy.data() + r * A.npad;
+    for (int64_t j = 0; i < n && j < n; j += V::size()) {
+      const int64_t count = std::min<int64_t>(V::size(), n - j);
+      V pv, nv, dy;
+      column_masks(P, i, j, count, pv, nv, dy);
+      const int act = ~(pv | nv).zero_mask() & full;
+      if (act == 0) continue;
+      const int pbits = ~pv.zero_mask() & full;
+      dy.store(dyl);
+      for (int bits = act; bits != 0; bits &= bits - 1) {
+        const int l = __builtin_ctz(static_cast<unsigned>(bits));
+        cols[m] = j + l;
+        pos[m] = (pbits >> l) & 1 ? T(1) : T(0);
+        dyv[m] = dyl[l];
+        ++m;
+      }
+    }
+    A.count[r] = m;
+    total += m;
+    const int64_t padded = (m + V::size() - 1) / V::size() * V::size();
+    T* valid = A.valid.data() + r * A.npad;
+    for (int64_t k = 0; k < padded; ++k) valid[k] = k < m ? T(1) : T(0);
+    for (int64_t k = m; k < padded; ++k) {
+      cols[k] = 0;
+      pos[k] = dyv[k] = A.s[r * A.npad + k] = T(0);
+    }
+  }
+  if (total * kDenseDivisor > kGroup * n) {
+    similarity_group(P.z, P.zt, n, P.npad, P.d, i0, P.inv_tau, sg.data());
+    for (int64_t r = 0; r < kGroup; ++r) {
+      for (int64_t k = 0; k < A.count[r]; ++k) A.s[r * A.npad + k] = sg[r * P.npad + A.cols[r * A.npad + k]];
+    }
+  } else {
+    for (int64_t r = 0; r < kGroup; ++r) {
+      const T* zi = P.z + std::min(i0 + r, n - 1) * P.d;
+      for (int64_t k = 0; k < A.count[r]; ++k) {
+        A.s[r * A.npad + k] = dot(zi, P.z + A.cols[r * A.npad + k] * P.d, P.d) * P.inv_tau;
+      }
+    }
+  }
+}
+
+// Pass 2 for the row groups [begin, end): each row's statistics from its active columns (in column order).
 template <typename T>
 void row_statistics(const Problem<T>& P, const T* omega, int64_t begin, int64_t end, RowStats<T>& out) {
   using V = Vectorized<T>;
   const int64_t n = P.n;
-  std::vector<T> sg(kGroup * P.npad), t(P.npad);   // t: whole vectors, -inf past n
+  ActiveRows<T> A(P.npad);
+  std::vector<T> sg(kGroup * P.npad), t(P.npad);
   const T minus_inf = -std::numeric_limits<T>::infinity();
-  for (int64_t i = begin * kGroup; i < std::min(end * kGroup, n); ++i) {
-    if (i % kGroup == 0) similarity_group(P.z, P.zt, n, P.npad, P.d, i, P.inv_tau, sg.data());
-    const T* s = sg.data() + (i % kGroup) * P.npad;
-    V vmax(minus_inf), npos(T(0)), nneg(T(0)), spos(T(0));
-    const V one(T(1)), zero(T(0)), neg_shift(P.log_w[i]);
-    for (int64_t j = 0; j < n; j += V::size()) {
-      const int64_t count = std::min<int64_t>(V::size(), n - j);
-      V pos, neg, dy;
-      column_masks(P, i, j, count, pos, neg, dy);
-      const V sv = V::loadu(s + j);
-      // t_ij = S_ij (positive), S_ij + log omega_i + e |dy| (negative), -inf (neither)
-      V tv = V::blendv(V(minus_inf), sv, pos);
-      tv = V::blendv(tv, sv + neg_shift + V(P.pushing) * dy, neg);
-      tv.store(t.data() + j);
-      vmax = at::vec::maximum(vmax, tv);
-      npos = npos + (one & pos);
-      nneg = nneg + (one & neg);
-      spos = spos + (sv & pos);
+  for (int64_t g = begin; g < end; ++g) {
+    active_group(P, g * kGroup, A, sg);
+    for (int64_t r = 0; r < kGroup && g * kGroup + r < n; ++r) {
+      const int64_t i = g * kGroup + r, m = A.count[r];
+      const T* s = A.s.data() + r * A.npad;
+      const T* pos = A.pos.data() + r * A.npad;
+      const T* valid = A.valid.data() + r * A.npad;
+      const T* dyv = A.dy.data() + r * A.npad;
+      V vmax(minus_inf), npos(T(0)), spos(T(0));
+      const V zero(T(0)), log_wi(P.log_w[i]), push(P.pushing);
+      for (int64_t k = 0; k < m; k += V::size()) {
+        const V sv = V::loadu(s + k), pm = V::loadu(pos + k) != zero, live = V::loadu(valid + k) != zero;
+        // t_ik = S (positive), S + log omega_i + e |dy| (negative), -inf (padding)
+        const V tv = V::blendv(V(minus_inf), V::blendv(sv + log_wi + push * V::loadu(dyv + k), sv, pm), live);
+        tv.store(t.data() + k);
+        vmax = at::vec::maximum(vmax, tv);
+        npos = npos + (V(T(1)) & pm);
+        spos = spos + (sv & pm);
+      }
+      const T n_pos = lane_sum(npos), n_neg = static_cast<T>(m) - n_pos;
+      if (n_pos == T(0) || n_neg == T(0)) {
+        out.log_d[i] = T(0);
+        out.inv_pos[i] = T(0);
+        out.loss[i] = T(0);
+        out.valid[i] = 0;
+        continue;
+      }
+      const T ones = static_cast<T>(n) - n_pos;            // >= 1: the anchor's own column is never a positive
+      T mx = lane_max(vmax);
+      if (P.published) mx = std::max(mx, std::log(ones));
+      V acc(T(0));
+      for (int64_t k = 0; k < m; k += V::size()) {
+        const V arg = at::vec::minimum(V::loadu(t.data() + k) - V(mx), zero);   // -inf at the padding
+        const V live = arg != V(minus_inf);
+        acc = acc + (exp_shifted(V::blendv(zero, arg, live)) & live);
+      }
+      T sum = lane_sum(acc);
+      if (P.published) sum += ones * std::exp(-mx);
+      const T log_d = mx + std::log(sum);
+      const T inv = T(1) / n_pos;
+      out.log_d[i] = log_d;
+      out.inv_pos[i] = inv;
+      out.loss[i] = (omega ? omega[i] : T(1)) * (log_d - lane_sum(spos) * inv);
+      out.valid[i] = 1;
     }
-    const T n_pos = lane_sum(npos), n_neg = lane_sum(nneg);
-    if (n_pos == T(0) || n_neg == T(0)) {
-      out.log_d[i] = T(0);
-      out.inv_pos[i] = T(0);
-      out.loss[i] = T(0);
-      out.valid[i] = 0;
-      continue;
-    }
-    const T ones = static_cast<T>(n) - n_pos;            // >= 1: the anchor's own column is never a positive
-    T m = lane_max(vmax);
-    if (P.published) m = std::max(m, std::log(ones));
-    V acc(T(0));
-    for (int64_t j = 0; j < n; j += V::size()) {
-      const V tv = V::loadu(t.data() + j);
-      const V live = tv != V(minus_inf);
-      if (none_set(live)) continue;          // adds exactly 0
-      const V arg = at::vec::minimum(tv - V(m), zero);
-      acc = acc + (exp_shifted(V::blendv(zero, arg, live)) & live);
-    }
-    T sum = lane_sum(acc);
-    if (P.published) sum += ones * std::exp(-m);
-    const T log_d = m + std::log(sum);
-    const T inv = T(1) / n_pos;
-    out.log_d[i] = log_d;
-    out.inv_pos[i] = inv;
-    out.loss[i] = (omega ? omega[i] : T(1)) * (log_d - lane_sum(spos) * inv);
-    out.valid[i] = 1;
   }
 }
 
@@ -209,56 +282,60 @@ void gradient_rows(const Problem<T>& P, const RowStats<T>& st, const T* coef, co
                    int64_t end, O* grad) {
   using V = Vectorized<T>;
   const int64_t n = P.n, d = P.d;
-  std::vector<T> sg(kGroup * P.npad), h(n), gz(d);
+  ActiveRows<T> A(P.npad);
+  std::vector<T> sg(kGroup * P.npad), h(P.npad), gz(d);
+  __at_align__ T cj_l[V::size()], log_dj_l[V::size()], inv_j_l[V::size()], log_wj_l[V::size()];
   const V zero(T(0));
-  for (int64_t k = begin * kGroup; k < std::min(end * kGroup, n); ++k) {
-    if (k % kGroup == 0) similarity_group(P.z, P.zt, n, P.npad, d, k, P.inv_tau, sg.data());
-    const T* s = sg.data() + (k % kGroup) * P.npad;
-    const V ck(coef[k]), log_dk(st.log_d[k]), inv_k(st.inv_pos[k]), log_wk(P.log_w[k]);
-    for (int64_t j = 0; j < n; j += V::size()) {
-      const int64_t count = std::min<int64_t>(V::size(), n - j);
-      V pos, neg, dy;
-      column_masks(P, k, j, count, pos, neg, dy);
-      if (none_set(pos | neg)) {             // H = 0 exactly
-        zero.store(h.data() + j, count);
-        continue;
+  for (int64_t g = begin; g < end; ++g) {
+    active_group(P, g * kGroup, A, sg);
+    for (int64_t r = 0; r < kGroup && g * kGroup + r < n; ++r) {
+      const int64_t k = g * kGroup + r, m = A.count[r];
+      const int64_t* cols = A.cols.data() + r * A.npad;
+      const T* s = A.s.data() + r * A.npad;
+      const T* pos = A.pos.data() + r * A.npad;
+      const T* valid = A.valid.data() + r * A.npad;
+      const T* dyv = A.dy.data() + r * A.npad;
+      const V ck(coef[k]), log_dk(st.log_d[k]), inv_k(st.inv_pos[k]), log_wk(P.log_w[k]);
+      for (int64_t q = 0; q < m; q += V::size()) {
+        for (int64_t l = 0; l < V::size(); ++l) {   // column j's statistics (padding: column 0, masked below)
+          const int64_t j = cols[q + l];
+          cj_l[l] = coef[j];
+          log_dj_l[l] = st.log_d[j];
+          inv_j_l[l] = st.inv_pos[j];
+          log_wj_l[l] = P.log_w[j];
+        }
+        const V sv = V::loadu(s + q), pm = V::loadu(pos + q) != zero, live = V::loadu(valid + q) != zero;
+        const V cj = V::loadu(cj_l), inv_j = V::loadu(inv_j_l);
+        // G_kj = a_kj e^{S_kj} / D_k - [j in P_k] / |P_k|; for a negative, log a_kj = log omega_k + e |dy|
+        const V push = V(P.pushing) * V::loadu(dyv + q);
+        const V row_arg = V::blendv(sv + push + log_wk, sv, pm) - log_dk;
+        const V col_arg = V::blendv(sv + push + V::loadu(log_wj_l), sv, pm) - V::loadu(log_dj_l);
+        const V e_row = exp_shifted(at::vec::minimum(row_arg, zero));
+        const V e_col = exp_shifted(at::vec::minimum(col_arg, zero));
+        const V on_pos = ck * (e_row - inv_k) + cj * (e_col - inv_j);
+        const V on_neg = ck * e_row + cj * e_col;
+        V::blendv(zero, V::blendv(on_neg, on_pos, pm), live).store(h.data() + q);
       }
-      const V sv = V::loadu(s + j);
-      const V cj = V::loadu(coef + j, count);
-      const V log_dj = V::loadu(st.log_d.data() + j, count);
-      const V inv_j = V::loadu(st.inv_pos.data() + j, count);
-      const V log_wj = V::loadu(P.log_w + j, count);
-      // G_kj = a_kj e^{S_kj} / D_k - [j in P_k] / |P_k|; for a negative, log a_kj = log omega_k + e |dy|
-      const V push = V(P.pushing) * dy;
-      const V row_arg = V::blendv(sv + push + log_wk, sv, pos) - log_dk;
-      const V col_arg = V::blendv(sv + push + log_wj, sv, pos) - log_dj;
-      const V e_row = exp_shifted(at::vec::minimum(row_arg, zero));
-      const V e_col = exp_shifted(at::vec::minimum(col_arg, zero));
-      const V on_pos = ck * (e_row - inv_k) + cj * (e_col - inv_j);
-      const V on_neg = ck * e_row + cj * e_col;
-      V hv = V::blendv(zero, on_neg, neg);
-      hv = V::blendv(hv, on_pos, pos);
-      hv.store(h.data() + j, count);
-    }
-    // g = (1/tau) sum_j H_kj z_j  (columns in order, zero weights skipped)
-    std::fill(gz.begin(), gz.end(), T(0));
-    for (int64_t j = 0; j < n; ++j) {
-      const T hj = h[j];
-      if (hj == T(0)) continue;
-      const T* zj = P.z + j * d;
-      const V hv(hj);
-      int64_t c = 0;
-      for (; c + V::size() <= d; c += V::size()) at::vec::fmadd(hv, V::loadu(zj + c), V::loadu(gz.data() + c)).store(gz.data() + c);
-      for (; c < d; ++c) gz[c] += hj * zj[c];
-    }
-    // d / d f_k = (g - z_k (z_k . g)) / |f_k|  (|f_k| > eps), g / eps otherwise; g carries 1/tau
-    const T* zk = P.z + k * d;
-    O* out = grad + k * d;
-    if (denom[k] > static_cast<T>(kNormEps)) {
-      const T proj = dot(zk, gz.data(), d) * P.inv_tau;
-      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<O>((gz[c] * P.inv_tau - zk[c] * proj) / denom[k]);
-    } else {
-      for (int64_t c = 0; c < d; ++c) out[c] = static_cast<O>(gz[c] * P.inv_tau / denom[k]);
+      // g = (1/tau) sum_j H_kj z_j  (active columns in order, zero weights skipped)
+      std::fill(gz.begin(), gz.end(), T(0));
+      for (int64_t q = 0; q < m; ++q) {
+        const T hj = h[q];
+        if (hj == T(0)) continue;
+        const T* zj = P.z + cols[q] * d;
+        const V hv(hj);
+        int64_t c = 0;
+        for (; c + V::size() <= d; c += V::size()) at::vec::fmadd(hv, V::loadu(zj + c), V::loadu(gz.data() + c)).store(gz.data() + c);
+        for (; c < d; ++c) gz[c] += hj * zj[c];
+      }
+      // d / d f_k = (g - z_k (z_k . g)) / |f_k|  (|f_k| > eps), g / eps otherwise; g carries 1/tau
+      const T* zk = P.z + k * d;
+      O* out = grad + k * d;
+      if (denom[k] > static_cast<T>(kNormEps)) {
+        const T proj = dot(zk, gz.data(), d) * P.inv_tau;
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<O>((gz[c] * P.inv_tau - zk[c] * proj) / denom[k]);
+      } else {
+        for (int64_t c = 0; c < d; ++c) out[c] = static_cast<O>(gz[c] * P.inv_tau / denom[k]);
+      }
     }
   }
 }
