@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -257,6 +258,32 @@ def check_labels(labels, mask=None, *, check_finite: bool = True, name: str = "l
             raise ValueError(f"{name} contain NaN or inf" + (" at kept positions" if mask is not None else "")
                              + " (mask them out, or pass check_finite=False)")
     return labels
+
+
+_CHECKED: dict = {}      # (tag, ids) -> (weak references, version counters) of inputs that passed a check
+_CHECKED_MAX = 64
+
+
+def check_once(tag: str, tensors: tuple, check) -> None:
+    """Run ``check()`` unless these same tensor objects passed the check ``tag`` before and none has been
+    modified in place since (autograd's version counter, which every in-place op bumps, ``copy_`` and
+    ``load_state_dict`` included). A prior stored as module buffers is then validated once, not per call: on
+    CUDA that removes the check's host syncs from every later step. Writes that bypass the version counter
+    (through ``.data`` or a NumPy view) are not seen: validate again by passing new tensors. Batched tensors
+    (``torch.vmap``) are checked every time."""
+    if any(torch._C._functorch.is_batchedtensor(t) for t in tensors):
+        check()
+        return
+    key = (tag,) + tuple(id(t) for t in tensors)
+    versions = tuple(t._version for t in tensors)
+    entry = _CHECKED.get(key)
+    if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], tensors)):
+        return
+    check()
+    _CHECKED.pop(key, None)
+    while len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[key] = (tuple(weakref.ref(t) for t in tensors), versions)
 
 
 def check_prior_weights(name: str, w: torch.Tensor, allow_zero: bool = False) -> None:

@@ -240,24 +240,30 @@ def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):
         raise ValueError(f"gmm means must be [K, d] = [{k}, {d}], got {tuple(means.shape)}")
     if covariances.shape != (k, d, d):
         raise ValueError(f"gmm covariances must be [K, d, d] = [{k}, {d}, {d}], got {tuple(covariances.shape)}")
+    given = tuple(gmm)
     weights, means, covariances = weights.detach(), means.detach(), covariances.detach()
     if check_values:
-        V.check_prior_weights("gmm weights", weights)
-        if not bool(torch.isfinite(means).all()):
-            raise ValueError("gmm means contain NaN or inf")
-        cov64 = covariances.double()
-        if d == 1:   # [K, 1, 1]: symmetric, and positive definite iff > 0 (no factorisation per call)
-            info = (~(cov64.reshape(-1) > 0)).to(torch.int32)
-            if not bool(torch.isfinite(cov64).all()):
-                raise ValueError("gmm covariances must be finite and symmetric")
-        else:
-            if not bool(torch.isfinite(cov64).all()) or not torch.allclose(cov64, cov64.mT, rtol=1e-5, atol=1e-8):
-                raise ValueError("gmm covariances must be finite and symmetric")
-            _, info = torch.linalg.cholesky_ex(cov64)
-        if bool((info != 0).any()):
-            bad = int(torch.nonzero(info)[0])
-            raise ValueError(f"gmm covariances must be symmetric positive definite; component {bad} is not")
+        V.check_once("gmm", given, lambda: _check_gmm_values(weights, means, covariances, d))
     return weights, means, covariances
+
+
+def _check_gmm_values(weights, means, covariances, d: int) -> None:
+    """The prior's values: weights (finite, > 0, sum 1), means finite, covariances symmetric positive definite."""
+    V.check_prior_weights("gmm weights", weights)
+    if not bool(torch.isfinite(means).all()):
+        raise ValueError("gmm means contain NaN or inf")
+    cov64 = covariances.double()
+    if d == 1:   # [K, 1, 1]: symmetric, and positive definite iff > 0 (no factorisation per call)
+        info = (~(cov64.reshape(-1) > 0)).to(torch.int32)
+        if not bool(torch.isfinite(cov64).all()):
+            raise ValueError("gmm covariances must be finite and symmetric")
+    else:
+        if not bool(torch.isfinite(cov64).all()) or not torch.allclose(cov64, cov64.mT, rtol=1e-5, atol=1e-8):
+            raise ValueError("gmm covariances must be finite and symmetric")
+        _, info = torch.linalg.cholesky_ex(cov64)
+    if bool((info != 0).any()):
+        bad = int(torch.nonzero(info)[0])
+        raise ValueError(f"gmm covariances must be symmetric positive definite; component {bad} is not")
 
 
 def gai_loss(pred, target, noise_var, gmm, *, mask=None, reduction="mean", backend="auto", check_finite=True):
@@ -298,6 +304,7 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
     V.check_real_tensor("bin_centers", bin_centers)
     V.check_float_tensor("bin_weights", bin_weights)
     V.check_same_device(pred=rows.pred, bin_centers=bin_centers, bin_weights=bin_weights)
+    given = (bin_centers, bin_weights)
     if not bin_centers.is_floating_point():
         bin_centers = bin_centers.to(V.compute_dtype(rows.pred.dtype))
     if bin_weights.dim() != 1 or bin_weights.shape[0] < 1:
@@ -310,11 +317,15 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
                          + f", got {tuple(bin_centers.shape)}")
     bin_centers, bin_weights = bin_centers.detach(), bin_weights.detach()
     if check_values:
-        V.check_prior_weights("bin_weights", bin_weights, allow_zero=True)
-        if not bool(torch.isfinite(bin_centers).all()):
-            raise ValueError("bin_centers contain NaN or inf")
+        V.check_once("bni", given, lambda: _check_bin_values(bin_centers, bin_weights))
     return _finish(_call(impl, in_kernel, rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red),
                    rows, red)
+
+
+def _check_bin_values(bin_centers, bin_weights) -> None:
+    V.check_prior_weights("bin_weights", bin_weights, allow_zero=True)
+    if not bool(torch.isfinite(bin_centers).all()):
+        raise ValueError("bin_centers contain NaN or inf")
 
 
 def _check_bin_tensor(name: str, x) -> None:

@@ -298,3 +298,69 @@ def test_rnc_and_ranksim_use_the_sync_free_check(monkeypatch, name, args):
     monkeypatch.setattr(V, "check_all_finite", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sync check")))
     _contrastive(name)
     assert tuple(seen) == args
+
+
+# --- The prior is validated once per tensor version (GAI's GMM, BNI's bins) -----------------------------------
+
+def _count_prior_checks(monkeypatch):
+    from imbreg_fast import _validation as V
+    calls = []
+    real = V.check_prior_weights
+    monkeypatch.setattr(V, "check_prior_weights", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b.id != "triton"])
+def test_prior_checked_once_until_modified_in_place(monkeypatch, backend):
+    """A prior passed again unchanged is not re-validated (no per-call host reads); an in-place change (copy_,
+    a module's load_state_dict) is, and a bad value then raises as on the first call."""
+    import imbreg_fast.nn as N
+    calls = _count_prior_checks(monkeypatch)
+    pred, target = _inputs(1)
+    gmm = _gmm(1)
+    for _ in range(3):
+        F.gai_loss(pred, target, 0.5, gmm, backend=backend)
+    assert calls == ["gmm weights"]
+    gmm[1].copy_(torch.tensor([[0.5], [math.nan], [3.5]]))
+    with pytest.raises(ValueError, match="gmm means contain NaN"):
+        F.gai_loss(pred, target, 0.5, gmm, backend=backend)
+    centers, weights = torch.linspace(0, 4, 5), torch.full((5,), 0.2)
+    for _ in range(3):
+        F.bni_loss(pred, target, 0.5, centers, weights, backend=backend)
+    assert calls.count("bin_weights") == 1
+    weights[2] = -0.1
+    with pytest.raises(ValueError, match="bin_weights must be finite and >= 0"):
+        F.bni_loss(pred, target, 0.5, centers, weights, backend=backend)
+
+    loss = N.GAILoss(_gmm(1), backend=backend)
+    loss(pred, target)
+    n0 = len(calls)
+    loss(pred, target)
+    assert len(calls) == n0
+    state = loss.state_dict()
+    state["gmm_covariances"] = torch.full_like(state["gmm_covariances"], -1.0)
+    loss.load_state_dict(state)
+    with pytest.raises(ValueError, match="gmm covariances must be symmetric positive definite"):
+        loss(pred, target)
+
+
+def test_prior_check_cache_is_keyed_on_live_objects():
+    """New tensors (even at a freed one's address, with the same shape and version) are validated; the cache stays
+    bounded."""
+    from imbreg_fast import _validation as V
+    pred, target = _inputs(1)
+    for _ in range(2 * V._CHECKED_MAX):
+        F.gai_loss(pred, target, 0.5, _gmm(1))
+    assert len(V._CHECKED) <= V._CHECKED_MAX
+
+    # a freed tensor's id reused by a new one with the same version: forced here by giving every tensor id 0
+    calls = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(V, "id", lambda obj: 0, raising=False)
+        good = torch.ones(3)
+        V.check_once("t", (good,), lambda: calls.append(1))
+        V.check_once("t", (good,), lambda: calls.append(1))
+        assert calls == [1]
+        del good
+        V.check_once("t", (torch.ones(3),), lambda: calls.append(2))   # same "id", same version, new object
+    assert calls == [1, 2]
