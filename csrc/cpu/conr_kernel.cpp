@@ -155,6 +155,16 @@ struct ActiveRows {
   int64_t npad;
   explicit ActiveRows(int64_t npad_) : cols(kGroup * npad_), s(kGroup * npad_), pos(kGroup * npad_),
                                        valid(kGroup * npad_), dy(kGroup * npad_), count{}, npad(npad_) {}
+
+  struct Row {
+    const int64_t* cols;
+    const T *s, *pos, *valid, *dy;
+    int64_t count;
+  };
+  Row row(int64_t r) const {
+    const int64_t o = r * npad;
+    return {cols.data() + o, s.data() + o, pos.data() + o, valid.data() + o, dy.data() + o, count[r]};
+  }
 };
 
 // Rows above this fraction of active columns (on average over a group) take the dense similarity tiles: a tile
@@ -230,11 +240,9 @@ void row_statistics(const Problem<T>& P, const T* omega, int64_t begin, int64_t 
   for (int64_t g = begin; g < end; ++g) {
     active_group(P, g * kGroup, A, sg);
     for (int64_t r = 0; r < kGroup && g * kGroup + r < n; ++r) {
-      const int64_t i = g * kGroup + r, m = A.count[r];
-      const T* s = A.s.data() + r * A.npad;
-      const T* pos = A.pos.data() + r * A.npad;
-      const T* valid = A.valid.data() + r * A.npad;
-      const T* dyv = A.dy.data() + r * A.npad;
+      const auto row = A.row(r);
+      const int64_t i = g * kGroup + r, m = row.count;
+      const T *s = row.s, *pos = row.pos, *valid = row.valid, *dyv = row.dy;
       V vmax(minus_inf), npos(T(0)), spos(T(0));
       const V zero(T(0)), log_wi(P.log_w[i]), push(P.pushing);
       for (int64_t k = 0; k < m; k += V::size()) {
@@ -289,12 +297,10 @@ void gradient_rows(const Problem<T>& P, const RowStats<T>& st, const T* coef, co
   for (int64_t g = begin; g < end; ++g) {
     active_group(P, g * kGroup, A, sg);
     for (int64_t r = 0; r < kGroup && g * kGroup + r < n; ++r) {
-      const int64_t k = g * kGroup + r, m = A.count[r];
-      const int64_t* cols = A.cols.data() + r * A.npad;
-      const T* s = A.s.data() + r * A.npad;
-      const T* pos = A.pos.data() + r * A.npad;
-      const T* valid = A.valid.data() + r * A.npad;
-      const T* dyv = A.dy.data() + r * A.npad;
+      const auto row = A.row(r);
+      const int64_t k = g * kGroup + r, m = row.count;
+      const int64_t* cols = row.cols;
+      const T *s = row.s, *pos = row.pos, *valid = row.valid, *dyv = row.dy;
       const V ck(coef[k]), log_dk(st.log_d[k]), inv_k(st.inv_pos[k]), log_wk(P.log_w[k]);
       for (int64_t q = 0; q < m; q += V::size()) {
         for (int64_t l = 0; l < V::size(); ++l) {   // column j's statistics (padding: column 0, masked below)
