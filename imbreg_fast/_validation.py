@@ -234,7 +234,7 @@ def check_all_finite_async(name: str, x: torch.Tensor) -> None:
     (``torch._assert_async``, the policy of docs/methods.md §1.8: the next synchronising call raises), the
     ValueError elsewhere. On the CPU a NaN / inf is first looked for in one sum (a single reduction pass; only
     a non-finite sum, which an overflow of finite values also gives, pays the exact elementwise check)."""
-    if x.is_cuda and not torch._C._functorch.is_batchedtensor(x):
+    if asserts_on_device(x):
         torch._assert_async(torch.isfinite(x).all(),
                             f"imbreg_fast: {name} contains NaN or inf (pass check_finite=False to skip this check)")
         return
@@ -353,12 +353,18 @@ def noise_var_tensor(noise_var, ref: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float(noise_var), dtype=compute_dtype(ref.dtype), device=ref.device)
 
 
+def asserts_on_device(x: torch.Tensor) -> bool:
+    """Whether value checks of ``x`` are asynchronous device-side asserts (``torch._assert_async``) rather than a
+    host read and a ValueError: on CUDA, outside ``torch.vmap`` (docs/methods.md §1.8)."""
+    return x.is_cuda and not torch._C._functorch.is_batchedtensor(x)
+
+
 def check_noise_var_value(noise_var: torch.Tensor) -> None:
     """sigma^2 finite and > 0. On CUDA without a host sync: an asynchronous device-side assert
     (docs/methods.md §1.8); elsewhere a ValueError."""
     v = noise_var.detach()
     ok = torch.isfinite(v) & (v > 0)
-    if v.is_cuda and not torch._C._functorch.is_batchedtensor(v):
+    if asserts_on_device(v):
         torch._assert_async(ok, "imbreg_fast: noise_var must be finite and > 0")
         return
     if any_true(~ok):
@@ -498,7 +504,7 @@ def check_subsample_index(index, n: int, device: torch.device, check_values: boo
         raise ValueError(f"subsample is on {index.device} but features are on {device}")
     if check_values and index.numel() > 0:
         message = f"subsample holds indices outside [0, {n})"
-        if index.is_cuda and not torch._C._functorch.is_batchedtensor(index):
+        if asserts_on_device(index):
             torch._assert_async(((index >= 0) & (index < n)).all(), "imbreg_fast: " + message)
         elif any_true((index < 0) | (index >= n)):
             raise ValueError(message)

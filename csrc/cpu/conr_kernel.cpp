@@ -148,22 +148,22 @@ inline void column_masks(const Problem<T>& P, int64_t i, int64_t j, int64_t coun
 template <typename T>
 struct ActiveRows {
   // kGroup rows, each with up to npad entries: column index, S_ij, whether positive, |y_i - y_j|; count[r]
-  // entries, padded to whole vectors (padding: valid 0).
+  // entries, padded to whole vectors (the padding is masked by its index: entry k is live iff k < count[r]).
   std::vector<int64_t> cols;
-  std::vector<T> s, pos, valid, dy;
+  std::vector<T> s, pos, dy;
   int64_t count[kGroup];
   int64_t npad;
   explicit ActiveRows(int64_t npad_) : cols(kGroup * npad_), s(kGroup * npad_), pos(kGroup * npad_),
-                                       valid(kGroup * npad_), dy(kGroup * npad_), count{}, npad(npad_) {}
+                                       dy(kGroup * npad_), count{}, npad(npad_) {}
 
   struct Row {
     const int64_t* cols;
-    const T *s, *pos, *valid, *dy;
+    const T *s, *pos, *dy;
     int64_t count;
   };
   Row row(int64_t r) const {
     const int64_t o = r * npad;
-    return {cols.data() + o, s.data() + o, pos.data() + o, valid.data() + o, dy.data() + o, count[r]};
+    return {cols.data() + o, s.data() + o, pos.data() + o, dy.data() + o, count[r]};
   }
 };
 
@@ -207,8 +207,6 @@ void active_group(const Problem<T>& P, int64_t i0, ActiveRows<T>& A, std::vector
     A.count[r] = m;
     total += m;
     const int64_t padded = (m + V::size() - 1) / V::size() * V::size();
-    T* valid = A.valid.data() + r * A.npad;
-    for (int64_t k = 0; k < padded; ++k) valid[k] = k < m ? T(1) : T(0);
     for (int64_t k = m; k < padded; ++k) {
       cols[k] = 0;
       pos[k] = dyv[k] = A.s[r * A.npad + k] = T(0);
@@ -242,11 +240,12 @@ void row_statistics(const Problem<T>& P, const T* omega, int64_t begin, int64_t 
     for (int64_t r = 0; r < kGroup && g * kGroup + r < n; ++r) {
       const auto row = A.row(r);
       const int64_t i = g * kGroup + r, m = row.count;
-      const T *s = row.s, *pos = row.pos, *valid = row.valid, *dyv = row.dy;
+      const T *s = row.s, *pos = row.pos, *dyv = row.dy;
       V vmax(minus_inf), npos(T(0)), spos(T(0));
       const V zero(T(0)), log_wi(P.log_w[i]), push(P.pushing);
       for (int64_t k = 0; k < m; k += V::size()) {
-        const V sv = V::loadu(s + k), pm = V::loadu(pos + k) != zero, live = V::loadu(valid + k) != zero;
+        const V sv = V::loadu(s + k), pm = V::loadu(pos + k) != zero;
+        const V live = V::arange(static_cast<T>(k), T(1)) < V(static_cast<T>(m));
         // t_ik = S (positive), S + log omega_i + e |dy| (negative), -inf (padding)
         const V tv = V::blendv(V(minus_inf), V::blendv(sv + log_wi + push * V::loadu(dyv + k), sv, pm), live);
         tv.store(t.data() + k);
@@ -300,7 +299,7 @@ void gradient_rows(const Problem<T>& P, const RowStats<T>& st, const T* coef, co
       const auto row = A.row(r);
       const int64_t k = g * kGroup + r, m = row.count;
       const int64_t* cols = row.cols;
-      const T *s = row.s, *pos = row.pos, *valid = row.valid, *dyv = row.dy;
+      const T *s = row.s, *pos = row.pos, *dyv = row.dy;
       const V ck(coef[k]), log_dk(st.log_d[k]), inv_k(st.inv_pos[k]), log_wk(P.log_w[k]);
       for (int64_t q = 0; q < m; q += V::size()) {
         for (int64_t l = 0; l < V::size(); ++l) {   // column j's statistics (padding: column 0, masked below)
@@ -310,7 +309,8 @@ void gradient_rows(const Problem<T>& P, const RowStats<T>& st, const T* coef, co
           inv_j_l[l] = st.inv_pos[j];
           log_wj_l[l] = P.log_w[j];
         }
-        const V sv = V::loadu(s + q), pm = V::loadu(pos + q) != zero, live = V::loadu(valid + q) != zero;
+        const V sv = V::loadu(s + q), pm = V::loadu(pos + q) != zero;
+        const V live = V::arange(static_cast<T>(q), T(1)) < V(static_cast<T>(m));
         const V cj = V::loadu(cj_l), inv_j = V::loadu(inv_j_l);
         // G_kj = a_kj e^{S_kj} / D_k - [j in P_k] / |P_k|; for a negative, log a_kj = log omega_k + e |dy|
         const V push = V(P.pushing) * V::loadu(dyv + q);
