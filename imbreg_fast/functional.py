@@ -548,25 +548,39 @@ def conr_loss(features, targets, preds, *, weights=None, window=1.0, temperature
 # --------------------------------------------------------------------------------------------------
 
 
-def unique_label_subsample(targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
-    """Rows of one random sample per distinct label, in ascending label order; None when the labels are all
-    distinct (the published rule: then the batch is used as is, in its own order).
+def unique_label_layout(targets: torch.Tensor, generator: torch.Generator | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The published subsample (one random sample per distinct label) as a fixed-size layout, computed on
+    the targets' device without a host read: ``(index [n] int64, count [] int64)``. ``index`` lists the kept
+    rows first, in ascending label order, then the others; ``count`` is the number kept. When the labels are
+    all distinct the published rule keeps the batch as is: ``index`` is then ``arange(n)`` and ``count`` n.
 
     Vectorised form of the published per-label ``random.choice``: a random permutation (``generator``, on
     the targets' device; None: torch's global generator), a stable sort of the permuted labels, and the
-    first row of each run of equal labels — a uniformly random member of each label. Reads the number of
-    distinct labels (a host sync; the output's size depends on the data)."""
+    first row of each run of equal labels — a uniformly random member of each label."""
     y = targets.reshape(-1)
     n = y.shape[0]
-    values, order = torch.sort(y, stable=True)
-    first = torch.ones(n, dtype=torch.bool, device=y.device)
-    first[1:] = values[1:] != values[:-1]
-    if n == 0 or bool(first.all()):
-        return None
     perm = torch.randperm(n, generator=generator, device=y.device)
     values, order = torch.sort(y[perm], stable=True)
+    first = torch.ones(n, dtype=torch.bool, device=y.device)
     first[1:] = values[1:] != values[:-1]
-    return perm[order[first]]
+    by_label = perm[order]
+    # the kept rows (first of their label) in label order, then the rest: a stable partition
+    kept_first = by_label[torch.sort((~first).to(torch.uint8), stable=True).indices]
+    count = first.sum()
+    index = torch.where(count == n, torch.arange(n, device=y.device), kept_first)
+    return index, count
+
+
+def unique_label_subsample(targets: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """Rows of one random sample per distinct label, in ascending label order; None when the labels are all
+    distinct (the published rule: then the batch is used as is, in its own order). The same draw as
+    :func:`unique_label_layout` with the same generator state, cut to its kept rows: this form reads the
+    number of distinct labels on the host (a sync on a GPU; the output's size depends on the data), which
+    ``ranksim_loss``'s default path does not."""
+    index, count = unique_label_layout(targets, generator)
+    kept = int(count)
+    return None if kept == index.shape[0] else index[:kept]
 
 
 def ranksim_loss(features, targets, *, interpolation_lambda=2.0, subsample="unique_labels", generator=None,
@@ -597,11 +611,13 @@ def ranksim_loss(features, targets, *, interpolation_lambda=2.0, subsample="uniq
             defaults to 1).
         subsample: ``'unique_labels'`` (default, published): when labels repeat, keep one random sample per
             distinct label (``generator`` makes it reproducible), rows in ascending label order; when all
-            labels are distinct the batch is kept as is. ``None``: every row. An integer index tensor: those
-            rows, in that order (deterministic; also the form that works under ``torch.compile``).
+            labels are distinct the batch is kept as is. Computed without a host sync: the kept rows are
+            laid out first and their number stays on the device (:func:`unique_label_layout`;
+            ``reduction='none'`` alone reads it, to return the ``[m]`` kept rows). ``None``: every row. An
+            integer index tensor: those rows, in that order (deterministic).
         generator: ``torch.Generator`` on the targets' device for ``'unique_labels'`` (None: global RNG).
-        reduction: ``'sum'`` (default, published: sum over the m rows), ``'mean'`` (over rows; 0 for
-            m = 0), ``'none'`` (``[m]``, the rows in subsample order).
+        reduction: ``'sum'`` (default, published: sum over the m kept rows), ``'mean'`` (over the kept rows;
+            0 for m = 0), ``'none'`` (``[m]``, the kept rows in subsample order).
         backend, check_finite: as every op (module docstring). ``check_finite`` checks features and targets
             before the kernel (CPU: ValueError naming the argument; CUDA: an asynchronous device-side assert,
             no host sync).
@@ -614,6 +630,7 @@ def ranksim_loss(features, targets, *, interpolation_lambda=2.0, subsample="uniq
         V.check_all_finite_async("features", x.detach())
         if y.is_floating_point():
             V.check_all_finite_async("targets", y)
+    count = None
     if isinstance(subsample, torch.Tensor):
         index = V.check_subsample_index(subsample, x.shape[0], x.device, check_values)
     elif subsample is None:
@@ -621,10 +638,14 @@ def ranksim_loss(features, targets, *, interpolation_lambda=2.0, subsample="uniq
     elif isinstance(subsample, str) and subsample == "unique_labels":
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        index = unique_label_subsample(y, generator)
+        index, count = unique_label_layout(y, generator)
     else:
         raise ValueError(f"subsample must be 'unique_labels', None or an integer index tensor, got {subsample!r}")
     if index is not None:
         x, y = x[index], y[index]
     name, impl = resolve(_rs.OP, x, backend)
-    return impl(x, y.detach(), lam, red)
+    if count is None:
+        return impl(x, y.detach(), lam, red)
+    loss = impl(x, y.detach(), lam, red, count)
+    # 'none' returns the kept rows only: its size depends on the data, the one host read of this path
+    return loss[:int(count)] if red == _reduction.NONE else loss

@@ -265,6 +265,118 @@ def test_subsample_generator_reproducible_and_index(backend):
     assert torch.all(xr.grad[dropped] == 0) and xr.grad[idx].abs().sum() > 0
 
 
+def test_unique_label_layout():
+    """The kept rows first (ascending labels), then the others; the count on the device; the same draw as
+    unique_label_subsample; all labels distinct: the batch as is."""
+    y = torch.tensor([5.0, 3.0, 5.0, 1.0, 3.0, 3.0, 9.0])
+    for seed in range(10):
+        index, count = F.unique_label_layout(y, torch.Generator().manual_seed(seed))
+        assert count.dtype == torch.int64 and count.shape == () and int(count) == 4
+        assert sorted(index.tolist()) == list(range(7))                 # a permutation of the rows
+        assert y[index[:4]].tolist() == [1.0, 3.0, 5.0, 9.0]
+        assert torch.equal(index[:4], F.unique_label_subsample(y, torch.Generator().manual_seed(seed)))
+    index, count = F.unique_label_layout(torch.tensor([2.0, 1.0, 3.0]))
+    assert index.tolist() == [0, 1, 2] and int(count) == 3
+    index, count = F.unique_label_layout(torch.zeros(0))
+    assert index.numel() == 0 and int(count) == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_default_subsample_vs_naive_on_the_kept_rows(backend, reduction):
+    """The default subsample keeps every row in place (the kept ones first, a count on the device): loss and
+    gradient equal the naive loops on the kept rows alone, the explicit-index path, and zero gradient on the
+    rows not kept."""
+    x, y = make_batch(23, 5, torch.float64, seed=21)          # labels repeat (ties), a zero row
+    idx = F.unique_label_subsample(y, torch.Generator().manual_seed(3))
+    m = idx.numel()
+    assert 1 < m < 23
+    grad_out = grad_out_for(reduction, m, torch.float64)
+    xr = x.clone().requires_grad_(True)
+    loss = F.ranksim_loss(xr, y, generator=torch.Generator().manual_seed(3), reduction=reduction, backend=backend)
+    (grad,) = torch.autograd.grad((loss * grad_out).sum(), [xr])
+    ref_loss, ref_grad = naive_of(x[idx], y[idx], 2.0, reduction, grad_out)
+    assert_close(loss, ref_loss, torch.float64)
+    assert_close(grad[idx], ref_grad, torch.float64, scale=ref_grad.abs().max())
+    dropped = torch.ones(23, dtype=torch.bool)
+    dropped[idx] = False
+    assert torch.all(grad[dropped] == 0)
+    xi = x.clone().requires_grad_(True)
+    loss_i = F.ranksim_loss(xi, y, subsample=idx, reduction=reduction, backend=backend)
+    (grad_i,) = torch.autograd.grad((loss_i * grad_out).sum(), [xi])
+    assert_close(loss, loss_i, torch.float64)
+    assert_close(grad, grad_i, torch.float64, scale=grad_i.abs().max())
+
+
+def _fused_ops(backend):
+    prefix = "triton_" if backend == "triton" else ""
+    return (getattr(torch.ops.imbreg_fast, f"{prefix}ranksim_fwd"), getattr(torch.ops.imbreg_fast, f"{prefix}ranksim_bwd"))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("reduction", [0, 1, 2])
+def test_fused_count_keeps_the_first_rows(backend, reduction):
+    """The ops with count c: the kept c x c block equals the ops on the first c rows alone (bit for bit),
+    every other entry of S / ranks / row losses and the gradient rows not kept are 0."""
+    fwd, bwd = _fused_ops(backend)
+    x, y = make_batch(13, 4, torch.float64, seed=24)
+    c = 8
+    loss, z, n, s, rf, ry = fwd(x, y, torch.tensor(c), 2.0, reduction, True)
+    loss_c, _, _, s_c, rf_c, ry_c = fwd(x[:c].contiguous(), y[:c].contiguous(), None, 2.0, reduction, True)
+    assert torch.equal(loss[:c] if reduction == 0 else loss, loss_c)
+    for full, part in ((s, s_c), (rf, rf_c), (ry, ry_c)):
+        assert torch.equal(full[:c, :c], part)
+        assert torch.all(full[c:] == 0) and torch.all(full[:, c:] == 0)
+    if reduction == 0:
+        assert torch.all(loss[c:] == 0)
+    g = torch.linspace(0.5, 2.0, 13, dtype=torch.float64) if reduction == 0 else torch.tensor(1.3, dtype=torch.float64)
+    gx = bwd(g, z, n, s, rf, ry, torch.tensor(c), 2.0, reduction)
+    gx_c = bwd(g[:c] if reduction == 0 else g, z[:c].contiguous(), n[:c].contiguous(), s_c, rf_c, ry_c, None, 2.0,
+               reduction)
+    assert torch.equal(gx[:c], gx_c) and torch.all(gx[c:] == 0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_count_bad_values(backend):
+    fwd, _ = _fused_ops(backend)
+    x, y = make_batch(6, 3, torch.float32, seed=25)
+    for bad, clamped in ((torch.tensor(7), 6), (torch.tensor(-1), 0)):
+        if backend == "triton":   # read on the device, no host check: clamped to [0, m] in the kernels
+            assert torch.equal(fwd(x, y, bad, 2.0, 0, False)[0], fwd(x, y, torch.tensor(clamped), 2.0, 0, False)[0])
+        else:
+            with pytest.raises(RuntimeError, match="count must be in"):
+                fwd(x, y, bad, 2.0, 2, False)
+    with pytest.raises((RuntimeError, TypeError), match="count must be a one-element int64"):
+        fwd(x, y, torch.tensor(3.0), 2.0, 2, False)
+
+
+class _NoHostRead(torch.overrides.TorchFunctionMode):
+    """Fails on any Python-level read of a tensor's value (what synchronises with a GPU)."""
+    READS = {torch.Tensor.item, torch.Tensor.__int__, torch.Tensor.__bool__, torch.Tensor.__float__,
+             torch.Tensor.__index__, torch.Tensor.tolist, torch.Tensor.numpy}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS:
+            raise AssertionError(f"host read: {func.__name__}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_subsample_reads_nothing_on_the_host(backend):
+    """The default path (one sample per distinct label) forward and backward with 'sum' and 'mean' reads no
+    tensor value in Python (on a GPU: no host sync); 'none' returns the kept rows only and reads their
+    number (documented), which the detector sees — so it would see a read on the other paths too."""
+    x, y = make_batch(19, 4, torch.float32, seed=22)
+    for reduction in ("sum", "mean"):
+        xr = x.clone().requires_grad_(True)
+        with _NoHostRead():
+            loss = F.ranksim_loss(xr, y, reduction=reduction, backend=backend, check_finite=False)
+            loss.backward()
+        assert xr.grad.abs().sum() > 0
+    with pytest.raises(AssertionError, match="host read"), _NoHostRead():
+        F.ranksim_loss(x, y, reduction="none", backend=backend, check_finite=False)
+
+
 # --------------------------------------------------------------------------------------------------
 # Module, second order, compile, determinism, opcheck
 # --------------------------------------------------------------------------------------------------
@@ -313,6 +425,31 @@ def test_torch_compile_fullgraph(backend):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_default_subsample(backend):
+    """The default subsample compiles into one graph (no data-dependent size, no host read); the draw of
+    the compiled step equals eager's under the same seed (inductor's fallback_random)."""
+    from conftest import interpreted
+    import torch._inductor.config as inductor_config
+    x, y = make_batch(14, 6, torch.float32, seed=23)
+
+    def step(xx, yy):
+        return F.ranksim_loss(xx, yy, reduction="mean", backend=backend, check_finite=False)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if interpreted(backend) else "inductor")
+    a = x.clone().requires_grad_(True)
+    b = x.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    with inductor_config.patch(fallback_random=True):
+        la = compiled(a, y)
+    torch.manual_seed(5)
+    lb = step(b, y)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.requires_cpp
 def test_cpp_bit_identical_across_threads():
     if "cpp" not in [p.values[0] for p in FUSED]:
@@ -336,13 +473,16 @@ def test_opcheck_cpp():
     x, y = make_batch(9, 4, torch.float64, seed=18)
     fwd = torch.ops.imbreg_fast.ranksim_fwd
     for reduction in (0, 1, 2):
-        torch.library.opcheck(fwd.default, (x.clone().requires_grad_(True), y, 2.0, reduction, True),
-                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
-        _, z, n, s, rf, ry = fwd(x, y, 2.0, reduction, True)
-        g = torch.rand(9 if reduction == 0 else (), dtype=torch.float64)
-        torch.library.opcheck(torch.ops.imbreg_fast.ranksim_bwd.default, (g, z, n, s, rf, ry, 2.0, reduction))
+        for count in (None, torch.tensor(6)):
+            torch.library.opcheck(fwd.default, (x.clone().requires_grad_(True), y, count, 2.0, reduction, True),
+                                  test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+        for count in (None, torch.tensor(6)):
+            _, z, n, s, rf, ry = fwd(x, y, count, 2.0, reduction, True)
+            g = torch.rand(9 if reduction == 0 else (), dtype=torch.float64)
+            torch.library.opcheck(torch.ops.imbreg_fast.ranksim_bwd.default,
+                                  (g, z, n, s, rf, ry, count, 2.0, reduction))
     # without compute_grad: five distinct empty tensors (outputs may not alias)
-    torch.library.opcheck(fwd.default, (x, y, 2.0, 2, False), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(fwd.default, (x, y, None, 2.0, 2, False), test_utils=("test_schema", "test_faketensor"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -407,6 +547,6 @@ def test_cpp_ranks_two_index_bytes_nan_signed_zero(dtype):
     x[11] = x[12]                                    # repeated rows: repeated S values
     x[40, 2] = float("nan")                          # unchecked NaN row and column
     y[::3] = -y[::3]
-    _, z, n, s, rf, ry = torch.ops.imbreg_fast.ranksim_fwd(x, y, 2.0, 2, True)
+    _, z, n, s, rf, ry = torch.ops.imbreg_fast.ranksim_fwd(x, y, None, 2.0, 2, True)
     assert torch.equal(rf, rank_normalised(s, dtype))
     assert torch.equal(ry, rank_normalised(label_keys(y), dtype))

@@ -14,6 +14,8 @@ the reduction over rows is a torch sum on the device (no host sync). Backward: (
 S_i + lam G_i, dS = (rank' - R_f) / lam; (5) per row block the chain through the cosine similarity,
 dz_i = sum_j (dS_ij + dS_ji) z_j and dx_i = (dz_i - z_i (z_i . dz_i)) / |x_i|, where
 z_i . dz_i = sum_j (dS_ij + dS_ji) S_ij needs no second pass over dz.
+Kept rows: an optional count tensor c (read by the kernels, never by the host) keeps the first c rows and
+columns only; a program of a row not kept writes zeros, and the rank loops run over the c kept columns.
 Precision: inputs are float32 / float64 (the glue casts half types), everything is computed in that dtype;
 lam is passed as a one-element tensor (a Python float argument would be typed fp32).
 """
@@ -71,11 +73,24 @@ def _normalize_kernel(
 
 
 @triton.jit
+def _active_count(count_ptr, m, HAS_COUNT: tl.constexpr):
+    """The number c of kept rows (the first c of the m): the count tensor's value clamped to [0, m] (read on
+    the device: a bad count never reaches memory beyond the rows; the C++ op raises instead), or m."""
+    if HAS_COUNT:
+        c = tl.minimum(tl.maximum(tl.load(count_ptr), 0), m).to(tl.int32)
+    else:
+        c = m + tl.zeros((), dtype=tl.int32)
+    return c
+
+
+@triton.jit
 def _similarity_kernel(
     z_ptr,        # [m, d] normalised rows
-    s_ptr,        # [m, m] out: z z^T
+    count_ptr,    # [1] int64: the first c rows are kept (HAS_COUNT; else c = m)
+    s_ptr,        # [m, m] out: z z^T on the kept block, 0 outside
     m, d,
-    ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     cols = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)
@@ -85,6 +100,8 @@ def _similarity_kernel(
         a = tl.load(z_ptr + rows[:, None] * d + ks[None, :], mask=(rows < m)[:, None] & (ks < d)[None, :], other=0.0)
         b = tl.load(z_ptr + cols[None, :] * d + ks[:, None], mask=(cols < m)[None, :] & (ks < d)[:, None], other=0.0)
         acc = tl.dot(a, b, acc=acc, input_precision="ieee")
+    c = _active_count(count_ptr, m, HAS_COUNT)
+    acc = tl.where((rows < c)[:, None] & (cols < c)[None, :], acc, 0.0)
     tl.store(s_ptr + rows[:, None] * m + cols[None, :], acc, mask=(rows < m)[:, None] & (cols < m)[None, :])
 
 
@@ -92,25 +109,29 @@ def _similarity_kernel(
 def _rank_fwd_kernel(
     s_ptr,        # [m, m] similarities
     y_ptr,        # [m] labels (their own dtype: the label distances are computed in it)
-    rf_ptr,       # [m, m] out: rank(S_i)
-    ry_ptr,       # [m, m] out: rank(-|y_i - y|)
-    rows_ptr,     # [m] out: mean_j (R_f - R_y)^2
+    count_ptr,    # [1] int64: the first c rows are kept (HAS_COUNT; else c = m)
+    rf_ptr,       # [m, m] out: rank(S_i) among the kept columns, 0 outside the kept block
+    ry_ptr,       # [m, m] out: rank(-|y_i - y|), the same
+    rows_ptr,     # [m] out: mean_j (R_f - R_y)^2 over the kept columns (0 for a row not kept)
     m,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_COUNT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
+    c = _active_count(count_ptr, m, HAS_COUNT)
+    w = tl.where(i < c, c, 0)          # the row's kept columns (none for a row not kept)
     yi = tl.load(y_ptr + i)
     total = tl.zeros((), dtype=ACC)
     for j0 in range(0, m, BLOCK):
         js = j0 + tl.arange(0, BLOCK)
         j_ok = js < m
-        v = tl.load(s_ptr + i * m + js, mask=j_ok, other=0.0)
-        kv = -tl.abs(yi - tl.load(y_ptr + js, mask=j_ok, other=0.0))
+        j_kept = js < w
+        v = tl.load(s_ptr + i * m + js, mask=j_kept, other=0.0)
+        kv = -tl.abs(yi - tl.load(y_ptr + js, mask=j_kept, other=0.0))
         count_f = tl.zeros((BLOCK,), dtype=tl.int32)
         count_y = tl.zeros((BLOCK,), dtype=tl.int32)
-        for k0 in range(0, m, BLOCK):
+        for k0 in range(0, w, BLOCK):
             ks = k0 + tl.arange(0, BLOCK)
-            k_ok = ks < m
+            k_ok = ks < w
             sk = tl.load(s_ptr + i * m + ks, mask=k_ok, other=0.0)
             yk = -tl.abs(yi - tl.load(y_ptr + ks, mask=k_ok, other=0.0))
             # [BLOCK_K, BLOCK_J]: does column k come before column j?
@@ -118,18 +139,18 @@ def _rank_fwd_kernel(
             by = _before(yk[:, None], ks[:, None], kv[None, :], js[None, :]) & k_ok[:, None]
             count_f += tl.sum(bf.to(tl.int32), axis=0)
             count_y += tl.sum(by.to(tl.int32), axis=0)
-        rf = (count_f + 1).to(ACC) / m
-        ry = (count_y + 1).to(ACC) / m
+        rf = tl.where(j_kept, (count_f + 1).to(ACC) / c, 0.0)
+        ry = tl.where(j_kept, (count_y + 1).to(ACC) / c, 0.0)
         tl.store(rf_ptr + i * m + js, rf, mask=j_ok)
         tl.store(ry_ptr + i * m + js, ry, mask=j_ok)
-        e = tl.where(j_ok, rf - ry, 0.0)
+        e = rf - ry
         total += tl.sum(e * e, axis=0)
-    tl.store(rows_ptr + i, total / m)
+    tl.store(rows_ptr + i, total / tl.maximum(c, 1))
 
 
 @triton.jit
 def _perturbed(s_ptr, rf_ptr, ry_ptr, offs, ok, c, lam):
-    """S_ij + lam G_ij with G_ij = c (2 (R_f - R_y)_ij), c = g_i / m."""
+    """S_ij + lam G_ij with G_ij = c (2 (R_f - R_y)_ij), c = g_i / (kept count)."""
     s = tl.load(s_ptr + offs, mask=ok, other=0.0)
     rf = tl.load(rf_ptr + offs, mask=ok, other=0.0)
     ry = tl.load(ry_ptr + offs, mask=ok, other=0.0)
@@ -141,32 +162,36 @@ def _rank_bwd_kernel(
     grad_ptr,     # [] or [m] ('none'): incoming gradient of the loss
     lam_ptr,      # [1] lambda
     s_ptr, rf_ptr, ry_ptr,   # [m, m] saved by the forward
-    ds_ptr,       # [m, m] out: (rank(S_i + lam G_i) - R_f,i) / lam
+    count_ptr,    # [1] int64: the first c rows are kept (HAS_COUNT; else c = m)
+    ds_ptr,       # [m, m] out: (rank(S_i + lam G_i) - R_f,i) / lam on the kept block, 0 outside
     m,
-    REDUCTION: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, HAS_COUNT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     i = tl.program_id(0)
+    c = _active_count(count_ptr, m, HAS_COUNT)
+    w = tl.where(i < c, c, 0)
     lam = tl.load(lam_ptr)
     if REDUCTION == NONE:
         g = tl.load(grad_ptr + i)
     elif REDUCTION == MEAN:
-        g = tl.load(grad_ptr) / m
+        g = tl.load(grad_ptr) / tl.maximum(c, 1)
     else:
         g = tl.load(grad_ptr)
-    c = g / m
+    g_row = g / tl.maximum(c, 1)
     for j0 in range(0, m, BLOCK):
         js = j0 + tl.arange(0, BLOCK)
         j_ok = js < m
-        v, rf = _perturbed(s_ptr, rf_ptr, ry_ptr, i * m + js, j_ok, c, lam)
+        j_kept = js < w
+        v, rf = _perturbed(s_ptr, rf_ptr, ry_ptr, i * m + js, j_kept, g_row, lam)
         count = tl.zeros((BLOCK,), dtype=tl.int32)
-        for k0 in range(0, m, BLOCK):
+        for k0 in range(0, w, BLOCK):
             ks = k0 + tl.arange(0, BLOCK)
-            k_ok = ks < m
-            vk, _ = _perturbed(s_ptr, rf_ptr, ry_ptr, i * m + ks, k_ok, c, lam)
+            k_ok = ks < w
+            vk, _ = _perturbed(s_ptr, rf_ptr, ry_ptr, i * m + ks, k_ok, g_row, lam)
             before = _before(vk[:, None], ks[:, None], v[None, :], js[None, :]) & k_ok[:, None]
             count += tl.sum(before.to(tl.int32), axis=0)
-        rank_p = (count + 1).to(rf.dtype) / m
-        tl.store(ds_ptr + i * m + js, (rank_p - rf) / lam, mask=j_ok)
+        rank_p = (count + 1).to(rf.dtype) / c
+        tl.store(ds_ptr + i * m + js, tl.where(j_kept, (rank_p - rf) / lam, 0.0), mask=j_ok)
 
 
 @triton.jit
@@ -215,7 +240,28 @@ def _check(name: str, t: torch.Tensor) -> None:
         raise TypeError(f"ranksim (Triton): {name} must be float32 or float64, got {t.dtype}")
 
 
-def ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, lam: float, reduction: int, compute_grad: bool):
+def _count_arg(count, ref: torch.Tensor):
+    """(pointer argument, HAS_COUNT) of the optional kept-row count ([] or [1] int64 on the device)."""
+    if count is None:
+        return ref, False
+    if count.dtype != torch.int64 or count.numel() != 1 or count.device != ref.device:
+        raise TypeError(f"ranksim (Triton): count must be a one-element int64 tensor on {ref.device}, got "
+                        f"{count.dtype} {tuple(count.shape)} on {count.device}")
+    return count.reshape(1), True
+
+
+def _reduce(rows: torch.Tensor, reduction: int, count) -> torch.Tensor:
+    """The row losses reduced on the device (no host sync): 'none' [m], 'sum', 'mean' over the kept rows."""
+    if reduction == int(NONE):
+        return rows
+    loss = rows.sum()
+    if reduction == int(MEAN):
+        loss = loss / (max(rows.shape[0], 1) if count is None else count.reshape(()).clamp_min(1))
+    return loss
+
+
+def ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, count, lam: float, reduction: int,
+                compute_grad: bool):
     """(loss, z, norms, S, R_f, R_y); see the C++ op ``imbreg_fast::ranksim_fwd``."""
     _check("features", features)
     _check("labels", labels)
@@ -223,6 +269,7 @@ def ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, lam: float, reduct
     y = labels.contiguous()
     m, d = x.shape
     acc = acc_dtype(x.dtype)
+    count_arg, has_count = _count_arg(count, x)
     z, norms = torch.empty_like(x), x.new_empty(m)
     s, rf, ry = (x.new_empty(m, m) for _ in range(3))
     rows = x.new_empty(m)
@@ -231,20 +278,16 @@ def ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, lam: float, reduct
             _normalize_kernel[(triton.cdiv(m, BLOCK_I),)](x, z, norms, m, d, NORM_EPS, ACC=acc, BLOCK_I=BLOCK_I,
                                                           BLOCK_D=BLOCK_D)
             _similarity_kernel[(triton.cdiv(m, BLOCK_I), triton.cdiv(m, BLOCK_J))](
-                z, s, m, d, ACC=acc, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J, BLOCK_D=BLOCK_D)
-            _rank_fwd_kernel[(m,)](s, y, rf, ry, rows, m, ACC=acc, BLOCK=BLOCK_R)
-    if reduction == int(NONE):
-        loss = rows
-    else:
-        loss = rows.sum()
-        if reduction == int(MEAN):
-            loss = loss / max(m, 1)
+                z, count_arg, s, m, d, HAS_COUNT=has_count, ACC=acc, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
+                BLOCK_D=BLOCK_D)
+            _rank_fwd_kernel[(m,)](s, y, count_arg, rf, ry, rows, m, HAS_COUNT=has_count, ACC=acc, BLOCK=BLOCK_R)
+    loss = _reduce(rows, reduction, count)
     if not compute_grad:
         return (loss,) + tuple(x.new_empty(0) for _ in range(5))   # distinct tensors: outputs may not alias
     return loss, z, norms, s, rf, ry
 
 
-def ranksim_bwd(grad_loss, z, norms, s, rank_f, rank_y, lam: float, reduction: int) -> torch.Tensor:
+def ranksim_bwd(grad_loss, z, norms, s, rank_f, rank_y, count, lam: float, reduction: int) -> torch.Tensor:
     """d loss / d features [m, d]; see the C++ op ``imbreg_fast::ranksim_bwd``."""
     _check("z", z)
     m, d = z.shape
@@ -252,11 +295,13 @@ def ranksim_bwd(grad_loss, z, norms, s, rank_f, rank_y, lam: float, reduction: i
     if m == 0:
         return gx
     acc = acc_dtype(z.dtype)
+    count_arg, has_count = _count_arg(count, z)
     g = grad_loss.to(z.dtype).contiguous()
     lam_t = torch.full((1,), lam, dtype=z.dtype, device=z.device)
     ds = z.new_empty(m, m)
     with device_guard(z):
-        _rank_bwd_kernel[(m,)](g, lam_t, s, rank_f, rank_y, ds, m, REDUCTION=int(reduction), BLOCK=BLOCK_R)
+        _rank_bwd_kernel[(m,)](g, lam_t, s, rank_f, rank_y, count_arg, ds, m, REDUCTION=int(reduction),
+                               HAS_COUNT=has_count, BLOCK=BLOCK_R)
         _chain_kernel[(triton.cdiv(m, BLOCK_I),)](ds, s, z, norms, gx, m, d, NORM_EPS, ACC=acc, BLOCK_I=BLOCK_I,
                                                   BLOCK_J=BLOCK_J, BLOCK_D=BLOCK_D)
     return gx

@@ -2,6 +2,7 @@
 // docs/methods.md (RankSim) and imbreg_fast/ops/ranksim.py. Compiled once per CPU capability (DEFAULT, AVX2,
 // AVX512; setup.py); at::vec::Vectorized<T> picks the vector width.
 //
+// The optional count c keeps the first c rows and columns only (csrc/ranksim.cpp); the rest is written 0.
 // Every pass works row by row (at::parallel_for over rows); a row's results depend on that row's inputs
 // only and are summed in a fixed order, so the output is bit-identical whatever the number of threads. The
 // row reduction of the loss is a serial sum in row order.
@@ -129,67 +130,82 @@ inline void axpy(T a, const T* x, T* y, int64_t d) {
   for (; k < d; ++k) y[k] += a * x[k];
 }
 
+// The active rows and columns are the first c of the m (the count argument of the ops): S, the ranks and the
+// row losses of the c x c problem, stored with row stride m; every entry outside it is 0.
 template <typename T, typename L>
-void forward_impl(const T* x, const L* y, int64_t m, int64_t d, T* z, T* norms, T* s, T* rf, T* ry, T* rows) {
-  // z_i = x_i / max(|x_i|, eps)  (F.normalize)
+void forward_impl(const T* x, const L* y, int64_t m, int64_t c, int64_t d, T* z, T* norms, T* s, T* rf, T* ry,
+                  T* rows) {
+  // z_i = x_i / max(|x_i|, eps)  (F.normalize), every row (the outputs are defined everywhere)
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const T n = std::sqrt(dot(x + i * d, x + i * d, d));
       norms[i] = n;
-      const T c = std::max(n, static_cast<T>(kNormEps));
-      for (int64_t k = 0; k < d; ++k) z[i * d + k] = x[i * d + k] / c;
+      const T cl = std::max(n, static_cast<T>(kNormEps));
+      for (int64_t k = 0; k < d; ++k) z[i * d + k] = x[i * d + k] / cl;
     }
   });
-  // Per row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2.
-  const std::vector<T> rank_value = rank_values<T>(m);
+  // Per active row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2
+  // over the active columns j < c.
+  const std::vector<T> rank_value = rank_values<T>(c);
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<typename RankKey<T>::type> sort_t, tmp_t;
     std::vector<typename RankKey<L>::type> sort_l, tmp_l;
-    std::vector<L> label_key(m);
+    std::vector<L> label_key(c);
     for (int64_t i = begin; i < end; ++i) {
       T* si = s + i * m;
-      for (int64_t j = 0; j < m; ++j) si[j] = dot(z + i * d, z + j * d, d);
-      rank_row(si, m, rank_value.data(), sort_t, tmp_t, rf + i * m);
-      for (int64_t j = 0; j < m; ++j) label_key[j] = -std::abs(y[i] - y[j]);
-      rank_row(label_key.data(), m, rank_value.data(), sort_l, tmp_l, ry + i * m);
+      T* rfi = rf + i * m;
+      T* ryi = ry + i * m;
+      const int64_t w = i < c ? c : 0;   // the row's active columns
+      std::fill(si + w, si + m, T(0));
+      std::fill(rfi + w, rfi + m, T(0));
+      std::fill(ryi + w, ryi + m, T(0));
+      rows[i] = T(0);
+      if (w == 0) continue;
+      for (int64_t j = 0; j < c; ++j) si[j] = dot(z + i * d, z + j * d, d);
+      rank_row(si, c, rank_value.data(), sort_t, tmp_t, rfi);
+      for (int64_t j = 0; j < c; ++j) label_key[j] = -std::abs(y[i] - y[j]);
+      rank_row(label_key.data(), c, rank_value.data(), sort_l, tmp_l, ryi);
       T acc = T(0);
-      for (int64_t j = 0; j < m; ++j) {
-        const T e = rf[i * m + j] - ry[i * m + j];
+      for (int64_t j = 0; j < c; ++j) {
+        const T e = rfi[j] - ryi[j];
         acc += e * e;
       }
-      rows[i] = acc / static_cast<T>(m);
+      rows[i] = acc / static_cast<T>(c);
     }
   });
 }
 
 template <typename T>
 void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* norms, const T* s, const T* rf,
-                   const T* ry, T lam, int64_t m, int64_t d, T* ds, T* gx) {
-  const T mt = static_cast<T>(m);
-  const std::vector<T> rank_value = rank_values<T>(m);
-  // dS_i = (rank(S_i + lam G_i) - R_f,i) / lam,  G_ij = (g_i / m) (2 (R_f - R_y)_ij)  (the d/dR_f of
-  // g_i mean_j (R_f - R_y)^2); g_i = grad[i] ('none'), grad ('sum') or grad / m ('mean').
-  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+                   const T* ry, T lam, int64_t m, int64_t c, int64_t d, T* ds, T* gx) {
+  const T ct = static_cast<T>(c);
+  const std::vector<T> rank_value = rank_values<T>(c);
+  // dS_i = (rank(S_i + lam G_i) - R_f,i) / lam over the active columns,  G_ij = (g_i / c) (2 (R_f - R_y)_ij)
+  // (the d/dR_f of g_i mean_j (R_f - R_y)^2); g_i = grad[i] ('none'), grad ('sum') or grad / c ('mean').
+  // Only the active c x c block of ds is written and read.
+  at::parallel_for(0, c, kRowGrain, [&](int64_t begin, int64_t end) {
     std::vector<typename RankKey<T>::type> sort_keys, tmp;
-    std::vector<T> perturbed(m), rank_p(m);
+    std::vector<T> perturbed(c), rank_p(c);
     for (int64_t i = begin; i < end; ++i) {
-      const T gi = per_row ? grad[i] : mean ? grad[0] / mt : grad[0];
-      const T c = gi / mt;
-      for (int64_t j = 0; j < m; ++j) {
-        const T g = c * (T(2) * (rf[i * m + j] - ry[i * m + j]));
+      const T gi = per_row ? grad[i] : mean ? grad[0] / ct : grad[0];
+      const T g_row = gi / ct;
+      for (int64_t j = 0; j < c; ++j) {
+        const T g = g_row * (T(2) * (rf[i * m + j] - ry[i * m + j]));
         perturbed[j] = s[i * m + j] + lam * g;
       }
-      rank_row(perturbed.data(), m, rank_value.data(), sort_keys, tmp, rank_p.data());
-      for (int64_t j = 0; j < m; ++j) ds[i * m + j] = (rank_p[j] - rf[i * m + j]) / lam;
+      rank_row(perturbed.data(), c, rank_value.data(), sort_keys, tmp, rank_p.data());
+      for (int64_t j = 0; j < c; ++j) ds[i * m + j] = (rank_p[j] - rf[i * m + j]) / lam;
     }
   });
-  // S = z z^T: dz_i = sum_j (dS_ij + dS_ji) z_j. z = x / c, c = max(|x|, eps):
+  // S = z z^T: dz_i = sum_j (dS_ij + dS_ji) z_j. z = x / cl, cl = max(|x|, eps):
   //   |x| >= eps: dx = dz / |x| - x (dz . x) / |x|^3 = (dz - z (z . dz)) / |x|;   |x| < eps: dx = dz / eps.
+  // Inactive rows (i >= c) do not enter the loss: dx_i = 0.
   at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       T* out = gx + i * d;
       std::fill(out, out + d, T(0));
-      for (int64_t j = 0; j < m; ++j) {
+      if (i >= c) continue;
+      for (int64_t j = 0; j < c; ++j) {
         const T a = ds[i * m + j] + ds[j * m + i];
         if (a != T(0)) axpy(a, z + j * d, out, d);
       }
@@ -204,13 +220,26 @@ void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* 
   });
 }
 
+// The active count c of the optional count argument ([] or [1] int64 CPU, 0 <= c <= m); None: every row.
+int64_t active_count(const char* op, const c10::optional<at::Tensor>& count, int64_t m) {
+  if (!count.has_value()) return m;
+  const at::Tensor& t = *count;
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.numel() == 1, op,
+              ": count must be a one-element int64 CPU tensor, got ", t.scalar_type(), " ", t.sizes(), " on ",
+              t.device());
+  const int64_t c = t.item<int64_t>();
+  TORCH_CHECK(c >= 0 && c <= m, op, ": count must be in [0, ", m, "], got ", c);
+  return c;
+}
+
 void check_reduction(const char* op, int64_t reduction) {
   TORCH_CHECK(reduction == at::Reduction::None || reduction == at::Reduction::Mean || reduction == at::Reduction::Sum,
               op, ": reduction must be 0 ('none'), 1 ('mean') or 2 ('sum'), got ", reduction);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ranksim_fwd_cpu(
-    const at::Tensor& features, const at::Tensor& labels, double lam, int64_t reduction, bool compute_grad) {
+    const at::Tensor& features, const at::Tensor& labels, const c10::optional<at::Tensor>& count, double lam,
+    int64_t reduction, bool compute_grad) {
   const char* op = "imbreg_fast::ranksim_fwd";
   TORCH_CHECK(features.device().is_cpu() && labels.device().is_cpu(), op, ": CPU tensors expected");
   TORCH_CHECK(features.dim() == 2, op, ": features must be [m, d], got ", features.sizes());
@@ -227,6 +256,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor x = features.contiguous();
   const at::Tensor y = labels.contiguous();
   const int64_t m = x.size(0), d = x.size(1);
+  const int64_t c = active_count(op, count, m);
   const auto opt = x.options();
   at::Tensor z = at::empty({m, d}, opt), norms = at::empty({m}, opt);
   at::Tensor s = at::empty({m, m}, opt), rf = at::empty({m, m}, opt), ry = at::empty({m, m}, opt);
@@ -235,7 +265,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   AT_DISPATCH_FLOATING_TYPES(dt, "ranksim", [&] {
     using T = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(lt, "ranksim_labels", [&] {
-      forward_impl<T, scalar_t>(x.const_data_ptr<T>(), y.const_data_ptr<scalar_t>(), m, d, z.mutable_data_ptr<T>(),
+      forward_impl<T, scalar_t>(x.const_data_ptr<T>(), y.const_data_ptr<scalar_t>(), m, c, d, z.mutable_data_ptr<T>(),
                                 norms.mutable_data_ptr<T>(), s.mutable_data_ptr<T>(), rf.mutable_data_ptr<T>(),
                                 ry.mutable_data_ptr<T>(), rows.mutable_data_ptr<T>());
     });
@@ -245,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const T* r = rows.const_data_ptr<T>();
       T total = T(0);
       for (int64_t i = 0; i < m; ++i) total += r[i];
-      if (reduction == at::Reduction::Mean) total = m > 0 ? total / static_cast<T>(m) : T(0);
+      if (reduction == at::Reduction::Mean) total = c > 0 ? total / static_cast<T>(c) : T(0);
       loss = at::scalar_tensor(total, opt);
     }
   });
@@ -257,8 +287,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 at::Tensor ranksim_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& z, const at::Tensor& norms,
-                           const at::Tensor& s, const at::Tensor& rank_f, const at::Tensor& rank_y, double lam,
-                           int64_t reduction) {
+                           const at::Tensor& s, const at::Tensor& rank_f, const at::Tensor& rank_y,
+                           const c10::optional<at::Tensor>& count, double lam, int64_t reduction) {
   const char* op = "imbreg_fast::ranksim_bwd";
   check_reduction(op, reduction);
   TORCH_CHECK(z.dim() == 2, op, ": z must be [m, d], got ", z.sizes());
@@ -275,6 +305,7 @@ at::Tensor ranksim_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& z, con
   TORCH_CHECK(per_row ? grad_loss.numel() == m : grad_loss.numel() == 1, op, ": grad_loss must be ",
               per_row ? "[m]" : "a scalar", ", got ", grad_loss.sizes());
   TORCH_CHECK(std::isfinite(lam) && lam > 0.0, op, ": lam must be finite and > 0, got ", lam);
+  const int64_t c = active_count(op, count, m);
   const at::Tensor g = grad_loss.contiguous(), zc = z.contiguous(), nc = norms.contiguous(), sc = s.contiguous();
   const at::Tensor rfc = rank_f.contiguous(), ryc = rank_y.contiguous();
   at::Tensor gx = at::empty({m, d}, z.options());
@@ -284,7 +315,7 @@ at::Tensor ranksim_bwd_cpu(const at::Tensor& grad_loss, const at::Tensor& z, con
     using T = scalar_t;
     backward_impl<T>(g.const_data_ptr<T>(), per_row, reduction == at::Reduction::Mean, zc.const_data_ptr<T>(), nc.const_data_ptr<T>(),
                      sc.const_data_ptr<T>(), rfc.const_data_ptr<T>(), ryc.const_data_ptr<T>(), static_cast<T>(lam), m,
-                     d, ds.mutable_data_ptr<T>(), gx.mutable_data_ptr<T>());
+                     c, d, ds.mutable_data_ptr<T>(), gx.mutable_data_ptr<T>());
   });
   return gx;
 }

@@ -1,7 +1,9 @@
 """RankSim (Gong et al., ICML 2022): the glue of the family's three backends.
 
 Definitions (docs: the RankSim section of docs/methods.md). Features x [m, d] (already subsampled by
-:func:`imbreg_fast.functional.ranksim_loss`), labels y [m]:
+:func:`imbreg_fast.functional.ranksim_loss`, or laid out with the c kept rows first and ``count`` = c: then
+every formula below is over the first c rows and columns, m reads c, and the other rows get no loss and no
+gradient — the form of the default subsample, whose size is not read on the host), labels y [m]:
 
     z_i   = x_i / max(|x_i|, eps)            (eps = 1e-12, as F.normalize)
     S     = z z^T                            (cosine similarities, [m, m])
@@ -75,28 +77,36 @@ def _first_order(grad: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def stable_rank(v: torch.Tensor) -> torch.Tensor:
+def stable_rank(v: torch.Tensor, kept: torch.Tensor | None = None) -> torch.Tensor:
     """0-based descending rank along dim 1 of v [m, k], ties: the later index first (int64).
 
     A stable ascending sort keeps equal values in index order; reversed, it is the descending order with
-    the later index first among equals. rank[order[p]] = p inverts that permutation."""
+    the later index first among equals. rank[order[p]] = p inverts that permutation. With ``kept`` ([k]
+    bool), the rank among the kept columns only: the number of kept columns before each one in that order
+    (the entries of columns not kept are meaningless)."""
     order = torch.sort(v, dim=1, stable=True).indices.flip(1)
-    pos = torch.arange(v.shape[1], device=v.device).expand_as(order)
+    if kept is None:
+        pos = torch.arange(v.shape[1], device=v.device).expand_as(order)
+    else:
+        pos = torch.cumsum(kept[order].long(), dim=1) - 1
     return torch.empty_like(order).scatter_(1, order, pos)
 
 
-def rank_normalised(v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(stable_rank(v) + 1) / k in ``dtype`` (k = v.shape[1])."""
-    return (stable_rank(v) + 1).to(dtype) / v.shape[1]
+def rank_normalised(v: torch.Tensor, dtype: torch.dtype, kept: torch.Tensor | None = None,
+                    count: torch.Tensor | None = None) -> torch.Tensor:
+    """(stable_rank(v, kept) + 1) / c in ``dtype``: c = v.shape[1], or the kept count ``count`` (a tensor)."""
+    r = (stable_rank(v, kept) + 1).to(dtype)
+    return r / (v.shape[1] if count is None else count.to(dtype))
 
 
 class _BlackboxRank(torch.autograd.Function):
-    """R = rank_normalised(S) per row; backward: dS = (rank(S + lambda G) - R) / lambda."""
+    """R = rank_normalised(S) per row (among the kept columns); backward: dS = (rank(S + lambda G) - R) /
+    lambda on the kept block, 0 outside it (``block``: [m, m] bool, or None for every entry)."""
 
     @staticmethod
-    def forward(ctx, s, lam):
-        r = rank_normalised(s, s.dtype)
-        ctx.lam = lam
+    def forward(ctx, s, lam, kept, count, block):
+        r = rank_normalised(s, s.dtype, kept, count)
+        ctx.lam, ctx.kept, ctx.count, ctx.block = lam, kept, count, block
         ctx.save_for_backward(s, r)
         return r
 
@@ -104,9 +114,11 @@ class _BlackboxRank(torch.autograd.Function):
     def backward(ctx, grad_r):
         s, r = ctx.saved_tensors
         with torch.no_grad():
-            perturbed = rank_normalised(s + ctx.lam * grad_r, s.dtype)
+            perturbed = rank_normalised(s + ctx.lam * grad_r, s.dtype, ctx.kept, ctx.count)
             grad_s = (perturbed - r) / ctx.lam
-        return _first_order(grad_s, s), None
+            if ctx.block is not None:
+                grad_s = torch.where(ctx.block, grad_s, 0.0)
+        return _first_order(grad_s, s), None, None, None, None
 
 
 def label_keys(y: torch.Tensor) -> torch.Tensor:
@@ -122,24 +134,35 @@ def label_dtype(y: torch.Tensor) -> torch.dtype:
     return torch.float32 if y.is_floating_point() else torch.float64
 
 
-def _reduce(rows: torch.Tensor, reduction: int) -> torch.Tensor:
+def _reduce(rows: torch.Tensor, reduction: int, count: torch.Tensor | None) -> torch.Tensor:
+    """'none' [m] (0 for the rows not kept), 'sum', or 'mean' over the kept rows (0 when none is kept)."""
     if reduction == _reduction.NONE:
         return rows
     total = rows.sum()
     if reduction == _reduction.SUM:
         return total
-    return total / max(rows.shape[0], 1)
+    return total / (max(rows.shape[0], 1) if count is None else count.to(total.dtype).clamp_min(1))
 
 
-def ranksim_torch(x, y, lam, reduction):
-    """x [m, d] floating, y [m] real, lam > 0, reduction code -> loss (x's dtype)."""
+def ranksim_torch(x, y, lam, reduction, count=None):
+    """x [m, d] floating, y [m] real, lam > 0, reduction code, count (None, or an int64 tensor c: only the
+    first c rows are kept, the others take no part) -> loss (x's dtype; 'none': [m])."""
     dtype = compute_dtype(x.dtype)
+    m = x.shape[0]
     z = TF.normalize(x.to(dtype), dim=1, eps=NORM_EPS)
     s = z @ z.T
-    rf = _BlackboxRank.apply(s, lam)
-    ry = rank_normalised(label_keys(y.to(label_dtype(y))), dtype)
-    rows = ((rf - ry) ** 2).mean(1) if x.shape[0] > 0 else rf.new_zeros(0)
-    return _reduce(rows, reduction).to(x.dtype)
+    kept = block = None
+    if count is not None:
+        kept = torch.arange(m, device=x.device) < count
+        block = kept.unsqueeze(1) & kept.unsqueeze(0)
+    rf = _BlackboxRank.apply(s, lam, kept, count, block)
+    ry = rank_normalised(label_keys(y.to(label_dtype(y))), dtype, kept, count)
+    err = (rf - ry) ** 2
+    if count is None:
+        rows = err.mean(1) if m > 0 else rf.new_zeros(0)
+    else:
+        rows = torch.where(block, err, 0.0).sum(1) / count.to(dtype).clamp_min(1)
+    return _reduce(rows, reduction, count).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,7 +192,7 @@ def _fused_autograd(bwd_op_name: str):
         ctx.lam = args.lam
         ctx.reduction = args.reduction
         ctx.mark_non_differentiable(z, norms, s, rf, ry)
-        return z, norms, s, rf, ry, args.features
+        return z, norms, s, rf, ry, args.count, args.features
 
     def backward(ctx, saved, grad_loss, *_unused):
         nonlocal bwd_op
@@ -177,10 +200,11 @@ def _fused_autograd(bwd_op_name: str):
             raise RuntimeError("imbreg_fast: backward through ranksim_fwd called with compute_grad=False")
         if bwd_op is None:
             bwd_op = getattr(torch.ops.imbreg_fast, bwd_op_name)
-        z, norms, s, rf, ry, features = saved
+        z, norms, s, rf, ry, count, features = saved
         grads = {}
         if ctx.needs_grad["features"]:
-            g = bwd_op(grad_loss.detach().to(z.dtype).contiguous(), z, norms, s, rf, ry, ctx.lam, ctx.reduction)
+            g = bwd_op(grad_loss.detach().to(z.dtype).contiguous(), z, norms, s, rf, ry, count, ctx.lam,
+                       ctx.reduction)
             grads["features"] = _first_order(g.to(features.dtype), features)
         return grads
 
@@ -197,31 +221,32 @@ def _register_fused(fwd: str, bwd: str):
 
 
 def _fused_impl(fwd_op):
-    def ranksim(x, y, lam, reduction):
+    def ranksim(x, y, lam, reduction, count=None):
         dtype = compute_dtype(x.dtype)
         xc = x.to(dtype).contiguous()
         yc = y.to(label_dtype(y)).contiguous()
-        loss = fwd_op(xc, yc, float(lam), reduction, grad_required(x))[0]
+        loss = fwd_op(xc, yc, count, float(lam), reduction, grad_required(x))[0]
         return loss.to(x.dtype)
 
     return ranksim
 
 
 @torch.library.custom_op("imbreg_fast::triton_ranksim_fwd", mutates_args=())
-def triton_ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, lam: float, reduction: int,
-                       compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+def triton_ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, count: torch.Tensor | None, lam: float,
+                       reduction: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                     torch.Tensor, torch.Tensor]:
     """Triton RankSim forward: (loss, z, norms, S, R_f, R_y); see ``imbreg_fast::ranksim_fwd``."""
     from ..triton_kernels import ranksim
-    return ranksim.ranksim_fwd(features, labels, lam, reduction, compute_grad)
+    return ranksim.ranksim_fwd(features, labels, count, lam, reduction, compute_grad)
 
 
 @torch.library.custom_op("imbreg_fast::triton_ranksim_bwd", mutates_args=())
 def triton_ranksim_bwd(grad_loss: torch.Tensor, z: torch.Tensor, norms: torch.Tensor, s: torch.Tensor,
-                       rank_f: torch.Tensor, rank_y: torch.Tensor, lam: float, reduction: int) -> torch.Tensor:
+                       rank_f: torch.Tensor, rank_y: torch.Tensor, count: torch.Tensor | None, lam: float,
+                       reduction: int) -> torch.Tensor:
     """Triton RankSim backward: d loss / d features; see ``imbreg_fast::ranksim_bwd``."""
     from ..triton_kernels import ranksim
-    return ranksim.ranksim_bwd(grad_loss, z, norms, s, rank_f, rank_y, lam, reduction)
+    return ranksim.ranksim_bwd(grad_loss, z, norms, s, rank_f, rank_y, count, lam, reduction)
 
 
 def register_backends(cpp: bool) -> None:
