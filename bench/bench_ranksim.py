@@ -6,8 +6,10 @@ Providers, side by side in one run: the published formulation (imbreg_fast/exper
 ``autograd.Function``) eager and under ``torch.compile(dynamic=False)`` (not fullgraph: its subsample test
 ``len(torch.unique(y)) < len(y)`` is data dependent; compilation excluded from the timing, reported as
 ``compile_s``), and our backends ``torch``, ``cpp`` (CPU) and ``triton`` (CUDA only; skipped here without
-a GPU). Labels are distinct (``n`` distinct labels: the subsample keeps the whole batch), features
-``[n, 128]``.
+a GPU). Labels (``labels``): ``distinct`` (``n`` distinct labels: the subsample keeps the whole batch; the
+issue's target case) or ``ages`` (integer ages 0..99, repeated: the default subsample keeps one row per
+distinct age — ours computes it without a host sync, the kept rows first and their count on the device);
+features ``[n, 128]``.
 
 Sizes (``IMBREG_BENCH_SIZES``): smoke n = 64, quick n = 256, full (default) n = 512.
 Protocol (warm-up, memory, rounds): bench/harness.py. Run::
@@ -35,15 +37,19 @@ PROVIDERS = ("cpu-reference", "cpu-reference_compile", "cpu-torch", "cpu-cpp",
 MODES = ("fwd", "fwd_bwd")
 
 
+@pytest.mark.parametrize("labels", ("distinct", "ages"))
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("provider", PROVIDERS)
-def test_ranksim(benchmark, provider, mode):
+def test_ranksim(benchmark, provider, mode, labels):
     device, kind = provider.split("-", 1)
     skip_unavailable("ranksim_loss", device, kind)
     n = SIZES[preset()]
     g = torch.Generator().manual_seed(0)
     features = torch.randn(n, DIM, generator=g).to(device).requires_grad_(mode == "fwd_bwd")
-    targets = (torch.randperm(n, generator=g).float() * 0.5).reshape(n, 1).to(device)   # n distinct labels
+    if labels == "distinct":
+        targets = (torch.randperm(n, generator=g).float() * 0.5).reshape(n, 1).to(device)
+    else:
+        targets = torch.randint(0, 100, (n, 1), generator=g).float().to(device)
     if kind.startswith("reference"):
         def fn(x, y):
             return GAMMA * pub.ranksim_loss_published(x, y, LAMBDA)
@@ -65,5 +71,5 @@ def test_ranksim(benchmark, provider, mode):
         return loss
 
     run_benchmark(benchmark, step, device=device)
-    benchmark.extra_info.update(case=f"ranksim-n{n}-d{DIM}", provider=provider, mode=mode, n=n, d=DIM,
+    benchmark.extra_info.update(case=f"ranksim-{labels}-n{n}-d{DIM}", provider=provider, mode=mode, n=n, d=DIM,
                                 check_finite=CHECK_FINITE)

@@ -363,6 +363,11 @@ def check_noise_var_value(noise_var: torch.Tensor) -> None:
     """sigma^2 finite and > 0. On CUDA without a host sync: an asynchronous device-side assert
     (docs/methods.md §1.8); elsewhere a ValueError."""
     v = noise_var.detach()
+    if v.device.type == "cpu" and not torch.compiler.is_compiling() and not torch._C._functorch.is_batchedtensor(v):
+        x = v.item()          # a CPU scalar: one read, no tensor ops (this runs on every call)
+        if not (math.isfinite(x) and x > 0):
+            raise ValueError(f"noise_var must be finite and > 0, got {x}")
+        return
     ok = torch.isfinite(v) & (v > 0)
     if asserts_on_device(v):
         torch._assert_async(ok, "imbreg_fast: noise_var must be finite and > 0")

@@ -62,6 +62,38 @@ def _inputs(dtype=torch.float64, n=6):
 
 
 @pytest.mark.parametrize("loss,backend", list(_cases(include_torch=False)))
+def test_fused_eager_call_is_lean(loss, backend):
+    """An eager fused call records the helper's light autograd node (not torch.library's, which re-derives the
+    schema's defaults per call), and its backward allocates no gradient for the non-differentiable outputs
+    (no zero-filled [N] tensors: only the scaling of the forward's gradient touches N values)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    n = 257
+    pred, target = _inputs(n=n)
+    pred.requires_grad_(True)
+    loss_value = LOSSES[loss](pred, target, torch.tensor(0.7, dtype=torch.float64), backend)
+    names = []
+    node = loss_value.grad_fn
+    while node is not None:
+        names.append(type(node).__name__)
+        node = node.next_functions[0][0] if node.next_functions else None
+    assert any(name.endswith("_eagerBackward") for name in names), names
+    big = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(t, torch.Tensor) and t.numel() == n:
+                    big.append(func.__name__)
+            return out
+
+    with Record():
+        loss_value.backward()
+    assert not any(name.split(".")[0] in ("zeros", "zeros_like", "fill_", "zero_", "new_zeros") for name in big), big
+    assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+@pytest.mark.parametrize("loss,backend", list(_cases(include_torch=False)))
 def test_fused_double_backward_raises_and_names_the_fix(loss, backend):
     pred, target = _inputs(torch.float32)
     pred.requires_grad_(True)

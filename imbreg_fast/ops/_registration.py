@@ -9,7 +9,8 @@ glue module, ``imbreg_fast/ops/<family>.py``). :func:`register_fused_op` then gi
   ``setup_context`` / ``backward`` **by name** (the op's schema names them), and
 - a callable :class:`FusedOp` that also works under ``torch.func`` transforms (``grad``, ``vmap``,
   ``jacrev``): these need an ``autograd.Function`` in the ``setup_context`` form, which
-  ``register_autograd`` does not generate; the same ``setup_context`` / ``backward`` serve both.
+  ``register_autograd`` does not generate; the same ``setup_context`` / ``backward`` serve both, and
+  eager calls take a lighter ``autograd.Function`` with them too (see :class:`FusedOp`).
 
 Loss kernels compute the input gradient in the forward pass and their backward only scales it, so they
 cannot be differentiated twice. When a graph of their backward is being built (``create_graph=True``,
@@ -83,19 +84,28 @@ def _first_order_only(grads: tuple, anchor: torch.Tensor, qualname: str) -> tupl
 class FusedOp:
     """A registered fused op; call it like ``torch.ops.imbreg_fast.<name>``.
 
-    Eager and ``torch.compile`` calls go to the op itself (its registered autograd); under a ``torch.func``
-    transform the call goes through an ``autograd.Function`` in the ``setup_context`` form with the same
-    backward (``vmap`` runs the op once per batch element unless the op has a batching rule).
+    ``torch.compile`` and calls without autograd go to the op itself (under ``torch.compile``, its
+    registered autograd). Eager calls that record a graph go through an ``autograd.Function`` that calls
+    the op below the autograd dispatch key, with the same ``setup_context`` / ``backward``: what the
+    registered autograd does, without its per-call Python (``torch.library`` re-derives the schema's
+    defaults on every call, ~0.1 ms). Under a ``torch.func`` transform the call goes through an
+    ``autograd.Function`` that dispatches the op normally (the transforms' own keys must see it; ``vmap``
+    runs the op once per batch element unless the op has a batching rule).
     """
 
-    def __init__(self, qualname: str, op, function: Optional[type]):
+    def __init__(self, qualname: str, op, function: Optional[type], eager: Optional[type] = None):
         self.qualname = qualname
         self.op = op
         self._function = function
+        self._eager = eager
 
     def __call__(self, *args):
-        if self._function is not None and torch._C._functorch.maybe_current_level() is not None:
-            return self._function.apply(*args)
+        if self._function is not None:
+            if torch._C._functorch.maybe_current_level() is not None:
+                return self._function.apply(*args)
+            if (not torch.compiler.is_compiling() and torch.is_grad_enabled()
+                    and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)):
+                return self._eager.apply(*args)
         return self.op(*args)
 
     def __repr__(self) -> str:
@@ -129,6 +139,11 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
         return FusedOp(qualname, packet, None)
 
     def _setup_context(ctx, inputs, output):
+        # The outputs after the first are non-differentiable (saved gradients, statistics): without this,
+        # autograd would allocate and zero-fill a gradient of each ([N] or [n, n]) on every backward call.
+        # An undefined gradient of the first output (gradcheck's check_undefined_grad) means zero: _backward
+        # returns no gradient then.
+        ctx.set_materialize_grads(False)
         saved = tuple(setup_context(ctx, named(inputs), output))
         ctx.num_saved = len(saved)
         # an input that requires grad: the anchor of _FirstOrderOnly (saved, so torch.func levels see it)
@@ -137,6 +152,8 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
         ctx.save_for_backward(*saved, *anchors)
 
     def _backward(ctx, *grad_outputs):
+        if grad_outputs[0] is None:       # undefined = zero incoming gradient (materialize_grads is off)
+            return (None,) * len(names)
         ctx.needs_grad = dict(zip(names, ctx.needs_input_grad))
         saved = ctx.saved_tensors
         by_name = backward(ctx, saved[:ctx.num_saved], *grad_outputs)
@@ -150,15 +167,20 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
 
     torch.library.register_autograd(qualname, _backward, setup_context=_setup_context)
 
-    class _FunctorchForm(torch.autograd.Function):
-        generate_vmap_rule = True
+    def functorch_forward(*args):
+        return packet(*args)
 
-        @staticmethod
-        def forward(*args):
+    def eager_forward(*args):
+        with torch._C._AutoDispatchBelowAutograd():
             return packet(*args)
 
-        setup_context = staticmethod(_setup_context)
-        backward = staticmethod(_backward)
+    def function(suffix: str, forward: Callable, **attrs) -> type:
+        # built with type() so that autograd's node class (created with the Function) carries the op's name,
+        # e.g. "mixture_nll_fwd_eagerBackward" in a graph
+        body = dict(forward=staticmethod(forward), setup_context=staticmethod(_setup_context),
+                    backward=staticmethod(_backward), **attrs)
+        return type(f"{qualname.split('::')[1]}_{suffix}", (torch.autograd.Function,), body)
 
-    _FunctorchForm.__name__ = _FunctorchForm.__qualname__ = f"{qualname.split('::')[1]}_functorch"
-    return FusedOp(qualname, packet, _FunctorchForm)
+    functorch_form = function("functorch", functorch_forward, generate_vmap_rule=True)
+    eager_form = function("eager", eager_forward)
+    return FusedOp(qualname, packet, functorch_form, eager_form)
