@@ -122,34 +122,19 @@ def _normalised_log_weights(weights: torch.Tensor, dtype):
 
 def gai_tables(noise_var, weights, means, covariances, dtype):
     s2 = noise_var.detach().to(dtype).double()                          # the sigma^2 the kernels see
-    if covariances.shape[-1] == 1:
-        return _gai_tables_d1(s2, weights, means, covariances, dtype)
     cov = covariances.detach().to(dtype).double()
     d = cov.shape[-1]
     log_weight, log_total = _normalised_log_weights(weights, dtype)
-    lam = torch.linalg.eigvalsh(cov)                                   # [K, d]
-    eye = torch.eye(d, dtype=torch.float64, device=cov.device)
-    precision = torch.cholesky_inverse(torch.linalg.cholesky(cov + s2 * eye))
+    if d == 1:   # the same formulas, without the [K, 1, 1] factorisations (a few small ops per call)
+        lam = cov.reshape(-1, 1)
+        precision = (1.0 / (cov + s2))
+    else:
+        lam = torch.linalg.eigvalsh(cov)                                   # [K, d]
+        eye = torch.eye(d, dtype=torch.float64, device=cov.device)
+        precision = torch.cholesky_inverse(torch.linalg.cholesky(cov + s2 * eye))
     log_norm = log_total - 0.5 * torch.log1p(lam / s2).sum(-1)
     grad_var_bias = 0.5 * (lam / (lam + s2)).sum(-1) / s2
     return tuple(x.to(dtype).contiguous() for x in (log_weight, log_norm, means, precision, grad_var_bias))
-
-
-def _gai_tables_d1(s2, weights, means, covariances, dtype):
-    """gai_tables for d = 1 (every call of a 1-D GAI loss): the same formulas with lambda_k = Sigma_k, computed
-    on [K] rows stacked so that the conversions are one op each (this runs on every call; its cost is a
-    count of small ops, not of values)."""
-    k = covariances.shape[0]
-    w, lam = torch.stack((weights.detach().reshape(k).to(dtype), covariances.detach().reshape(k).to(dtype))
-                         ).double().unbind(0)
-    total = w.sum()
-    den = lam + s2
-    rows = torch.stack((torch.log(w / total),                                   # log phi^
-                        torch.log(total) - 0.5 * torch.log1p(lam / s2),         # n_k
-                        means.detach().reshape(k).double(),
-                        1.0 / den,                                              # P_k
-                        0.5 * (lam / den) / s2)).to(dtype)                       # g_k
-    return rows[0], rows[1], rows[2].reshape(k, 1), rows[3].reshape(k, 1, 1), rows[4]
 
 
 def bni_tables(noise_var, bin_centers, bin_weights, dtype):
