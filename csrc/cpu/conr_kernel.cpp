@@ -26,6 +26,7 @@
 
 #include "cpu/common.h"
 #include "cpu/fast_exp.h"
+#include "cpu/pairwise.h"
 
 #include <algorithm>
 #include <cmath>
@@ -74,34 +75,15 @@ inline T dot(const T* a, const T* b, int64_t d) {
 }
 
 // S rows i0 .. i0 + kGroup - 1 (rows past n repeat row n - 1): out[r * npad + j] = (z_i . z_j) / tau for
-// j < npad, from zt = z^T [d, npad] (zero columns past n). Each entry is one multiply-add chain over the
-// features in order, z_i[c] * z_j[c] (the same bits for S_ji: the product commutes), whatever the grouping:
-// no lane sums. kGroup rows x 2 column vectors of accumulators per pass over the features.
-constexpr int64_t kGroup = 4;
+// j < npad, from zt = z^T [d, npad] (zero columns past n): cpu::rows_times, one multiply-add chain per entry over
+// the features in order (the same bits for S_ji: the product commutes), whatever the grouping.
+constexpr int64_t kGroup = cpu::kTileRows;
 
 template <typename T>
 void similarity_group(const T* z, const T* zt, int64_t n, int64_t npad, int64_t d, int64_t i0, T inv_tau, T* out) {
-  using V = Vectorized<T>;
   const T* zr[kGroup];
   for (int64_t r = 0; r < kGroup; ++r) zr[r] = z + std::min(i0 + r, n - 1) * d;
-  for (int64_t j = 0; j < npad; j += 2 * V::size()) {
-    V a[kGroup][2];
-    for (int64_t r = 0; r < kGroup; ++r) a[r][0] = a[r][1] = V(T(0));
-    const T* col = zt + j;
-    for (int64_t c = 0; c < d; ++c, col += npad) {
-      const V b0 = V::loadu(col), b1 = V::loadu(col + V::size());
-#pragma GCC unroll 4
-      for (int64_t r = 0; r < kGroup; ++r) {
-        const V x(zr[r][c]);
-        a[r][0] = at::vec::fmadd(x, b0, a[r][0]);
-        a[r][1] = at::vec::fmadd(x, b1, a[r][1]);
-      }
-    }
-    for (int64_t r = 0; r < kGroup; ++r) {
-      (a[r][0] * V(inv_tau)).store(out + r * npad + j);
-      (a[r][1] * V(inv_tau)).store(out + r * npad + j + V::size());
-    }
-  }
+  cpu::rows_times(zr, zt, npad, d, npad, inv_tau, out, npad);
 }
 
 template <typename T>
@@ -408,7 +390,7 @@ std::vector<T> conr_cpu(const at::Tensor& features, const at::Tensor& targets, c
       for (int64_t c = 0; c < d; ++c) z[i * d + c] = fi[c] / dn;
     }
   });
-  const int64_t npad = (n + 2 * Vectorized<T>::size() - 1) / (2 * Vectorized<T>::size()) * (2 * Vectorized<T>::size());
+  const int64_t npad = cpu::pad_to_vector_pairs<T>(n);
   std::vector<T> zt(d * npad, T(0));
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t c = 0; c < d; ++c) zt[c * npad + i] = z[i * d + c];

@@ -127,5 +127,44 @@ void pairwise_distances(const T* x, int64_t n, int64_t d, T* dist, int64_t grain
   });
 }
 
+// Small matrix products for row groups, by register tiles: out[r * ldo + j] = scale * sum_{c < k} x[r][c] b[c * ldb + j]
+// for the kTileRows rows x[r] and j < width (a multiple of two vectors; b readable on [0, width) of each of its k
+// rows). Each entry is one multiply-add chain over c in order (no lane sums), so it has the same bits whatever the
+// grouping or the thread; with b = a transposed, entry (i, j) equals entry (j, i) (the product commutes).
+// kTileRows rows x 2 column vectors of accumulators per pass over c. Used for S = z z^T rows (ConR, RankSim) and
+// for dz = A z (RankSim's backward).
+constexpr int64_t kTileRows = 4;
+
+template <typename T>
+inline void rows_times(const T* const* x, const T* b, int64_t ldb, int64_t k, int64_t width, T scale, T* out,
+                       int64_t ldo) {
+  using V = at::vec::Vectorized<T>;
+  for (int64_t j = 0; j < width; j += 2 * V::size()) {
+    V a[kTileRows][2];
+    for (int64_t r = 0; r < kTileRows; ++r) a[r][0] = a[r][1] = V(T(0));
+    const T* col = b + j;
+    for (int64_t c = 0; c < k; ++c, col += ldb) {
+      const V b0 = V::loadu(col), b1 = V::loadu(col + V::size());
+#pragma GCC unroll 4
+      for (int64_t r = 0; r < kTileRows; ++r) {
+        const V xr(x[r][c]);
+        a[r][0] = at::vec::fmadd(xr, b0, a[r][0]);
+        a[r][1] = at::vec::fmadd(xr, b1, a[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < kTileRows; ++r) {
+      (a[r][0] * V(scale)).store(out + r * ldo + j);
+      (a[r][1] * V(scale)).store(out + r * ldo + j + V::size());
+    }
+  }
+}
+
+// n rounded up to whole pairs of vectors of T (the column padding rows_times needs).
+template <typename T>
+inline int64_t pad_to_vector_pairs(int64_t n) {
+  constexpr int64_t w = 2 * at::vec::Vectorized<T>::size();
+  return (n + w - 1) / w * w;
+}
+
 }  // namespace cpu
 }  // namespace imbreg_fast

@@ -3,9 +3,10 @@
 // AVX512; setup.py); at::vec::Vectorized<T> picks the vector width.
 //
 // The optional count c keeps the first c rows and columns only (csrc/ranksim.cpp); the rest is written 0.
-// Every pass works row by row (at::parallel_for over rows); a row's results depend on that row's inputs
-// only and are summed in a fixed order, so the output is bit-identical whatever the number of threads. The
-// row reduction of the loss is a serial sum in row order.
+// Every pass works on rows or groups of cpu::kTileRows rows (at::parallel_for); a row's results depend on that
+// row's inputs only and are summed in a fixed order, so the output is bit-identical whatever the number of
+// threads. S = z z^T and the chain dz = (dS + dS^T) z are register-tiled products (cpu::rows_times, one
+// multiply-add chain per entry). The row reduction of the loss is a serial sum in row order.
 // Ranks: a sort per row of integer keys that encode (value, index) (RankKey), by a stable LSD radix sort
 // over the value bytes (at most 4 passes for float, 8 for double: O(m) per row, O(m^2) in all). The
 // keys order "descending value, NaN above every number, equal values: the later index first" — the
@@ -17,6 +18,7 @@
 #include <torch/library.h>
 
 #include "cpu/common.h"
+#include "cpu/pairwise.h"
 
 #include <algorithm>
 #include <cmath>
@@ -120,16 +122,6 @@ inline T dot(const T* a, const T* b, int64_t d) {
   return s;
 }
 
-// y[k] += a x[k]
-template <typename T>
-inline void axpy(T a, const T* x, T* y, int64_t d) {
-  using V = Vectorized<T>;
-  const V av(a);
-  int64_t k = 0;
-  for (; k + V::size() <= d; k += V::size()) at::vec::fmadd(av, V::loadu(x + k), V::loadu(y + k)).store(y + k);
-  for (; k < d; ++k) y[k] += a * x[k];
-}
-
 // The active rows and columns are the first c of the m (the count argument of the ops): S, the ranks and the
 // row losses of the c x c problem, stored with row stride m; every entry outside it is 0.
 template <typename T, typename L>
@@ -145,32 +137,49 @@ void forward_impl(const T* x, const L* y, int64_t m, int64_t c, int64_t d, T* z,
     }
   });
   // Per active row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2
-  // over the active columns j < c.
+  // over the active columns j < c. S by row groups of cpu::kTileRows (cpu::rows_times against zt = z^T, [d, cpad]
+  // with zero columns past c): one multiply-add chain per entry, the same bits for any grouping or thread count.
   const std::vector<T> rank_value = rank_values<T>(c);
-  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
+  constexpr int64_t G = cpu::kTileRows;
+  const int64_t cpad = cpu::pad_to_vector_pairs<T>(c);
+  std::vector<T> zt(d * cpad, T(0));
+  for (int64_t j = 0; j < c; ++j) {
+    for (int64_t k = 0; k < d; ++k) zt[k * cpad + j] = z[j * d + k];
+  }
+  const int64_t groups = (m + G - 1) / G;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kRowGrain / G), [&](int64_t begin, int64_t end) {
     std::vector<typename RankKey<T>::type> sort_t, tmp_t;
     std::vector<typename RankKey<L>::type> sort_l, tmp_l;
     std::vector<L> label_key(c);
-    for (int64_t i = begin; i < end; ++i) {
-      T* si = s + i * m;
-      T* rfi = rf + i * m;
-      T* ryi = ry + i * m;
-      const int64_t w = i < c ? c : 0;   // the row's active columns
-      std::fill(si + w, si + m, T(0));
-      std::fill(rfi + w, rfi + m, T(0));
-      std::fill(ryi + w, ryi + m, T(0));
-      rows[i] = T(0);
-      if (w == 0) continue;
-      for (int64_t j = 0; j < c; ++j) si[j] = dot(z + i * d, z + j * d, d);
-      rank_row(si, c, rank_value.data(), sort_t, tmp_t, rfi);
-      for (int64_t j = 0; j < c; ++j) label_key[j] = -std::abs(y[i] - y[j]);
-      rank_row(label_key.data(), c, rank_value.data(), sort_l, tmp_l, ryi);
-      T acc = T(0);
-      for (int64_t j = 0; j < c; ++j) {
-        const T e = rfi[j] - ryi[j];
-        acc += e * e;
+    std::vector<T> tile(G * cpad);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t i0 = g * G;
+      if (i0 < c) {   // rows past c (or m) repeat row c - 1; not stored
+        const T* zr[G];
+        for (int64_t r = 0; r < G; ++r) zr[r] = z + std::min(i0 + r, c - 1) * d;
+        cpu::rows_times(zr, zt.data(), cpad, d, cpad, T(1), tile.data(), cpad);
       }
-      rows[i] = acc / static_cast<T>(c);
+      for (int64_t i = i0; i < std::min(i0 + G, m); ++i) {
+        T* si = s + i * m;
+        T* rfi = rf + i * m;
+        T* ryi = ry + i * m;
+        const int64_t w = i < c ? c : 0;   // the row's active columns
+        std::fill(si + w, si + m, T(0));
+        std::fill(rfi + w, rfi + m, T(0));
+        std::fill(ryi + w, ryi + m, T(0));
+        rows[i] = T(0);
+        if (w == 0) continue;
+        std::copy(tile.data() + (i - i0) * cpad, tile.data() + (i - i0) * cpad + c, si);
+        rank_row(si, c, rank_value.data(), sort_t, tmp_t, rfi);
+        for (int64_t j = 0; j < c; ++j) label_key[j] = -std::abs(y[i] - y[j]);
+        rank_row(label_key.data(), c, rank_value.data(), sort_l, tmp_l, ryi);
+        T acc = T(0);
+        for (int64_t j = 0; j < c; ++j) {
+          const T e = rfi[j] - ryi[j];
+          acc += e * e;
+        }
+        rows[i] = acc / static_cast<T>(c);
+      }
     }
   });
 }
@@ -197,24 +206,39 @@ void backward_impl(const T* grad, bool per_row, bool mean, const T* z, const T* 
       for (int64_t j = 0; j < c; ++j) ds[i * m + j] = (rank_p[j] - rf[i * m + j]) / lam;
     }
   });
-  // S = z z^T: dz_i = sum_j (dS_ij + dS_ji) z_j. z = x / cl, cl = max(|x|, eps):
+  // S = z z^T: dz_i = sum_j (dS_ij + dS_ji) z_j, by row groups: A's rows times zp (the first c rows of z with
+  // d padded to whole vector pairs by zeros) with cpu::rows_times, one multiply-add chain over j in order per entry.
+  // z = x / cl, cl = max(|x|, eps):
   //   |x| >= eps: dx = dz / |x| - x (dz . x) / |x|^3 = (dz - z (z . dz)) / |x|;   |x| < eps: dx = dz / eps.
   // Inactive rows (i >= c) do not enter the loss: dx_i = 0.
-  at::parallel_for(0, m, kRowGrain, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      T* out = gx + i * d;
-      std::fill(out, out + d, T(0));
-      if (i >= c) continue;
-      for (int64_t j = 0; j < c; ++j) {
-        const T a = ds[i * m + j] + ds[j * m + i];
-        if (a != T(0)) axpy(a, z + j * d, out, d);
+  constexpr int64_t G = cpu::kTileRows;
+  const int64_t dpad = cpu::pad_to_vector_pairs<T>(d);
+  std::vector<T> zp(c * dpad, T(0));
+  for (int64_t j = 0; j < c; ++j) std::copy(z + j * d, z + (j + 1) * d, zp.data() + j * dpad);
+  std::fill(gx + c * d, gx + m * d, T(0));
+  const int64_t groups = (c + G - 1) / G;
+  at::parallel_for(0, groups, std::max<int64_t>(1, kRowGrain / G), [&](int64_t begin, int64_t end) {
+    std::vector<T> a(G * c), dz(G * dpad);
+    for (int64_t g = begin; g < end; ++g) {
+      const int64_t i0 = g * G;
+      const T* ar[G];
+      for (int64_t r = 0; r < G; ++r) {
+        const int64_t i = std::min(i0 + r, c - 1);   // rows past c repeat row c - 1; not stored
+        T* ai = a.data() + r * c;
+        for (int64_t j = 0; j < c; ++j) ai[j] = ds[i * m + j] + ds[j * m + i];
+        ar[r] = ai;
       }
-      const T n = norms[i];
-      if (n >= static_cast<T>(kNormEps)) {
-        const T proj = dot(z + i * d, out, d);
-        for (int64_t k = 0; k < d; ++k) out[k] = (out[k] - z[i * d + k] * proj) / n;
-      } else {
-        for (int64_t k = 0; k < d; ++k) out[k] = out[k] / static_cast<T>(kNormEps);
+      cpu::rows_times(ar, zp.data(), dpad, c, dpad, T(1), dz.data(), dpad);
+      for (int64_t i = i0; i < std::min(i0 + G, c); ++i) {
+        const T* dzi = dz.data() + (i - i0) * dpad;
+        T* out = gx + i * d;
+        const T n = norms[i];
+        if (n >= static_cast<T>(kNormEps)) {
+          const T proj = dot(z + i * d, dzi, d);
+          for (int64_t k = 0; k < d; ++k) out[k] = (dzi[k] - z[i * d + k] * proj) / n;
+        } else {
+          for (int64_t k = 0; k < d; ++k) out[k] = dzi[k] / static_cast<T>(kNormEps);
+        }
       }
     }
   });
