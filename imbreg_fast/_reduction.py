@@ -3,8 +3,8 @@
 ``none`` / ``mean`` / ``sum`` are PyTorch's own numbers (``torch.nn._reduction.get_enum``, the same as
 ``at::Reduction`` in C++: csrc/cpu/common.h uses that enum); ``WEIGHTED_MEAN`` (sum w l / sum w, weighted
 losses only) is our one extension, the next number (``at::Reduction::END`` in C++). :func:`reduce_rows` is
-the one reduction of per-row losses in Python (the torch backend of the Balanced MSE losses, and the
-multi-process BMC path).
+the one reduction of per-row losses in Python (the torch backend of the Balanced MSE losses, the multi-process
+BMC path, and RankSim's torch backend and Triton launcher, whose kept rows are its mask).
 """
 from __future__ import annotations
 

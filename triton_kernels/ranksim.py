@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _reduction
 from .common import MEAN, NONE, acc_dtype, device_guard
 
 __all__ = ["ranksim_fwd", "ranksim_bwd"]
@@ -250,16 +251,6 @@ def _count_arg(count, ref: torch.Tensor):
     return count.reshape(1), True
 
 
-def _reduce(rows: torch.Tensor, reduction: int, count) -> torch.Tensor:
-    """The row losses reduced on the device (no host sync): 'none' [m], 'sum', 'mean' over the kept rows."""
-    if reduction == int(NONE):
-        return rows
-    loss = rows.sum()
-    if reduction == int(MEAN):
-        loss = loss / (max(rows.shape[0], 1) if count is None else count.reshape(()).clamp_min(1))
-    return loss
-
-
 def ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, count, lam: float, reduction: int,
                 compute_grad: bool):
     """(loss, z, norms, S, R_f, R_y); see the C++ op ``imbreg_fast::ranksim_fwd``."""
@@ -281,7 +272,8 @@ def ranksim_fwd(features: torch.Tensor, labels: torch.Tensor, count, lam: float,
                 z, count_arg, s, m, d, HAS_COUNT=has_count, ACC=acc, BLOCK_I=BLOCK_I, BLOCK_J=BLOCK_J,
                 BLOCK_D=BLOCK_D)
             _rank_fwd_kernel[(m,)](s, y, count_arg, rf, ry, rows, m, HAS_COUNT=has_count, ACC=acc, BLOCK=BLOCK_R)
-    loss = _reduce(rows, reduction, count)
+    kept = None if count is None else torch.arange(m, device=x.device) < count.reshape(())   # as the kernels' clamp
+    loss = _reduction.reduce_rows(rows, kept, reduction)      # on the device: no host sync
     if not compute_grad:
         return (loss,) + tuple(x.new_empty(0) for _ in range(5))   # distinct tensors: outputs may not alias
     return loss, z, norms, s, rf, ry

@@ -7,7 +7,7 @@
 // is dense) and O(n + d) memory per thread besides z and z^T ([n, d] each); no [n, n] tensor:
 //   1. z_i = f_i / max(|f_i|, eps)                                   rows in parallel
 //   2. row statistics (groups of 4 rows in parallel): the active columns (active_group: vector masks, compacted)
-//      and their S_ij = z_i . z_j / tau (dense tiles of similarity_group for a dense group, else a dot product
+//      and their S_ij = z_i . z_j / tau (dense tiles of cpu::similarity_rows for a dense group, else a dot product
 //      per pair), the terms t_ij = S_ij + log a_ij, their max M_i, log D_i = M_i + log(sum_j exp(t_ij - M_i) +
 //      m_i exp(-M_i)) (the published ones m_i = n - |P_i| shifted by the same M_i), |P_i|, |N_i|,
 //      sum_{P_i} S_ij, the loss L_i;
@@ -74,17 +74,7 @@ inline T dot(const T* a, const T* b, int64_t d) {
   return s;
 }
 
-// S rows i0 .. i0 + kGroup - 1 (rows past n repeat row n - 1): out[r * npad + j] = (z_i . z_j) / tau for
-// j < npad, from zt = z^T [d, npad] (zero columns past n): cpu::rows_times, one multiply-add chain per entry over
-// the features in order (the same bits for S_ji: the product commutes), whatever the grouping.
-constexpr int64_t kGroup = cpu::kTileRows;
-
-template <typename T>
-void similarity_group(const T* z, const T* zt, int64_t n, int64_t npad, int64_t d, int64_t i0, T inv_tau, T* out) {
-  const T* zr[kGroup];
-  for (int64_t r = 0; r < kGroup; ++r) zr[r] = z + std::min(i0 + r, n - 1) * d;
-  cpu::rows_times(zr, zt, npad, d, npad, inv_tau, out, npad);
-}
+constexpr int64_t kGroup = cpu::kTileRows;   // rows per group: the similarity tiles' row count
 
 template <typename T>
 struct Problem {
@@ -154,7 +144,7 @@ struct ActiveRows {
 constexpr int64_t kDenseDivisor = 6;   // dense when active > n / kDenseDivisor per row
 
 // The active columns of rows i0 .. i0 + kGroup - 1 (rows >= n: none) and their similarities S_ij = z_i . z_j / tau:
-// from the tiles of similarity_group where the group is dense, else one dot product per active pair (a
+// from the tiles of cpu::similarity_rows where the group is dense, else one dot product per active pair (a
 // multiply-add chain per vector lane, lanes summed in order: symmetric in i, j). The choice depends on the data
 // only (never on the thread): results are the same for any thread count. sg: scratch [kGroup, npad].
 template <typename T>
@@ -195,7 +185,7 @@ void active_group(const Problem<T>& P, int64_t i0, ActiveRows<T>& A, std::vector
     }
   }
   if (total * kDenseDivisor > kGroup * n) {
-    similarity_group(P.z, P.zt, n, P.npad, P.d, i0, P.inv_tau, sg.data());
+    cpu::similarity_rows(P.z, P.zt, n, P.npad, P.d, i0, P.inv_tau, sg.data());
     for (int64_t r = 0; r < kGroup; ++r) {
       for (int64_t k = 0; k < A.count[r]; ++k) A.s[r * A.npad + k] = sg[r * P.npad + A.cols[r * A.npad + k]];
     }
@@ -391,10 +381,7 @@ std::vector<T> conr_cpu(const at::Tensor& features, const at::Tensor& targets, c
     }
   });
   const int64_t npad = cpu::pad_to_vector_pairs<T>(n);
-  std::vector<T> zt(d * npad, T(0));
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t c = 0; c < d; ++c) zt[c * npad + i] = z[i * d + c];
-  }
+  const std::vector<T> zt = cpu::transpose_padded(z.data(), n, d, npad);
   const int64_t groups = (n + kGroup - 1) / kGroup;
   Problem<T> P{n, d, z.data(), zt.data(), npad, y, p, log_w.data(), static_cast<T>(window), static_cast<T>(1.0 / temperature),
                static_cast<T>(pushing), published};

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include <ATen/Parallel.h>
 
@@ -131,8 +132,8 @@ void pairwise_distances(const T* x, int64_t n, int64_t d, T* dist, int64_t grain
 // for the kTileRows rows x[r] and j < width (a multiple of two vectors; b readable on [0, width) of each of its k
 // rows). Each entry is one multiply-add chain over c in order (no lane sums), so it has the same bits whatever the
 // grouping or the thread; with b = a transposed, entry (i, j) equals entry (j, i) (the product commutes).
-// kTileRows rows x 2 column vectors of accumulators per pass over c. Used for S = z z^T rows (ConR, RankSim) and
-// for dz = A z (RankSim's backward).
+// kTileRows rows x 2 column vectors of accumulators per pass over c. Used for S = z z^T rows (similarity_rows:
+// ConR, RankSim) and for dz = A z (RankSim's backward).
 constexpr int64_t kTileRows = 4;
 
 template <typename T>
@@ -164,6 +165,28 @@ template <typename T>
 inline int64_t pad_to_vector_pairs(int64_t n) {
   constexpr int64_t w = 2 * at::vec::Vectorized<T>::size();
   return (n + w - 1) / w * w;
+}
+
+// z^T of the first n rows of z [*, d] as [d, npad] (npad = pad_to_vector_pairs<T>(n)), zero columns past n: the
+// operand of similarity_rows.
+template <typename T>
+inline std::vector<T> transpose_padded(const T* z, int64_t n, int64_t d, int64_t npad) {
+  std::vector<T> zt(d * npad, T(0));
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t c = 0; c < d; ++c) zt[c * npad + i] = z[i * d + c];
+  }
+  return zt;
+}
+
+// S rows i0 .. i0 + kTileRows - 1 of scale z z^T (rows past n repeat row n - 1): out[r * npad + j] =
+// scale (z_i . z_j) for j < npad, from zt = transpose_padded(z, n, d, npad); one multiply-add chain per entry over
+// the features in order (the same bits for S_ji: the product commutes), whatever the grouping.
+template <typename T>
+inline void similarity_rows(const T* z, const T* zt, int64_t n, int64_t npad, int64_t d, int64_t i0, T scale,
+                            T* out) {
+  const T* zr[kTileRows];
+  for (int64_t r = 0; r < kTileRows; ++r) zr[r] = z + std::min(i0 + r, n - 1) * d;
+  rows_times(zr, zt, npad, d, npad, scale, out, npad);
 }
 
 }  // namespace cpu

@@ -137,15 +137,12 @@ void forward_impl(const T* x, const L* y, int64_t m, int64_t c, int64_t d, T* z,
     }
   });
   // Per active row: S_i = z_i . z_j, R_f,i = rank(S_i), R_y,i = rank(-|y_i - y_j|), L_i = mean_j (R_f - R_y)^2
-  // over the active columns j < c. S by row groups of cpu::kTileRows (cpu::rows_times against zt = z^T, [d, cpad]
-  // with zero columns past c): one multiply-add chain per entry, the same bits for any grouping or thread count.
+  // over the active columns j < c. S by row groups of cpu::kTileRows (cpu::similarity_rows of the first c rows):
+  // one multiply-add chain per entry, the same bits for any grouping or thread count.
   const std::vector<T> rank_value = rank_values<T>(c);
   constexpr int64_t G = cpu::kTileRows;
   const int64_t cpad = cpu::pad_to_vector_pairs<T>(c);
-  std::vector<T> zt(d * cpad, T(0));
-  for (int64_t j = 0; j < c; ++j) {
-    for (int64_t k = 0; k < d; ++k) zt[k * cpad + j] = z[j * d + k];
-  }
+  const std::vector<T> zt = cpu::transpose_padded(z, c, d, cpad);
   const int64_t groups = (m + G - 1) / G;
   at::parallel_for(0, groups, std::max<int64_t>(1, kRowGrain / G), [&](int64_t begin, int64_t end) {
     std::vector<typename RankKey<T>::type> sort_t, tmp_t;
@@ -154,11 +151,7 @@ void forward_impl(const T* x, const L* y, int64_t m, int64_t c, int64_t d, T* z,
     std::vector<T> tile(G * cpad);
     for (int64_t g = begin; g < end; ++g) {
       const int64_t i0 = g * G;
-      if (i0 < c) {   // rows past c (or m) repeat row c - 1; not stored
-        const T* zr[G];
-        for (int64_t r = 0; r < G; ++r) zr[r] = z + std::min(i0 + r, c - 1) * d;
-        cpu::rows_times(zr, zt.data(), cpad, d, cpad, T(1), tile.data(), cpad);
-      }
+      if (i0 < c) cpu::similarity_rows(z, zt.data(), c, cpad, d, i0, T(1), tile.data());   // rows past c: not stored
       for (int64_t i = i0; i < std::min(i0 + G, m); ++i) {
         T* si = s + i * m;
         T* rfi = rf + i * m;

@@ -134,16 +134,6 @@ def label_dtype(y: torch.Tensor) -> torch.dtype:
     return torch.float32 if y.is_floating_point() else torch.float64
 
 
-def _reduce(rows: torch.Tensor, reduction: int, count: torch.Tensor | None) -> torch.Tensor:
-    """'none' [m] (0 for the rows not kept), 'sum', or 'mean' over the kept rows (0 when none is kept)."""
-    if reduction == _reduction.NONE:
-        return rows
-    total = rows.sum()
-    if reduction == _reduction.SUM:
-        return total
-    return total / (max(rows.shape[0], 1) if count is None else count.to(total.dtype).clamp_min(1))
-
-
 def ranksim_torch(x, y, lam, reduction, count=None):
     """x [m, d] floating, y [m] real, lam > 0, reduction code, count (None, or an int64 tensor c: only the
     first c rows are kept, the others take no part) -> loss (x's dtype; 'none': [m])."""
@@ -162,7 +152,7 @@ def ranksim_torch(x, y, lam, reduction, count=None):
         rows = err.mean(1) if m > 0 else rf.new_zeros(0)
     else:
         rows = torch.where(block, err, 0.0).sum(1) / count.to(dtype).clamp_min(1)
-    return _reduce(rows, reduction, count).to(x.dtype)
+    return _reduction.reduce_rows(rows, kept, reduction).to(x.dtype)   # rows not kept are 0 already
 
 
 # --------------------------------------------------------------------------------------------------
