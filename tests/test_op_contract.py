@@ -84,13 +84,66 @@ def test_fused_eager_call_is_lean(loss, backend):
             out = func(*args, **(kwargs or {}))
             for t in (out if isinstance(out, (tuple, list)) else (out,)):
                 if isinstance(t, torch.Tensor) and t.numel() == n:
-                    big.append(func.__name__)
+                    big.append((func.__name__, func._schema.is_mutable))
             return out
 
     with Record():
         loss_value.backward()
-    assert not any(name.split(".")[0] in ("zeros", "zeros_like", "fill_", "zero_", "new_zeros") for name in big), big
+    assert not any(name.split(".")[0] in ("zeros", "zeros_like", "fill_", "zero_", "new_zeros") for name, _ in big), big
+    # the forward's gradient buffer is handed over as pred.grad (ForwardGrad): no new [N] tensor, and at g = 1
+    # (the losses but focal_l1, which is multiplied by 0.7 here) not even a pass over it
+    made = [name for name, mutable in big
+            if not mutable and name.split(".")[0] not in ("view", "_unsafe_view", "reshape", "detach", "alias")]
+    assert not made, big
+    if loss != "focal_l1":
+        assert not big or all(name.split(".")[0] in ("view", "_unsafe_view", "reshape", "detach", "alias")
+                              for name, _ in big), big
     assert pred.grad is not None and torch.isfinite(pred.grad).all()
+
+
+def _unit_grad(loss, backend, pred, target, reduction_weight=None):
+    p = pred.detach().clone().requires_grad_(True)
+    out = LOSSES[loss](p, target, torch.tensor(0.7, dtype=pred.dtype), backend)
+    (g,) = torch.autograd.grad(out, p)
+    return g
+
+
+@pytest.mark.parametrize("loss,backend", list(_cases(include_torch=False)))
+def test_fused_lent_gradient_is_never_shared(loss, backend):
+    """The eager backward hands the forward's gradient buffer over (ForwardGrad): a retained graph's second
+    backward must still give the right gradient after the first one's was accumulated into, clipped in place or
+    returned to the caller, and g != 1 must scale it."""
+    pred, target = _inputs(torch.float64, n=37)
+    ref = _unit_grad(loss, backend, pred, target)
+    p = pred.clone().requires_grad_(True)
+    out = LOSSES[loss](p, target, torch.tensor(0.7, dtype=torch.float64), backend)
+    out.backward(retain_graph=True)
+    torch.testing.assert_close(p.grad, ref, rtol=0, atol=0)
+    p.grad.mul_(0.5)                                   # an in-place clip of the handed-over buffer
+    out.backward(retain_graph=True)                    # accumulates into p.grad in place
+    torch.testing.assert_close(p.grad, 1.5 * ref, rtol=1e-15, atol=0)
+    (out * 2.5).backward(retain_graph=True)            # g != 1
+    torch.testing.assert_close(p.grad, 4.0 * ref, rtol=1e-15, atol=0)
+    a, = torch.autograd.grad(out, p, retain_graph=True)
+    b, = torch.autograd.grad(out, p, retain_graph=True)
+    assert a.data_ptr() != b.data_ptr()
+    a.zero_()
+    torch.testing.assert_close(b, ref, rtol=0, atol=0)
+    c, = torch.autograd.grad(out, p, grad_outputs=torch.tensor(-3.0, dtype=torch.float64))
+    torch.testing.assert_close(c, -3.0 * ref, rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("loss,backend", list(_cases(include_torch=False)))
+def test_fused_lent_gradient_inputs_are_saved_like_mse_loss(loss, backend):
+    """For that second backward the eager path saves the op's inputs, like F.mse_loss does: modifying one in
+    place before the backward is autograd's usual error, never a gradient of other values."""
+    pred, target = _inputs(torch.float64, n=9)
+    p = pred.clone().requires_grad_(True)
+    t = target.clone()
+    out = LOSSES[loss](p, t, torch.tensor(0.7, dtype=torch.float64), backend)
+    t.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
 
 
 @pytest.mark.parametrize("loss,backend", list(_cases(include_torch=False)))

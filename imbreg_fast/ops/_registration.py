@@ -26,7 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
-__all__ = ["FusedOp", "grad_required", "register_fused_op"]
+__all__ = ["ForwardGrad", "FusedOp", "grad_required", "register_fused_op"]
 
 
 def grad_required(*tensors: torch.Tensor) -> bool:
@@ -43,6 +43,78 @@ def grad_required(*tensors: torch.Tensor) -> bool:
 def _op_packet(qualname: str):
     namespace, name = qualname.split("::")
     return getattr(getattr(torch.ops, namespace), name)
+
+
+class ForwardGrad:
+    """Marks, among the tensors a ``setup_context`` returns, an output of the op that is a gradient the
+    forward pass computed and the backward only scales (a loss kernel's d loss / d pred).
+
+    The backward receives, in its place, a handle whose ``scaled(g, dtype=None)`` returns ``g * grad``
+    (``g`` broadcast against the gradient, then cast to ``dtype``). On the eager path that product is made
+    in the forward's own buffer, which is then handed over (lent) as the returned gradient: no second [N]
+    tensor and no pass at all when ``g`` is a CPU scalar equal to 1 (``loss.backward()``). The buffer is
+    kept on ``ctx`` (not saved for backward, whose unpacking would see the in-place product) until that first
+    backward; the op's inputs are saved instead, as ``F.mse_loss`` saves its own, and a second backward of
+    the same graph (``retain_graph=True``) recomputes the gradient with the op from them, since the lent
+    buffer may have been accumulated into or modified since. ``torch.compile`` and ``torch.func`` use the
+    out-of-place product, as does any call that builds a graph of the backward (``create_graph=True``).
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class _SavedGrad:
+    """Backward handle of a ForwardGrad saved for backward (torch.compile, torch.func): out of place."""
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+    def scaled(self, g: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        out = g.to(self.tensor.dtype) * self.tensor
+        return out if dtype is None else out.to(dtype)
+
+
+def _is_cpu_one(g: torch.Tensor) -> bool:
+    """g is a single CPU value equal to 1 (reading it is no device sync)."""
+    return g.device.type == "cpu" and g.numel() == 1 and g.item() == 1
+
+
+class _LentGrad:
+    """Backward handle of a ForwardGrad on the eager path (see :class:`ForwardGrad`)."""
+
+    __slots__ = ("ctx", "slot")
+
+    def __init__(self, ctx, slot: int):
+        self.ctx = ctx
+        self.slot = slot
+
+    def _buffer(self, take: bool) -> torch.Tensor:
+        ctx = self.ctx
+        buf = ctx.forward_grads[self.slot]
+        if buf is None:
+            # lent to an earlier backward of this graph (retain_graph=True): recompute it from the saved inputs
+            args = list(ctx.op_args)
+            for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors[ctx.num_saved + ctx.num_anchors:]):
+                args[position] = tensor.detach()
+            with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+                return ctx.op(*args)[ctx.forward_grad_outputs[self.slot]]
+        if take:
+            ctx.forward_grads[self.slot] = None
+        return buf
+
+    def scaled(self, g: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        if torch.is_grad_enabled() or (dtype is not None and dtype != self.ctx.forward_grads_dtype[self.slot]):
+            # a graph of the backward is being built, or a cast makes a new tensor anyway: out of place
+            return _SavedGrad(self._buffer(take=False)).scaled(g, dtype)
+        buf = self._buffer(take=True)
+        if not _is_cpu_one(g):
+            buf.mul_(g.to(buf.dtype))   # g broadcasts to buf's shape (mul_ raises if it would have to grow)
+        return buf
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -138,30 +210,60 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
     if backward is None:
         return FusedOp(qualname, packet, None)
 
-    def _setup_context(ctx, inputs, output):
+    def setup(ctx, inputs, output, lend: bool):
         # The outputs after the first are non-differentiable (saved gradients, statistics): without this,
         # autograd would allocate and zero-fill a gradient of each ([N] or [n, n]) on every backward call.
         # An undefined gradient of the first output (gradcheck's check_undefined_grad) means zero: _backward
         # returns no gradient then.
         ctx.set_materialize_grads(False)
-        saved = tuple(setup_context(ctx, named(inputs), output))
-        ctx.num_saved = len(saved)
+        saved = list(setup_context(ctx, named(inputs), output))
+        ctx.forward_grad_slots = [i for i, t in enumerate(saved) if isinstance(t, ForwardGrad)]
+        ctx.lends = lend and bool(ctx.forward_grad_slots)
+        extra = ()
+        if ctx.lends:
+            # eager: the forward's gradients stay on ctx (detached: no reference cycle through their grad_fn)
+            # to be lent by the first backward; the inputs are saved for a second one (see ForwardGrad)
+            grads = [saved[i].tensor for i in ctx.forward_grad_slots]
+            ctx.forward_grads = [t.detach() for t in grads]
+            ctx.forward_grads_dtype = [t.dtype for t in grads]
+            ctx.forward_grad_outputs = [next(j for j, o in enumerate(output) if o is t) for t in grads]
+            ctx.op = packet.default
+            ctx.tensor_positions = [j for j, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+            ctx.op_args = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+            extra = tuple(inputs[j] for j in ctx.tensor_positions)
+            saved = [t for i, t in enumerate(saved) if i not in ctx.forward_grad_slots]
+        else:
+            saved = [t.tensor if isinstance(t, ForwardGrad) else t for t in saved]
         # an input that requires grad: the anchor of _FirstOrderOnly (saved, so torch.func levels see it)
         anchors = () if twice_differentiable else tuple(
             t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad)[:1]
-        ctx.save_for_backward(*saved, *anchors)
+        ctx.num_saved = len(saved)
+        ctx.num_anchors = len(anchors)
+        ctx.save_for_backward(*saved, *anchors, *extra)
+
+    def _setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output, lend=False)
+
+    def _eager_setup_context(ctx, inputs, output):
+        setup(ctx, inputs, output, lend=True)
 
     def _backward(ctx, *grad_outputs):
         if grad_outputs[0] is None:       # undefined = zero incoming gradient (materialize_grads is off)
             return (None,) * len(names)
         ctx.needs_grad = dict(zip(names, ctx.needs_input_grad))
         saved = ctx.saved_tensors
-        by_name = backward(ctx, saved[:ctx.num_saved], *grad_outputs)
+        family_saved = list(saved[:ctx.num_saved])
+        for slot_index, slot in enumerate(ctx.forward_grad_slots):
+            if ctx.lends:
+                family_saved.insert(slot, _LentGrad(ctx, slot_index))
+            else:
+                family_saved[slot] = _SavedGrad(family_saved[slot])
+        by_name = backward(ctx, tuple(family_saved), *grad_outputs)
         unknown = set(by_name) - set(names)
         if unknown:
             raise KeyError(f"{qualname}: backward returned gradients for unknown inputs {sorted(unknown)}")
         grads = tuple(by_name.get(name) for name in names)
-        if torch.is_grad_enabled() and len(saved) > ctx.num_saved:
+        if torch.is_grad_enabled() and ctx.num_anchors:
             grads = _first_order_only(grads, saved[ctx.num_saved], qualname)
         return grads
 
@@ -174,13 +276,13 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
         with torch._C._AutoDispatchBelowAutograd():
             return packet(*args)
 
-    def function(suffix: str, forward: Callable, **attrs) -> type:
+    def function(suffix: str, forward: Callable, setup: Callable, **attrs) -> type:
         # built with type() so that autograd's node class (created with the Function) carries the op's name,
         # e.g. "mixture_nll_fwd_eagerBackward" in a graph
-        body = dict(forward=staticmethod(forward), setup_context=staticmethod(_setup_context),
+        body = dict(forward=staticmethod(forward), setup_context=staticmethod(setup),
                     backward=staticmethod(_backward), **attrs)
         return type(f"{qualname.split('::')[1]}_{suffix}", (torch.autograd.Function,), body)
 
-    functorch_form = function("functorch", functorch_forward, generate_vmap_rule=True)
-    eager_form = function("eager", eager_forward)
+    functorch_form = function("functorch", functorch_forward, _setup_context, generate_vmap_rule=True)
+    eager_form = function("eager", eager_forward, _eager_setup_context)
     return FusedOp(qualname, packet, functorch_form, eager_form)

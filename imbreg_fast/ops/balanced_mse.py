@@ -23,7 +23,7 @@ import torch
 from .. import _reduction
 from .._dispatch import register
 from .._validation import compute_dtype
-from ._registration import grad_required, register_fused_op
+from ._registration import ForwardGrad, grad_required, register_fused_op
 
 # --------------------------------------------------------------------------------------------------
 # Fake kernel and autograd shared by the fused loss ops (C++ and Triton alike).
@@ -53,7 +53,7 @@ def _loss_setup_context(ctx, args, output):
     ctx.had_grads = args.compute_grad
     ctx.pred_dtype = args.pred.dtype
     ctx.mark_non_differentiable(grad_pred, grad_var)
-    return grad_pred, grad_var
+    return ForwardGrad(grad_pred), grad_var
 
 
 def _loss_backward(ctx, saved, grad_loss, _unused_grad_pred, _unused_grad_var):
@@ -70,8 +70,7 @@ def _loss_backward(ctx, saved, grad_loss, _unused_grad_pred, _unused_grad_var):
     grads = {}
     per_row = ctx.reduction == _reduction.NONE
     if ctx.needs_grad["pred"]:
-        g = grad_loss.to(grad_pred.dtype)
-        grads["pred"] = ((g.unsqueeze(-1) if per_row else g) * grad_pred).to(ctx.pred_dtype)
+        grads["pred"] = grad_pred.scaled(grad_loss.unsqueeze(-1) if per_row else grad_loss, ctx.pred_dtype)
     if ctx.needs_grad["noise_var"]:
         g = grad_loss.to(grad_var.dtype) * grad_var
         grads["noise_var"] = _ordered_sum(g) if per_row else g

@@ -46,7 +46,7 @@ import torch
 from .. import _reduction
 from .._dispatch import register
 from .._validation import compute_dtype
-from ._registration import grad_required, register_fused_op
+from ._registration import ForwardGrad, grad_required, register_fused_op
 
 OP = "conr_loss"   # the public op of the dispatcher
 
@@ -121,7 +121,7 @@ def _setup_context(ctx, args, output):
         # the gradient depends on the incoming per-anchor gradient: recomputed by the backward op
         return (args.features, args.targets, args.preds,
                 args.weights if args.weights is not None else args.targets.new_empty(0))
-    return (grad_features,)
+    return (ForwardGrad(grad_features),)
 
 
 def _backward_with(bwd_op):
@@ -137,7 +137,7 @@ def _backward_with(bwd_op):
             g = grad_loss.to(targets.dtype).contiguous()
             return {"features": bwd_op(features, targets, preds, weights, g, *ctx.scalars)}
         (grad_features,) = saved
-        return {"features": grad_loss.to(grad_features.dtype) * grad_features}
+        return {"features": grad_features.scaled(grad_loss)}
     return backward
 
 

@@ -30,7 +30,7 @@ import torch
 from .. import _reduction
 from .._dispatch import register
 from .._validation import compute_dtype
-from ._registration import grad_required, register_fused_op
+from ._registration import ForwardGrad, grad_required, register_fused_op
 
 OP = "rnc_loss"   # the public op of the dispatcher
 
@@ -115,7 +115,7 @@ def _setup_context(ctx, args, output):
     if args.reduction == _reduction.NONE:
         # per-anchor losses: the backward re-runs the op with the incoming gradient as anchor weights
         return (args.features, args.labels)
-    return (grad_features,)
+    return (ForwardGrad(grad_features),)
 
 
 def _backward(ctx, saved, grad_loss, _unused_grad):
@@ -134,7 +134,7 @@ def _backward(ctx, saved, grad_loss, _unused_grad):
     if not ctx.had_grad:
         raise RuntimeError("imbreg_fast: backward through an RnC op called with compute_grad=False")
     (grad_features,) = saved
-    return {"features": grad_loss.to(grad_features.dtype) * grad_features}
+    return {"features": grad_features.scaled(grad_loss)}
 
 
 _FUSED_OPS: dict = {}

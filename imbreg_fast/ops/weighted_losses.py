@@ -23,7 +23,7 @@ import torch
 from .. import _reduction
 from .._dispatch import register
 from .._validation import compute_dtype
-from ._registration import grad_required, register_fused_op
+from ._registration import ForwardGrad, grad_required, register_fused_op
 
 OP = "weighted_regression_loss"   # the public op of the dispatcher
 
@@ -46,7 +46,7 @@ def _setup_context(ctx, args, output):
     _, grad_pred = output
     ctx.had_grad = args.compute_grad
     ctx.mark_non_differentiable(grad_pred)
-    return (grad_pred,)
+    return (ForwardGrad(grad_pred),)
 
 
 def _backward(ctx, saved, grad_loss, _unused_grad_pred):
@@ -57,7 +57,7 @@ def _backward(ctx, saved, grad_loss, _unused_grad_pred):
     (grad_pred,) = saved
     grads = {}
     if ctx.needs_grad["pred"] or ctx.needs_grad["target"]:
-        g = grad_loss.to(grad_pred.dtype) * grad_pred
+        g = grad_pred.scaled(grad_loss)
         if ctx.needs_grad["pred"]:
             grads["pred"] = g
         if ctx.needs_grad["target"]:
