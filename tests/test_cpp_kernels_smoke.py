@@ -151,22 +151,41 @@ def test_exp_throughput_probe():
     assert not hasattr(ops, "exp_throughput")
     x = -torch.rand(10000) * 80
     expected = torch.exp(x.double()).sum()
-    for variant in (0, 1, 2):
-        got = torch.ops.imbreg_fast_bench.exp_throughput(x, variant, 2)
+    for variant in (0, 1, 2, 3):
+        got = torch.ops.imbreg_fast_bench.exp_throughput(x[:10001 - variant], variant, 2)   # odd tails too
         assert got.dtype == torch.float32 and got.shape == ()
-        torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=0)
+        ref = (torch.exp2 if variant == 3 else torch.exp)(x[:10001 - variant].double()).sum()
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=0)
     with pytest.raises(RuntimeError, match="variant must be"):
-        torch.ops.imbreg_fast_bench.exp_throughput(x, 3, 1)
+        torch.ops.imbreg_fast_bench.exp_throughput(x, 4, 1)
 
 
-def _kernels_exp(values):
-    """The kernels' vector exp (exp_shifted) of each value: the probe sums exp over x, so each value goes in as
-    one full vector of copies (a power-of-two count: the sum is exact)."""
+def _kernels_exp(values, variant=1):
+    """The kernels' vector exp (exp_shifted; variant 3: exp2_shifted) of each value: the probe sums over x, so
+    each value goes in as one full vector of copies (a power-of-two count: the sum is exact)."""
     out = []
     for v in values.tolist():
         x = torch.full((16,), v, dtype=torch.float32)
-        out.append(float(torch.ops.imbreg_fast_bench.exp_throughput(x, 1, 1)) / 16)
+        out.append(float(torch.ops.imbreg_fast_bench.exp_throughput(x, variant, 1)) / 16)
     return torch.tensor(out, dtype=torch.float64)
+
+
+def test_kernels_exp2_accuracy_and_edges():
+    # the kernels' 2^x for x <= 0 (exp2_shifted, csrc/cpu/fast_exp.h): relative error against 2^x in float64,
+    # exactly 1 at 0, 0 from -127 down (and below 2^-126 from -126), NaN kept
+    g = torch.Generator().manual_seed(1)
+    # (to -125: the DEFAULT library's exp2 is its exp of x ln 2, which flushes from -125.5)
+    z = torch.cat([-125.0 * torch.rand(1500, generator=g), -torch.rand(500, generator=g),
+                   -1e-6 * torch.rand(100, generator=g), -torch.arange(0, 125.5, 0.5),
+                   torch.tensor([-0.0, -0.5, -124.999])]).float()
+    got = _kernels_exp(z, 3)
+    ref = torch.exp2(z.double())
+    rel = ((got - ref).abs() / ref).max().item()
+    assert rel < 5e-7, rel
+    assert _kernels_exp(torch.tensor([0.0]), 3).item() == 1.0
+    assert _kernels_exp(torch.tensor([-127.0, -127.5, -200.0, -1e30, float("-inf")]), 3).tolist() == [0.0] * 5
+    assert (_kernels_exp(torch.tensor([-126.5, -126.01]), 3) < 2.0 ** -126).all()
+    assert math.isnan(_kernels_exp(torch.tensor([float("nan")]), 3).item())
 
 
 def test_kernels_exp_accuracy_and_edges():

@@ -482,6 +482,8 @@ enum MixtureD1Const : int64_t {
   kWeight,         // phi^_k
   kPrec,           // P_k
   kShifted,        // n_k + log phi^_k - m0, m0 = max_j (n_j + log phi^_j): <= 0
+  kNegHalfPrec2,   // -P_k / 2 * log2 e   (the one-pass exponent in base 2: exp2_shifted)
+  kShifted2,       // kShifted * log2 e
   kD1Consts
 };
 
@@ -618,7 +620,8 @@ __attribute__((noinline)) Vectorized<T> mixture_lse_near_one(const MixtureProble
 
 // d = 1, the exp pass over the K components for the W rows in p0: accumulates S = sum_k phi^_k e^{z_k},
 // sum_k r'_k alpha_k into sa and sum_k r'_k (1/2 alpha_k^2 + g_k) into sg (r'_k = phi^_k e^{z_k}, not yet
-// divided by S). Exact = false: z_k = t_k + log phi^_k - m0 from the constant kShifted (one fma); true:
+// divided by S). Exact = false: z_k = t_k + log phi^_k - m0 from the constant kShifted (one fma, in base 2:
+// kNegHalfPrec2, kShifted2 and exp2_shifted); true:
 // z_k = t_k + log phi^_k - mx for the rows' own max mx (mixture_d1_logit, clamped to a finite value).
 // Uniform: every P_k and g_k equal (BNI, GAI with equal variances): accumulate sum r' delta and
 // sum r' delta^2, then sum r' alpha = P sum r' delta and sum r' (1/2 alpha^2 + g) = P^2/2 sum r' delta^2 + g S.
@@ -634,13 +637,15 @@ inline void mixture_d1_pass(const MixtureProblem<T>& P, const Vectorized<T>& p0,
     const T* c = kc + k * kD1Consts;
     const Vec dl = p0 - Vec(c[kMu]);
     const Vec dl2 = dl * dl;
-    Vec z;
+    Vec t;
     if constexpr (Exact) {
-      z = mixture_d1_logit(c, p0, kLogScale) - mx;
+      t = exp_shifted(mixture_d1_logit(c, p0, kLogScale) - mx);
+    } else if constexpr (kFastExp2<T>) {
+      // the same exponent in base 2 (its constants carry log2 e): one fma, then 2^z
+      t = exp2_shifted(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec2]), Vec(c[kShifted2])));
     } else {
-      z = at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kShifted]));
+      t = exp_shifted(at::vec::fmadd(dl2, Vec(c[kNegHalfPrec]), Vec(c[kShifted])));
     }
-    const Vec t = exp_shifted(z);
     s_l = s_l + t;
     if constexpr (Uniform) {
       sd = at::vec::fmadd(t, dl, sd);
@@ -983,7 +988,13 @@ struct MixtureTables {
       c[kPrec] = prec;
     }
     P.d1_bound = *std::max_element(log_scale.begin(), log_scale.end());
-    for (int64_t j = 0; j < k; ++j) d1_consts[kD1Consts * j + kShifted] = log_scale[j] - P.d1_bound;
+    constexpr double kLog2e = 1.44269504088896340736;
+    for (int64_t j = 0; j < k; ++j) {
+      T* c = d1_consts.data() + kD1Consts * j;
+      c[kShifted] = log_scale[j] - P.d1_bound;
+      c[kNegHalfPrec2] = T(-0.5 * double(P.precision[j]) * kLog2e);
+      c[kShifted2] = T(double(c[kShifted]) * kLog2e);
+    }
     P.d1_consts = d1_consts.data();
     P.d1_uniform = true;
     for (int64_t j = 1; j < k; ++j) {

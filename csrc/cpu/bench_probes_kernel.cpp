@@ -24,14 +24,16 @@ constexpr int64_t kExpBlock = 16384;
 // exp throughput probe: `repeats` passes of sum(exp(x)) in parallel, returns the last pass's sum (the
 // benchmark divides repeats * x.numel() by the time).
 // variant 0: Vectorized<float>::exp() (Sleef u10; std::exp per lane in DEFAULT builds), 1: the kernels'
-// exp_shifted (fast_exp.h), 2: ATen's Vectorized<float>::exp_u20() (std::exp per lane in DEFAULT builds).
+// exp_shifted (fast_exp.h), 2: ATen's Vectorized<float>::exp_u20() (std::exp per lane in DEFAULT builds), 3: the
+// kernels' exp2_shifted (2^x: the sum is of 2^x).
 at::Tensor exp_throughput_cpu(const at::Tensor& x, int64_t variant, int64_t repeats) {
   const char* op = "imbreg_fast_bench::exp_throughput";
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be a CPU tensor, got ", x.device());
   TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
-  TORCH_CHECK(variant >= 0 && variant <= 2, op,
-              ": variant must be 0 (Vectorized exp), 1 (the kernels' exp) or 2 (ATen exp_u20), got ", variant);
+  TORCH_CHECK(variant >= 0 && variant <= 3, op,
+              ": variant must be 0 (Vectorized exp), 1 (the kernels' exp), 2 (ATen exp_u20) or 3 (the kernels' "
+              "exp2), got ", variant);
   TORCH_CHECK(repeats >= 1, op, ": repeats must be >= 1, got ", repeats);
   using Vec = at::vec::Vectorized<float>;
   constexpr int64_t W = Vec::size();
@@ -51,11 +53,13 @@ at::Tensor exp_throughput_cpu(const at::Tensor& x, int64_t variant, int64_t repe
           for (; j + W <= j1; j += W) acc = acc + Vec::loadu(src + j).exp();
         } else if (variant == 2) {
           for (; j + W <= j1; j += W) acc = acc + Vec::loadu(src + j).exp_u20();
+        } else if (variant == 3) {
+          for (; j + W <= j1; j += W) acc = acc + exp2_shifted(Vec::loadu(src + j));
         } else {
           for (; j + W <= j1; j += W) acc = acc + exp_shifted(Vec::loadu(src + j));
         }
         double s = cpu::hsum(acc);
-        for (; j < j1; ++j) s += std::exp(double(src[j]));
+        for (; j < j1; ++j) s += variant == 3 ? std::exp2(double(src[j])) : std::exp(double(src[j]));
         block_sum[b] = s;
       }
 #if defined(__GNUC__)

@@ -98,6 +98,40 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
 }
 #endif
 
+#if defined(IMBREG_EXP_NONPOSITIVE)
+// 2^x for x <= 0 (a kernel that folds log2 e into its constants saves the exp's multiply and the two-part
+// reduction): n = round(x), r = x - n exactly (|r| <= 1/2), 2^r by the exp's degree-5 polynomial in
+// r ln 2 (coefficients c_k ln2^k, so the same approximation on the same interval |r ln 2| <= ln 2 / 2;
+// c_0 = 1, so 2^0 == 1 exactly), times 2^n. AVX-512: n by vrndscaleps, the scaling by vscalefps (9 vector
+// operations); AVX2: the shifter and an integer add as in exp_nonpositive (12). Max relative error against
+// 2^x in double on [-126, 0]: tested below 5e-7 (tests/test_cpp_kernels_smoke.py). Below -126 the result is
+// below 2^-126 (0 where the kernels flush denormals, 0 exactly for x <= -127); NaN stays NaN.
+inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& z) {
+  using Vec = at::vec::Vectorized<float>;
+  const Vec x = at::vec::clamp_min(z, Vec(-127.0f));     // NaN stays NaN
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec r = x - Vec(n);
+#else
+  const Vec shifter(12582912.0f);                        // 1.5 * 2^23: adding it rounds to an integer
+  const Vec t = x + shifter;                             // shifter + n, n = round(x) in [-127, 0]
+  const Vec r = x - (t - shifter);
+#endif
+  Vec p = at::vec::fmadd(Vec(0.0013263088f), r, Vec(0.009671488f));   // c_5 ln2^5, c_4 ln2^4
+  p = at::vec::fmadd(p, r, Vec(0.05550739f));                         // c_3 ln2^3
+  p = at::vec::fmadd(p, r, Vec(0.24022242f));                         // c_2 ln2^2
+  p = at::vec::fmadd(p, r, Vec(0.69314694f));                         // c_1 ln2
+  p = at::vec::fmadd(p, r, Vec(1.0f));
+#if defined(CPU_CAPABILITY_AVX512)
+  return Vec(_mm512_scalef_ps(p, n));
+#else
+  using IVec = at::vec::Vectorized<int32_t>;
+  const IVec two_n = (at::vec::cast<int32_t>(t) << IVec(23)) + IVec(127 << 23);   // n = -127: the bits of 0.0
+  return p * at::vec::cast<float>(two_n);
+#endif
+}
+#endif
+
 inline at::vec::Vectorized<float> exp_shifted(const at::vec::Vectorized<float>& z) {
 #if defined(IMBREG_EXP_SSE2)
   return exp_u20_sse2(z);
@@ -109,5 +143,26 @@ inline at::vec::Vectorized<float> exp_shifted(const at::vec::Vectorized<float>& 
 }
 
 inline at::vec::Vectorized<double> exp_shifted(const at::vec::Vectorized<double>& z) { return z.exp(); }
+
+// 2^z for z <= 0: exp2_nonpositive where it exists (AVX2, AVX-512 builds), else ATen's exp2 (Sleef's in fp64;
+// std::exp2 per lane in DEFAULT builds: accurate, not fast). Kernels take the base-2 form of an exponent only
+// where kFastExp2<T> says it is the faster one.
+template <typename T>
+inline constexpr bool kFastExp2 = false;
+
+inline at::vec::Vectorized<float> exp2_shifted(const at::vec::Vectorized<float>& z) {
+#if defined(IMBREG_EXP_NONPOSITIVE)
+  return exp2_nonpositive(z);
+#else
+  return z.exp2();
+#endif
+}
+
+inline at::vec::Vectorized<double> exp2_shifted(const at::vec::Vectorized<double>& z) { return z.exp2(); }
+
+#if defined(IMBREG_EXP_NONPOSITIVE)
+template <>
+inline constexpr bool kFastExp2<float> = true;
+#endif
 
 }  // namespace imbreg_fast
