@@ -102,17 +102,20 @@ inline at::vec::Vectorized<float> exp_nonpositive(const at::vec::Vectorized<floa
 // 2^x for x <= 0 (a kernel that folds log2 e into its constants saves the exp's multiply and the two-part
 // reduction): n = round(x), r = x - n exactly (|r| <= 1/2), 2^r by the exp's degree-5 polynomial in
 // r ln 2 (coefficients c_k ln2^k, so the same approximation on the same interval |r ln 2| <= ln 2 / 2;
-// c_0 = 1, so 2^0 == 1 exactly), times 2^n. AVX-512: n by vrndscaleps, the scaling by vscalefps (9 vector
-// operations); AVX2: the shifter and an integer add as in exp_nonpositive (12). Max relative error against
+// c_0 = 1, so 2^0 == 1 exactly), times 2^n. AVX-512: n by vrndscaleps and r by vreduceps (independent), the
+// scaling by vscalefps (8 vector operations); AVX2: a clamp, the shifter and an integer add as in
+// exp_nonpositive (12). Max relative error against
 // 2^x in double on [-126, 0]: tested below 5e-7 (tests/test_cpp_kernels_smoke.py). Below -126 the result is
 // below 2^-126 (0 where the kernels flush denormals, 0 exactly for x <= -127); NaN stays NaN.
 inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& z) {
   using Vec = at::vec::Vectorized<float>;
-  const Vec x = at::vec::clamp_min(z, Vec(-127.0f));     // NaN stays NaN
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const Vec r = x - Vec(n);
+  // n = round(z) and r = z - round(z) (vreduceps) side by side, no clamp: for z = -inf, r = +0 and n = -inf, so
+  // vscalefps gives p(0) 2^-inf = 0; a huge finite z likewise gives 0; NaN gives NaN
+  const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const Vec r(_mm512_reduce_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 #else
+  const Vec x = at::vec::clamp_min(z, Vec(-127.0f));     // NaN stays NaN
   const Vec shifter(12582912.0f);                        // 1.5 * 2^23: adding it rounds to an integer
   const Vec t = x + shifter;                             // shifter + n, n = round(x) in [-127, 0]
   const Vec r = x - (t - shifter);

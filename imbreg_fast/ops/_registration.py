@@ -272,17 +272,22 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
     def functorch_forward(*args):
         return packet(*args)
 
-    def eager_forward(*args):
+    def eager_forward(ctx, *args):
+        # the ctx form of forward: Function.apply binds a setup_context form's arguments with
+        # inspect.signature on every call (tens of microseconds); torch.func needs that form, eager calls do not
         with torch._C._AutoDispatchBelowAutograd():
-            return packet(*args)
+            output = packet(*args)
+        _eager_setup_context(ctx, args, output)
+        return output
 
-    def function(suffix: str, forward: Callable, setup: Callable, **attrs) -> type:
+    def function(suffix: str, forward: Callable, setup: Optional[Callable], **attrs) -> type:
         # built with type() so that autograd's node class (created with the Function) carries the op's name,
         # e.g. "mixture_nll_fwd_eagerBackward" in a graph
-        body = dict(forward=staticmethod(forward), setup_context=staticmethod(setup),
-                    backward=staticmethod(_backward), **attrs)
+        body = dict(forward=staticmethod(forward), backward=staticmethod(_backward), **attrs)
+        if setup is not None:
+            body["setup_context"] = staticmethod(setup)
         return type(f"{qualname.split('::')[1]}_{suffix}", (torch.autograd.Function,), body)
 
     functorch_form = function("functorch", functorch_forward, _setup_context, generate_vmap_rule=True)
-    eager_form = function("eager", eager_forward, _eager_setup_context)
+    eager_form = function("eager", eager_forward, None)
     return FusedOp(qualname, packet, functorch_form, eager_form)
