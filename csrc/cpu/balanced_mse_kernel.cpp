@@ -720,11 +720,47 @@ inline void mixture_d1_grid_pass(const MixtureProblem<T>& P, const Vectorized<T>
   sg = at::vec::fmadd(sd2, Vec(kc[kHalfPrecSq]), Vec(kc[kVarBias]) * s_l);
 }
 
+// 'mean' / 'sum' at d = 1 (fp32, AVX2 / AVX-512 builds): no log per row. A row's loss is e + 2 s2 (m + log S)
+// and its rows are only summed, so the kernel sums e + 2 s2 m per lane, multiplies the lanes' S into a
+// per-lane product kept as a mantissa in [1, 2) times a power of two, and takes one log per lane and block:
+// sum log S = log(product of mantissas) + (sum of exponents) ln 2. A lane sees at most kMixtureBlockRows / W
+// <= 32 rows of a block, so the product stays below 2^32. Rounding: one relative epsilon per row in the
+// product, about the error of the per-row logs it replaces. The near-one test still needs log S per row: it
+// takes a cubic approximation (error below kLogApproxError), with that error in the test's favour, and the
+// groups where some lane may be near one take the per-row path.
+template <typename T>
+inline constexpr bool kLogOfProduct =
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    std::is_same_v<T, float>;
+#else
+    false;
+#endif
+
+// max |log1p(f) - f (c1 + f (c2 + f c3))| on [0, 1) is 9.2e-4 (least squares fit); rounding adds < 1e-6
+constexpr float kLogApproxError = 2e-3f;
+
+// s = m 2^x, m in [1, 2), x an integer (as a float), for positive normal fp32 s.
+inline void split_mantissa(const Vectorized<float>& s, Vectorized<float>& m, Vectorized<float>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  m = Vectorized<float>(_mm512_getmant_ps(s, _MM_MANT_NORM_1_2, _MM_MANT_SIGN_src));
+  x = Vectorized<float>(_mm512_getexp_ps(s));
+#else
+  using IVec = Vectorized<int32_t>;
+  const IVec bits = at::vec::cast<int32_t>(s);
+  m = at::vec::cast<float>((bits & IVec(0x007fffff)) | IVec(0x3f800000));
+  // the biased exponent b in [1, 254] as a float: the bits of 2^23 + b, minus 2^23 + 127
+  x = at::vec::cast<float>((bits >> IVec(23)) | IVec(0x4b000000)) - Vectorized<float>(8388608.0f + 127.0f);
+#endif
+}
+
 // W rows in pv/yv (one lane each) -> per-lane loss, dL/dp (into grad[0..d)), dL/ds2.
+// log_arg == nullptr: loss = e + 2 s2 lse. Else (kLogOfProduct<T>, d = 1, row losses not needed): loss =
+// e + 2 s2 m and *log_arg = S, whose log the caller adds through its per-lane product; or, in a group where
+// some lane may take the near-one pass, loss = e + 2 s2 lse and *log_arg = 1.
 template <typename T, int D>
 inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, const Vectorized<T>* pv,
                           const Vectorized<T>* yv, Vectorized<T>* grad, Vectorized<T>& loss,
-                          Vectorized<T>& dvar) {
+                          Vectorized<T>& dvar, Vectorized<T>* log_arg = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int DA = D > 0 ? D : 1;
   const int64_t d = D > 0 ? D : P.d;
@@ -779,6 +815,27 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
     grad[c] = two * uc - r_scale * sa[c];  // dL/dp_c
   }
   dvar = r_scale * sg - e * Vec(P.inv_s2);
+  if constexpr (kLogOfProduct<T>) {
+    if (log_arg != nullptr) {
+      // the near-one test below with log S = x ln 2 + log1p(m - 1) approximated, its error on the safe side
+      Vec mant, ex;
+      split_mantissa(s, mant, ex);
+      const Vec f = mant - Vec(T(1));
+      const Vec log1p_f = f * at::vec::fmadd(at::vec::fmadd(f, Vec(0.11478031f), Vec(-0.40741307f)), f,
+                                              Vec(0.98669159f));
+      const Vec log_s = at::vec::fmadd(ex, Vec(T(0.693147180559945309)), log1p_f);
+      const Vec err(kLogApproxError);
+      const Vec lse_min = at::vec::clamp_min((mx + log_s).abs() - err, zero);
+      const Vec maybe = at::vec::fmadd(two_s2, lse_min, e) <
+                        two_s2 * Vec(T(kNearOneBound)) * (Vec(T(1)) + mx.abs() + log_s.abs() + err);
+      if (maybe.zero_mask() == (1 << Vec::size()) - 1) {
+        loss = at::vec::fmadd(two_s2, mx, e);
+        *log_arg = s;
+        return;
+      }
+      *log_arg = Vec(T(1));
+    }
+  }
   // log last: with Sleef it is a call, and values live across a call end up on the stack for the whole
   // k loops (a store-to-load dependency per iteration)
   const Vec log_s = s.log();
@@ -817,9 +874,12 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
     // per-lane block sums in double: W independent additions per group of rows (no dependency chain
     // through one scalar), added in lane order at the end of the block
     double lane_loss[W], lane_grad[W];
+    // 'mean' / 'sum' at d = 1: log S through per-lane products (kLogOfProduct)
+    const bool by_product = kLogOfProduct<T> && D == 1 && loss_rows == nullptr;
     for (int64_t b = b0; b < b1; ++b) {
       std::fill(lane_loss, lane_loss + W, 0.0);
       std::fill(lane_grad, lane_grad + W, 0.0);
+      Vec mant_prod(T(1)), exp_sum(T(0));
       Vec check(T(0));   // value check of the kept rows' pred and target (cpu::finite_acc)
       const int64_t r1 = std::min(P.n, (b + 1) * kMixtureBlockRows);
       for (int64_t i0 = b * kMixtureBlockRows; i0 < r1; i0 += W) {
@@ -851,12 +911,22 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
             yv[0] = Vec::blendv(Vec(T(0)), yv[0], keep);
           }
           check = cpu::finite_acc(cpu::finite_acc(check, pv[0]), yv[0]);
-          mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar);
+          Vec log_arg(T(1));
+          mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar, by_product ? &log_arg : nullptr);
           Vec g = gv[0] * Vec(tscale);
           if (!full) {
             loss = Vec::blendv(Vec(T(0)), loss, keep);
             dvar = Vec::blendv(Vec(T(0)), dvar, keep);
             g = Vec::blendv(Vec(T(0)), g, keep);
+            log_arg = Vec::blendv(Vec(T(1)), log_arg, keep);
+          }
+          if constexpr (kLogOfProduct<T>) {
+            if (by_product) {
+              Vec mant, ex;
+              split_mantissa(log_arg, mant, ex);
+              mant_prod = mant_prod * mant;
+              exp_sum = exp_sum + ex;
+            }
           }
           cpu::add_lanes(lane_loss, loss);
           cpu::add_lanes(lane_grad, dvar);
@@ -899,6 +969,14 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
           }
           lane_loss[r] += l;
           lane_grad[r] += g;
+        }
+      }
+      if (by_product) {
+        __at_align__ T prod_l[W], exp_l[W];
+        mant_prod.store(prod_l);
+        exp_sum.store(exp_l);
+        for (int64_t r = 0; r < W; ++r) {
+          lane_loss[r] += double(P.two_s2) * (std::log(double(prod_l[r])) + double(exp_l[r]) * 0.693147180559945309);
         }
       }
       double block_loss = 0.0, block_grad = 0.0;

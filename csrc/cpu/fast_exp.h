@@ -14,7 +14,8 @@
 // fp32, DEFAULT build on x86-64: Vectorized<float>::exp_u20() there is std::exp per lane (a libm call
 //   each), so exp_u20_sse2() below does the same computation with SSE2, the x86-64 baseline. Without FMA
 //   the reduction uses a two-part ln 2. Measured like the above: max relative error 2.1e-7 (2.7 ulp) on
-//   [-86.98, 0]; exactly 0 below -86.99, exp(0) == 1.
+//   [-86.6, 0]; exp(0) == 1; below about -86.64 the intermediate 2^(n-1) p is below 2^-126 and the kernels'
+//   flushed denormals make it exactly 0. NaN stays NaN.
 // fp32, DEFAULT build elsewhere (e.g. aarch64, where Vectorized is NEON): Vectorized<float>::exp_u20().
 // fp64, every build: Vectorized<double>::exp() (Sleef, 1 ulp; std::exp per lane in DEFAULT builds).
 #pragma once
@@ -49,7 +50,7 @@ inline at::vec::Vectorized<float> exp_u20_sse2(const at::vec::Vectorized<float>&
   for (int64_t l = 0; l < W; l += 4) {
     const __m128 x = _mm_load_ps(buf + l);
     const __m128 below = _mm_cmplt_ps(x, ln_flt_min);
-    const __m128 v = _mm_max_ps(_mm_min_ps(x, ln_flt_max), ln_flt_min);
+    const __m128 v = _mm_max_ps(ln_flt_min, _mm_min_ps(ln_flt_max, x));   // NaN x: min/max return x
     // n = floor(v log2e + 1/2) from a truncating conversion
     const __m128 t = _mm_add_ps(_mm_mul_ps(v, log2e), half);
     __m128i n = _mm_cvttps_epi32(t);
