@@ -4,7 +4,8 @@
 csrc/bench_probes.cpp, kernel csrc/cpu/bench_probes_kernel.cpp, loaded with the C++ extension) applies
 exp to every element of ``x`` ``repeats`` times with vector code: variant 0 = Sleef exp (1 ulp, what
 ``at::vec::Vectorized::exp`` uses), 1 = the kernels' exp (``exp_shifted``, csrc/cpu/fast_exp.h: for z <= 0),
-2 = ATen's ``exp_u20`` (the limit issue [P] states its targets against). ``torch.exp`` (out=, same element
+2 = ATen's ``exp_u20`` (the limit issue [P] states its targets against), 3 = the kernels' 2^x (``exp2_shifted``,
+for kernels whose exponents carry log2 e; x read as a base-2 exponent). ``torch.exp`` (out=, same element
 count) is measured alongside. On 1 and 2 threads; x has 16M floats (DRAM-sized, as the
 brief) and 256K floats (L2-resident: the compute limit); values in [-20, 0], the range the kernels
 exponentiate (logit minus running max).
@@ -21,7 +22,7 @@ import torch
 from harness import median_seconds, preset, run_benchmark
 from imbreg_fast import _extension
 
-IMPLS = {"sleef_u10": 0, "kernels": 1, "exp_u20": 2, "torch.exp": None}
+IMPLS = {"sleef_u10": 0, "kernels": 1, "exp_u20": 2, "kernels_exp2": 3, "torch.exp": None}
 SIZES = {"full": (2 ** 18, 2 ** 24), "quick": (2 ** 18, 2 ** 24), "smoke": (2 ** 16,)}[preset()]
 # exps per benchmarked call: about 0.1-0.3 s at 1-2 G exp/s per core.
 EXPS_PER_CALL = {"full": 2 ** 28, "quick": 2 ** 27, "smoke": 2 ** 20}[preset()]

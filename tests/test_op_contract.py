@@ -134,6 +134,38 @@ def test_fused_lent_gradient_is_never_shared(loss, backend):
 
 
 @pytest.mark.parametrize("loss,backend", list(_cases(include_torch=False)))
+def test_fused_forward_gradient_other_paths(loss, backend):
+    """The paths that do not hand the buffer over: a cast to pred's dtype (bf16 pred, fp32 kernel), a backward
+    that wants no pred gradient (sigma^2 only), create_graph; each leaves a retained graph's later backward
+    right."""
+    pred, target = _inputs(torch.float32, n=19)
+    nv = torch.tensor(0.7, requires_grad=True)
+    p16 = pred.to(torch.bfloat16).requires_grad_(True)
+    out = LOSSES[loss](p16, target.to(torch.bfloat16), nv, backend)
+    g1, = torch.autograd.grad(out, p16, retain_graph=True)
+    g2, = torch.autograd.grad(out, p16, retain_graph=True)
+    assert g1.dtype == torch.bfloat16 and torch.equal(g1, g2)
+    p = pred.clone().requires_grad_(True)
+    out = LOSSES[loss](p, target, nv, backend)
+    ref, = torch.autograd.grad(out, p, retain_graph=True)
+    torch.autograd.grad(out, nv, retain_graph=True)
+    held = LOSSES[loss](pred, target, nv, backend)                 # no pred gradient wanted: nothing is lent
+    held.backward()
+    node, nodes = None, [held.grad_fn] if loss != "focal_l1" else []   # (focal_l1's op has no sigma^2 input)
+    while nodes:                                                  # the fused node: nothing held after a backward
+        node = nodes.pop()
+        if type(node).__name__.endswith("_eagerBackward"):
+            assert all(b is None for b in node.forward_grads)
+            break
+        nodes += [n for n, _ in node.next_functions if n is not None]
+    else:
+        assert loss == "focal_l1", "no eager fused node in the graph"
+    torch.autograd.grad(out, p, retain_graph=True, create_graph=True)
+    again, = torch.autograd.grad(out, p)
+    torch.testing.assert_close(again, ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss,backend", list(_cases(include_torch=False)))
 def test_fused_lent_gradient_inputs_are_saved_like_mse_loss(loss, backend):
     """For that second backward the eager path saves the op's inputs, like F.mse_loss does: modifying one in
     place before the backward is autograd's usual error, never a gradient of other values."""

@@ -50,13 +50,14 @@ class ForwardGrad:
     forward pass computed and the backward only scales (a loss kernel's d loss / d pred).
 
     The backward receives, in its place, a handle whose ``scaled(g, dtype=None)`` returns ``g * grad``
-    (``g`` broadcast against the gradient, then cast to ``dtype``). On the eager path that product is made
-    in the forward's own buffer, which is then handed over (lent) as the returned gradient: no second [N]
-    tensor and no pass at all when ``g`` is a CPU scalar equal to 1 (``loss.backward()``). The buffer is
-    kept on ``ctx`` (not saved for backward, whose unpacking would see the in-place product) until that first
-    backward; the op's inputs are saved instead, as ``F.mse_loss`` saves its own, and a second backward of
-    the same graph (``retain_graph=True``) recomputes the gradient with the op from them, since the lent
-    buffer may have been accumulated into or modified since. ``torch.compile`` and ``torch.func`` use the
+    (``g`` broadcast against the gradient, then cast to ``dtype``); call it once per backward. On the eager
+    path that product is made in the forward's own buffer, which is then handed over (lent) as the returned
+    gradient: no second [N] tensor and no pass at all when ``g`` is a CPU scalar equal to 1
+    (``loss.backward()``). The buffer is kept on ``ctx`` (not saved for backward, whose unpacking would see
+    the in-place product) until the first backward, which releases it in any case; the op's inputs are saved
+    instead, as ``F.mse_loss`` saves its own, and a second backward of the same graph (``retain_graph=True``)
+    recomputes the gradient with the op from them, since the lent buffer may have been accumulated into or
+    modified since. ``torch.compile`` and ``torch.func`` use the
     out-of-place product, as does any call that builds a graph of the backward (``create_graph=True``).
     """
 
@@ -259,6 +260,9 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
             else:
                 family_saved[slot] = _SavedGrad(family_saved[slot])
         by_name = backward(ctx, tuple(family_saved), *grad_outputs)
+        if ctx.lends:
+            # what was not handed over is released now, as saved tensors are (a later backward recomputes)
+            ctx.forward_grads = [None] * len(ctx.forward_grads)
         unknown = set(by_name) - set(names)
         if unknown:
             raise KeyError(f"{qualname}: backward returned gradients for unknown inputs {sorted(unknown)}")
