@@ -283,7 +283,14 @@ inline void bmc_row(const BmcProblem<T>& P, int64_t i, BmcScratch<T>& S, T* grad
     for (int64_t c = 0; c < d; ++c) u[c] = pv[c] - Vec::loadu(cand + c * m_pad + jj);
     // clamp: D_j = inf would give z = -inf and 0 * -inf below
     const Vec z = at::vec::clamp_min(vdmin - Vec::loadu(dist_buf + jj), vlow);
-    Vec e = exp_shifted(z);
+    // e^z as 2^(z log2 e) where that is the faster (fast_exp.h: one multiply, then 8 or 12 operations
+    // instead of 14); the rounding of z log2 e adds |z| epsilons to e^z, negligible against the largest term 1
+    Vec e;
+    if constexpr (kFastExp2<T>) {
+      e = exp2_shifted(z * Vec(T(1.44269504088896340736)));
+    } else {
+      e = exp_shifted(z);
+    }
     if (count < W) e = Vec::set(zero, e, count);  // padded candidates
     s = s + e;
     sz = at::vec::fmadd(e, z, sz);
