@@ -41,6 +41,9 @@ using cpu::hsum;
 // results, do not depend on how blocks are spread over threads.
 constexpr int64_t kBmcBlockRows = 8;
 constexpr int64_t kMixtureBlockRows = 256;
+
+constexpr double kLog2e = 1.44269504088896340736;   // base-2 exponents (exp2_shifted)
+constexpr double kLn2 = 0.693147180559945309;
 // Minimum work (exps) a thread is given before a second one is woken up.
 constexpr int64_t kMinWorkPerThread = 1 << 15;
 
@@ -287,7 +290,7 @@ inline void bmc_row(const BmcProblem<T>& P, int64_t i, BmcScratch<T>& S, T* grad
     // instead of 14); the rounding of z log2 e adds |z| epsilons to e^z, negligible against the largest term 1
     Vec e;
     if constexpr (kFastExp2<T>) {
-      e = exp2_shifted(z * Vec(T(1.44269504088896340736)));
+      e = exp2_shifted(z * Vec(T(kLog2e)));
     } else {
       e = exp_shifted(z);
     }
@@ -500,6 +503,16 @@ constexpr double kMinShiftedSum = 0x1p-50;
 
 // Lanes whose lse is recomputed by the near-one pass: e + 2 s2 |lse| < 2 s2 kNearOneBound (1 + |m| + |log S|).
 constexpr double kNearOneBound = 1.0 / 16;
+
+// The near-one criterion above per lane, from |lse| and |log S| (or bounds of them: a lower bound of |lse| and
+// an upper bound of |log S| make it true wherever the exact test is).
+template <typename T>
+inline Vectorized<T> near_one_lanes(const Vectorized<T>& two_s2, const Vectorized<T>& e,
+                                    const Vectorized<T>& lse_abs, const Vectorized<T>& mx,
+                                    const Vectorized<T>& log_abs) {
+  using Vec = Vectorized<T>;
+  return at::vec::fmadd(two_s2, lse_abs, e) < two_s2 * Vec(T(kNearOneBound)) * (Vec(T(1)) + mx.abs() + log_abs);
+}
 
 // expm1(z) for z <= 0, for the near-one pass. fp32: the degree-8 Taylor polynomial on [-1/2, 0] (truncation
 // below 2e-8 relative; about 1e-7 with rounding), exp_shifted(z) - 1 below -1/2 (relative error at most
@@ -760,14 +773,20 @@ inline void split_mantissa(const Vectorized<float>& s, Vectorized<float>& m, Vec
 #endif
 }
 
+// S of a group of lanes as mantissa [1, 2) and exponent, for the caller's per-lane product (kLogOfProduct).
+template <typename T>
+struct LogParts {
+  Vectorized<T> mant{T(1)}, ex{T(0)};   // S = 1: nothing to add
+};
+
 // W rows in pv/yv (one lane each) -> per-lane loss, dL/dp (into grad[0..d)), dL/ds2.
-// log_arg == nullptr: loss = e + 2 s2 lse. Else (kLogOfProduct<T>, d = 1, row losses not needed): loss =
-// e + 2 s2 m and *log_arg = S, whose log the caller adds through its per-lane product; or, in a group where
-// some lane may take the near-one pass, loss = e + 2 s2 lse and *log_arg = 1.
+// log_parts == nullptr: loss = e + 2 s2 lse. Else (kLogOfProduct<T>, d = 1, row losses not needed): loss =
+// e + 2 s2 m and *log_parts = S split, whose log the caller adds through its per-lane product; or, in a
+// group where some lane may take the near-one pass, loss = e + 2 s2 lse and *log_parts left at S = 1.
 template <typename T, int D>
 inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, const Vectorized<T>* pv,
                           const Vectorized<T>* yv, Vectorized<T>* grad, Vectorized<T>& loss,
-                          Vectorized<T>& dvar, Vectorized<T>* log_arg = nullptr) {
+                          Vectorized<T>& dvar, LogParts<T>* log_parts = nullptr) {
   using Vec = Vectorized<T>;
   constexpr int DA = D > 0 ? D : 1;
   const int64_t d = D > 0 ? D : P.d;
@@ -823,24 +842,22 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
   }
   dvar = r_scale * sg - e * Vec(P.inv_s2);
   if constexpr (kLogOfProduct<T>) {
-    if (log_arg != nullptr) {
+    if (log_parts != nullptr) {
       // the near-one test below with log S = x ln 2 + log1p(m - 1) approximated, its error on the safe side
       Vec mant, ex;
       split_mantissa(s, mant, ex);
       const Vec f = mant - Vec(T(1));
       const Vec log1p_f = f * at::vec::fmadd(at::vec::fmadd(f, Vec(0.11478031f), Vec(-0.40741307f)), f,
                                               Vec(0.98669159f));
-      const Vec log_s = at::vec::fmadd(ex, Vec(T(0.693147180559945309)), log1p_f);
+      const Vec log_s = at::vec::fmadd(ex, Vec(T(kLn2)), log1p_f);
       const Vec err(kLogApproxError);
       const Vec lse_min = at::vec::clamp_min((mx + log_s).abs() - err, zero);
-      const Vec maybe = at::vec::fmadd(two_s2, lse_min, e) <
-                        two_s2 * Vec(T(kNearOneBound)) * (Vec(T(1)) + mx.abs() + log_s.abs() + err);
-      if (maybe.zero_mask() == (1 << Vec::size()) - 1) {
+      if (near_one_lanes(two_s2, e, lse_min, mx, log_s.abs() + err).zero_mask() == (1 << Vec::size()) - 1) {
         loss = at::vec::fmadd(two_s2, mx, e);
-        *log_arg = s;
+        log_parts->mant = mant;
+        log_parts->ex = ex;
         return;
       }
-      *log_arg = Vec(T(1));
     }
   }
   // log last: with Sleef it is a call, and values live across a call end up on the stack for the whole
@@ -849,8 +866,7 @@ inline void mixture_lanes(const MixtureProblem<T>& P, MixtureScratch<T>& S, cons
   Vec lse = mx + log_s;   // log sum_k phi^_k e^{t_k}
   // near one: L = e + 2 s2 lse could be small against the rounding of mx and log S (|mx| + |log S| times
   // the epsilon, times 2 s2): those lanes take lse from the near-one pass
-  const Vec near = at::vec::fmadd(two_s2, lse.abs(), e) <
-                   two_s2 * Vec(T(kNearOneBound)) * (Vec(T(1)) + mx.abs() + log_s.abs());
+  const Vec near = near_one_lanes(two_s2, e, lse.abs(), mx, log_s.abs());
   if (near.zero_mask() != (1 << Vec::size()) - 1) {
     lse = Vec::blendv(lse, mixture_lse_near_one<T, D>(P, S, pv, mx), near);
   }
@@ -918,22 +934,19 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
             yv[0] = Vec::blendv(Vec(T(0)), yv[0], keep);
           }
           check = cpu::finite_acc(cpu::finite_acc(check, pv[0]), yv[0]);
-          Vec log_arg(T(1));
-          mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar, by_product ? &log_arg : nullptr);
+          LogParts<T> parts;
+          mixture_lanes<T, D>(P, S, pv, yv, gv, loss, dvar, by_product ? &parts : nullptr);
           Vec g = gv[0] * Vec(tscale);
           if (!full) {
             loss = Vec::blendv(Vec(T(0)), loss, keep);
             dvar = Vec::blendv(Vec(T(0)), dvar, keep);
             g = Vec::blendv(Vec(T(0)), g, keep);
-            log_arg = Vec::blendv(Vec(T(1)), log_arg, keep);
+            parts.mant = Vec::blendv(Vec(T(1)), parts.mant, keep);
+            parts.ex = Vec::blendv(Vec(T(0)), parts.ex, keep);
           }
-          if constexpr (kLogOfProduct<T>) {
-            if (by_product) {
-              Vec mant, ex;
-              split_mantissa(log_arg, mant, ex);
-              mant_prod = mant_prod * mant;
-              exp_sum = exp_sum + ex;
-            }
+          if (by_product) {
+            mant_prod = mant_prod * parts.mant;
+            exp_sum = exp_sum + parts.ex;
           }
           cpu::add_lanes(lane_loss, loss);
           cpu::add_lanes(lane_grad, dvar);
@@ -983,7 +996,7 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
         mant_prod.store(prod_l);
         exp_sum.store(exp_l);
         for (int64_t r = 0; r < W; ++r) {
-          lane_loss[r] += double(P.two_s2) * (std::log(double(prod_l[r])) + double(exp_l[r]) * 0.693147180559945309);
+          lane_loss[r] += double(P.two_s2) * (std::log(double(prod_l[r])) + double(exp_l[r]) * kLn2);
         }
       }
       double block_loss = 0.0, block_grad = 0.0;
@@ -1073,7 +1086,6 @@ struct MixtureTables {
       c[kPrec] = prec;
     }
     P.d1_bound = *std::max_element(log_scale.begin(), log_scale.end());
-    constexpr double kLog2e = 1.44269504088896340736;
     for (int64_t j = 0; j < k; ++j) {
       T* c = d1_consts.data() + kD1Consts * j;
       c[kShifted] = log_scale[j] - P.d1_bound;

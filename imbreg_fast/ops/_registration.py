@@ -57,8 +57,8 @@ class ForwardGrad:
     the in-place product) until the first backward, which releases it in any case; the op's inputs are saved
     instead, as ``F.mse_loss`` saves its own, and a second backward of the same graph (``retain_graph=True``)
     recomputes the gradient with the op from them, since the lent buffer may have been accumulated into or
-    modified since. ``torch.compile`` and ``torch.func`` use the
-    out-of-place product, as does any call that builds a graph of the backward (``create_graph=True``).
+    modified since. ``torch.compile`` and ``torch.func`` use the out-of-place product, as does any call that
+    builds a graph of the backward (``create_graph=True``).
     """
 
     __slots__ = ("tensor",)
@@ -94,25 +94,25 @@ class _LentGrad:
         self.ctx = ctx
         self.slot = slot
 
-    def _buffer(self, take: bool) -> torch.Tensor:
+    def _take_buffer(self) -> torch.Tensor:
+        """The forward's buffer (no longer held by ctx), or, once an earlier backward of this graph took it
+        (retain_graph=True), the gradient recomputed from the saved inputs."""
         ctx = self.ctx
         buf = ctx.forward_grads[self.slot]
-        if buf is None:
-            # lent to an earlier backward of this graph (retain_graph=True): recompute it from the saved inputs
-            args = list(ctx.op_args)
-            for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors[ctx.num_saved + ctx.num_anchors:]):
-                args[position] = tensor.detach()
-            with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
-                return ctx.op(*args)[ctx.forward_grad_outputs[self.slot]]
-        if take:
+        if buf is not None:
             ctx.forward_grads[self.slot] = None
-        return buf
+            return buf
+        args = list(ctx.op_args)
+        for position, tensor in zip(ctx.tensor_positions, ctx.saved_tensors[ctx.num_saved + ctx.num_anchors:]):
+            args[position] = tensor.detach()
+        with torch.no_grad(), torch._C._AutoDispatchBelowAutograd():
+            return ctx.op(*args)[ctx.forward_grad_outputs[self.slot]]
 
     def scaled(self, g: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        if torch.is_grad_enabled() or (dtype is not None and dtype != self.ctx.forward_grads_dtype[self.slot]):
+        buf = self._take_buffer()
+        if torch.is_grad_enabled() or (dtype is not None and dtype != buf.dtype):
             # a graph of the backward is being built, or a cast makes a new tensor anyway: out of place
-            return _SavedGrad(self._buffer(take=False)).scaled(g, dtype)
-        buf = self._buffer(take=True)
+            return _SavedGrad(buf).scaled(g, dtype)
         if not _is_cpu_one(g):
             buf.mul_(g.to(buf.dtype))   # g broadcasts to buf's shape (mul_ raises if it would have to grow)
         return buf
@@ -226,7 +226,6 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
             # to be lent by the first backward; the inputs are saved for a second one (see ForwardGrad)
             grads = [saved[i].tensor for i in ctx.forward_grad_slots]
             ctx.forward_grads = [t.detach() for t in grads]
-            ctx.forward_grads_dtype = [t.dtype for t in grads]
             ctx.forward_grad_outputs = [next(j for j, o in enumerate(output) if o is t) for t in grads]
             ctx.op = packet.default
             ctx.tensor_positions = [j for j, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
@@ -244,9 +243,6 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
 
     def _setup_context(ctx, inputs, output):
         setup(ctx, inputs, output, lend=False)
-
-    def _eager_setup_context(ctx, inputs, output):
-        setup(ctx, inputs, output, lend=True)
 
     def _backward(ctx, *grad_outputs):
         if grad_outputs[0] is None:       # undefined = zero incoming gradient (materialize_grads is off)
@@ -281,7 +277,7 @@ def register_fused_op(qualname: str, *, fake: Callable, setup_context: Optional[
         # inspect.signature on every call (tens of microseconds); torch.func needs that form, eager calls do not
         with torch._C._AutoDispatchBelowAutograd():
             output = packet(*args)
-        _eager_setup_context(ctx, args, output)
+        setup(ctx, args, output, lend=True)
         return output
 
     def function(suffix: str, forward: Callable, setup: Optional[Callable], **attrs) -> type:
