@@ -364,3 +364,56 @@ def test_prior_check_cache_is_keyed_on_live_objects():
         del good
         V.check_once("t", (torch.ones(3),), lambda: calls.append(2))   # same "id", same version, new object
     assert calls == [1, 2]
+
+
+FUSED = [p for p in BACKENDS if p.values[0] != "torch"]
+
+
+def _mixture_loss(op, backend, prior, pred, target, **kw):
+    if op == "gai":
+        return F.gai_loss(pred, target, 0.5, prior, backend=backend, **kw)
+    return F.bni_loss(pred, target, 0.5, *prior, backend=backend, **kw)
+
+
+def _mixture_prior(op):
+    if op == "gai":
+        return _gmm(1)
+    return [torch.tensor([0.5, 1.5, 2.5, 3.5]), torch.tensor([0.1, 0.2, 0.3, 0.4])]
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("op", ["gai", "bni"])
+def test_prior_tables_cached_and_refreshed(op, backend, monkeypatch):
+    """The prior's sigma^2-independent tables are computed once per prior (the same tensor objects), and again
+    after the prior is modified in place: the loss then equals the loss with new tensors of the new values."""
+    from imbreg_fast.ops import balanced_mse as B
+    calls = []
+    name = "_gai_prior" if op == "gai" else "_bni_prior"
+    real = getattr(B, name)
+    monkeypatch.setattr(B, name, lambda *a: calls.append(1) or real(*a))
+    pred, target = _inputs(1)
+    prior = _mixture_prior(op)
+    first = _mixture_loss(op, backend, prior, pred, target)
+    assert torch.equal(_mixture_loss(op, backend, prior, pred, target), first)
+    assert len(calls) == 1
+    with torch.no_grad():
+        prior[1].copy_(prior[1].flip(0)) if op == "bni" else prior[1].add_(0.25)   # bin weights / gmm means
+    moved = _mixture_loss(op, backend, prior, pred, target)
+    assert len(calls) == 2
+    fresh = _mixture_loss(op, backend, [t.clone() for t in prior], pred, target)
+    assert torch.equal(moved, fresh) and not torch.equal(moved, first)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("op", ["gai", "bni"])
+def test_prior_tables_cached_under_inference_mode_serve_training(op, backend):
+    """Tables first computed under torch.inference_mode (an evaluation pass) are not reused by a training call:
+    its backward saves the op's inputs, which inference tensors cannot be."""
+    pred, target = _inputs(1)
+    prior = _mixture_prior(op)
+    with torch.inference_mode():
+        evaluated = _mixture_loss(op, backend, prior, pred, target)
+    pred = pred.clone().requires_grad_()
+    loss = _mixture_loss(op, backend, prior, pred, target)
+    loss.backward()
+    assert torch.equal(loss.detach(), evaluated) and pred.grad is not None

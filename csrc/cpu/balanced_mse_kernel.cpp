@@ -3,9 +3,9 @@
 // comment of imbreg_fast/ops/balanced_mse.py. This file is compiled once per CPU capability (DEFAULT,
 // AVX2, AVX512; setup.py), at::vec::Vectorized<T> picks the vector width of each build.
 //
-// Determinism: rows are cut into blocks of a fixed number of rows, handed to at::parallel_for; each block
-// writes its partial sums (double) to its own slot and the slots are added in block order, so every output
-// is bit-identical whatever the number of threads.
+// Determinism: rows are cut into blocks of a fixed number of rows, handed out to the threads
+// (cpu::parallel_blocks); each block writes its partial sums (double) to its own slot and the slots are added
+// in block order, so every output is bit-identical whatever the number of threads.
 //
 // exp: every exp argument is a shifted logit z = l - m <= 0 (m the max, or a bound of it); exp_shifted
 // (fast_exp.h) is an exp for z <= 0 in fp32 (max relative error below 5e-7, see there) and Sleef's 1-ulp exp
@@ -327,7 +327,7 @@ void bmc_run(const BmcProblem<T>& P, RowOutputs& out, int64_t n_blocks, double s
   T* grad_rows = out.grad_rows.defined() ? out.grad_rows.template data_ptr<T>() : nullptr;
   const int64_t work_per_block = kBmcBlockRows * std::max<int64_t>(P.m, 1);
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / work_per_block);
-  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_blocks(n_blocks, grain, [&](int64_t b0, int64_t b1) {
     const cpu::FlushDenormals ftz;
     BmcScratch<T> scratch(P.d, P.m_pad);
     for (int64_t b = b0; b < b1; ++b) {
@@ -885,7 +885,7 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
   const int64_t d = P.d;
   const int64_t grain = std::max<int64_t>(1, kMinWorkPerThread / (kMixtureBlockRows * P.k));
   const T tscale = T(scale);
-  at::parallel_for(0, n_blocks, grain, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_blocks(n_blocks, grain, [&](int64_t b0, int64_t b1) {
     const cpu::FlushDenormals ftz;
     MixtureScratch<T> S(d);
     Vec pv_l[DA], yv_l[DA], g_l[DA];
@@ -992,11 +992,20 @@ void mixture_run(const MixtureProblem<T>& P, RowOutputs& out, int64_t n_blocks, 
         }
       }
       if (by_product) {
+        // in double, as vectors (Sleef's 1-ulp log): W / DW calls instead of W scalar ones per block
+        using DVec = Vectorized<double>;
+        constexpr int64_t DW = DVec::size();
         __at_align__ T prod_l[W], exp_l[W];
+        __at_align__ double prod_d[W], exp_d[W];
         mant_prod.store(prod_l);
         exp_sum.store(exp_l);
         for (int64_t r = 0; r < W; ++r) {
-          lane_loss[r] += double(P.two_s2) * (std::log(double(prod_l[r])) + double(exp_l[r]) * kLn2);
+          prod_d[r] = double(prod_l[r]);
+          exp_d[r] = double(exp_l[r]);
+        }
+        for (int64_t r = 0; r < W; r += DW) {
+          const DVec log_prod = DVec::loadu(prod_d + r).log() + DVec::loadu(exp_d + r) * DVec(kLn2);
+          (DVec::loadu(lane_loss + r) + DVec(double(P.two_s2)) * log_prod).store(lane_loss + r);
         }
       }
       double block_loss = 0.0, block_grad = 0.0;

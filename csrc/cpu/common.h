@@ -1,9 +1,12 @@
 // Definitions shared by the CPU kernel files (compiled once per CPU capability, like them).
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Reduction.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #if defined(__SSE__)
@@ -61,6 +64,33 @@ inline void add_lanes(double* acc, const at::vec::Vectorized<float>& v) {
   v.store(lanes);
   for (int64_t l = 0; l < at::vec::Vectorized<float>::size(); ++l) acc[l] += double(lanes[l]);
 #endif
+}
+
+// at::parallel_for(0, n_blocks, grain, f) with the blocks handed out dynamically: every thread that takes part
+// claims chunks of consecutive blocks from a shared counter until none are left, so a thread slowed down (a
+// busy core of a shared machine, an efficiency core, a cold cache) does not hold the others at the end of the
+// loop, as a static split of the range into one equal part per thread would. For kernels whose blocks are
+// independent and write their results to their own slots: which thread runs a block never changes its
+// result. As at::parallel_for: one call f(0, n_blocks) when n_blocks <= grain or inside a parallel region, and
+// at most ceil(n_blocks / grain) threads.
+template <typename F>
+void parallel_blocks(int64_t n_blocks, int64_t grain, const F& f) {
+  if (n_blocks <= 0) return;
+  const int64_t tasks = std::min<int64_t>(at::get_num_threads(), (n_blocks + grain - 1) / std::max<int64_t>(grain, 1));
+  if (tasks <= 1 || at::in_parallel_region()) {
+    f(0, n_blocks);
+    return;
+  }
+  // about kChunksPerTask chunks per task: the wait at the end is at most one chunk
+  constexpr int64_t kChunksPerTask = 16;
+  const int64_t chunk = std::max<int64_t>(1, (n_blocks + tasks * kChunksPerTask - 1) / (tasks * kChunksPerTask));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, tasks, 1, [&](int64_t, int64_t) {
+    for (int64_t b0 = next.fetch_add(chunk, std::memory_order_relaxed); b0 < n_blocks;
+         b0 = next.fetch_add(chunk, std::memory_order_relaxed)) {
+      f(b0, std::min(n_blocks, b0 + chunk));
+    }
+  });
 }
 
 // Denormal results flushed to zero (FTZ) and denormal inputs read as zero (DAZ) for the scope of a kernel's

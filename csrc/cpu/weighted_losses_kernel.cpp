@@ -5,8 +5,9 @@
 // One element-wise pass computes w l(e) and, in the same pass, d loss / d pred = scale w dl/de; the loss
 // kind is a template parameter (one instantiation per kind and dtype, no per-element branch on it).
 // Determinism: elements are cut into blocks of kBlock elements (fixed, never derived from the thread
-// count) handed to at::parallel_for; each block writes its partial sum (double) to its own slot and the
-// slots are added in block order, so the result is bit-identical whatever the number of threads.
+// count) handed out to the threads (cpu::parallel_blocks); each block writes its partial sum (double) to its
+// own slot and the slots are added in block order, so the result is bit-identical whatever the number of
+// threads.
 // 'mean' with a mask and 'weighted_mean' first compute their denominator (kept count, or sum of kept
 // weights) the same way, since the gradient's scale must be known in the main pass.
 #include <ATen/ATen.h>
@@ -158,7 +159,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
   using V = Vectorized<T>;
   constexpr int64_t W = V::size();
   const int64_t n_blocks = (n + kBlock - 1) / kBlock;
-  at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_blocks(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
     const V zero(T(0));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock;
@@ -216,7 +217,7 @@ double kept_total(const T* weight, const bool* mask, int64_t n) {
   if (weight == nullptr && mask == nullptr) return static_cast<double>(n);
   const int64_t n_blocks = (n + kBlock - 1) / kBlock;
   std::vector<double> part(n_blocks, 0.0);
-  at::parallel_for(0, n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
+  cpu::parallel_blocks(n_blocks, kGrainBlocks, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock;
       const int64_t end = std::min(n, start + kBlock);
