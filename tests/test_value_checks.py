@@ -159,6 +159,13 @@ def test_negative_weight_raises_at_kept_elements_only(backend):
     mask[N - 1] = False
     _call("weighted_mse", bad, backend, mask=mask)
     _call("weighted_mse", bad, backend, check_finite=False)
+    for i in (0, N // 2):
+        with pytest.raises(ValueError, match=r"^weight must be >= 0$"):
+            _call("weighted_mse", _with_bad(kw, "weight", i, -1e-30), backend)
+    # -0.0 is a weight >= 0 (the C++ kernel's sign-bit flag must not raise for it): the loss of +0.0
+    signed_zero = _with_bad(kw, "weight", N // 2, -0.0)
+    assert torch.equal(_call("weighted_mse", signed_zero, backend, reduction="none"),
+                       _call("weighted_mse", _with_bad(kw, "weight", N // 2, 0.0), backend, reduction="none"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

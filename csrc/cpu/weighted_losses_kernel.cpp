@@ -148,8 +148,10 @@ inline void loss_and_grad(const Vectorized<T>& e, const Coeffs<T>& c, Vectorized
 // soon as a kept e = pred - target or weight is NaN / inf (w l >= 0 is then inf or NaN for every loss kind:
 // l(+-inf) = inf, 0 * inf = NaN, inf * l = inf or NaN), and also when finite values overflow: the exact scan
 // after the pass tells them apart. No accumulator of its own (one more dependency chain per vector would
-// cost more than the loss in this memory-bound pass). kNegativeWeight when a kept weight is < 0: a running
-// min (one vector op per vector).
+// cost more than the loss in this memory-bound pass). kNegativeWeight when a kept weight may be < 0: the OR of
+// the kept weights' bits, whose sign bit is then set (one bitwise op per vector in every library: a min is a
+// compare and blend per lane in the generic DEFAULT vectors); a -0.0 weight sets it too, so the exact scan
+// after the pass decides.
 constexpr uint8_t kNonFinite = 1;
 constexpr uint8_t kNegativeWeight = 2;
 
@@ -164,7 +166,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t start = b * kBlock;
       const int64_t end = std::min(n, start + kBlock);
-      V acc(T(0)), wmin(T(0));
+      V acc(T(0)), wbits(T(0));
       for (int64_t i = start; i < end; i += W) {
         const int64_t cnt = std::min<int64_t>(W, end - i);   // tail lanes load 0: e = 0, l = 0
         V e = V::loadu(pred + i, cnt) - V::loadu(target + i, cnt);
@@ -175,7 +177,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
           w = V::blendv(zero, w, keep);
         }
         if constexpr (Check) {
-          if (weight != nullptr) wmin = at::vec::clamp_max(w, wmin);   // plain min: a NaN is caught by the sum
+          if (weight != nullptr) wbits = wbits | w;   // dropped elements and the tail are +0: no sign bit
         }
         V l, dl;
         loss_and_grad<Kind, T>(e, c, l, dl);
@@ -187,9 +189,9 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
       block_sums[b] = hsum(acc);
       if constexpr (Check) {
         __at_align__ T lanes[W];
-        wmin.store(lanes);
+        wbits.store(lanes);
         uint8_t flags = std::isfinite(block_sums[b]) ? 0 : kNonFinite;
-        for (int64_t l = 0; l < W; ++l) flags |= lanes[l] < T(0) ? kNegativeWeight : 0;
+        for (int64_t l = 0; l < W; ++l) flags |= std::signbit(lanes[l]) ? kNegativeWeight : 0;
         block_flags[b] = flags;
       }
     }
@@ -198,7 +200,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
 
 // check_finite, after the pass: the ValueError of the first bad argument at a kept element (the order and
 // wording of the Python checks, imbreg_fast.functional._check_values); nothing when the flag came from an
-// overflowing difference of finite values.
+// overflowing difference of finite values, or from weights of -0.0.
 template <typename T>
 void raise_flagged(uint8_t flags, const T* pred, const T* target, const T* weight, const bool* mask, int64_t n) {
   if (flags & kNonFinite) {
@@ -206,7 +208,12 @@ void raise_flagged(uint8_t flags, const T* pred, const T* target, const T* weigh
     if (cpu::any_non_finite(target, n, 1, mask)) cpu::raise_non_finite("target", mask != nullptr);
     if (weight != nullptr && cpu::any_non_finite(weight, n, 1, mask)) cpu::raise_non_finite("weight", mask != nullptr);
   }
-  TORCH_CHECK_VALUE(!(flags & kNegativeWeight), "weight must be >= 0", mask != nullptr ? " at kept elements" : "");
+  if (flags & kNegativeWeight) {
+    for (int64_t i = 0; i < n; ++i) {
+      TORCH_CHECK_VALUE(!(weight[i] < T(0)) || (mask != nullptr && !mask[i]), "weight must be >= 0",
+                        mask != nullptr ? " at kept elements" : "");
+    }
+  }
 }
 
 // Denominator of 'mean' (kept count) or 'weighted_mean' (sum of kept weights), fixed-block order.
