@@ -19,7 +19,7 @@ import torch
 from ._reduction import LOSS_REDUCTIONS
 
 __all__ = ["ContrastBatch", "Rows", "any_true", "as_contrast_batch", "as_rows", "check_all_finite", "check_choice", "check_float_tensor", "check_int",
-           "check_labels", "check_mask", "check_noise_var_value", "once", "check_nonnegative", "check_pair",
+           "check_labels", "check_mask", "check_noise_var_value", "check_nonnegative", "check_pair",
            "check_positive", "check_prior_weights", "check_real", "check_real_tensor", "check_reduction",
            "check_same_device", "check_target_constant", "compute_dtype", "is_tracing", "noise_var_tensor",
            "refuse_batched", "value_checks", "ConRInputs", "check_conr_values", "conr_inputs"]
@@ -260,40 +260,32 @@ def check_labels(labels, mask=None, *, check_finite: bool = True, name: str = "l
     return labels
 
 
-_CHECKED: dict = {}      # (tag, ids) -> (weak references, version counters, value) of once()
+_CHECKED: dict = {}      # (tag, ids) -> (weak references, version counters) of inputs that passed a check
 _CHECKED_MAX = 64
-
-
-def once(tag, tensors: tuple, compute):
-    """``compute()``, computed once for these same tensor objects: the value is reused while none of them has
-    been modified in place since (autograd's version counter, which every in-place op bumps, ``copy_`` and
-    ``load_state_dict`` included). Keyed on the objects themselves (weak references: a new tensor at a freed
-    one's address is a new key); at most ``_CHECKED_MAX`` values are kept (oldest dropped first). Nothing is
-    kept when ``compute`` raises, while ``torch.compile`` traces, or for the wrapped tensors of ``torch.func``
-    transforms: then it runs every time. Values computed under ``torch.inference_mode`` are kept apart (an
-    inference tensor cannot be saved for a later backward). Writes that bypass the version counter (through
-    ``.data`` or a NumPy view) are not seen: pass new tensors. ``tag`` (hashable) names what is computed, with
-    whatever else the value depends on."""
-    if is_tracing() or any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        return compute()
-    key = (tag, torch.is_inference_mode_enabled()) + tuple(id(t) for t in tensors)
-    versions = tuple(t._version for t in tensors)
-    entry = _CHECKED.get(key)
-    if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], tensors)):
-        return entry[2]
-    value = compute()
-    _CHECKED.pop(key, None)
-    while len(_CHECKED) >= _CHECKED_MAX:
-        _CHECKED.pop(next(iter(_CHECKED)))
-    _CHECKED[key] = (tuple(weakref.ref(t) for t in tensors), versions, value)
-    return value
 
 
 def check_once(tag: str, tensors: tuple, check) -> None:
     """Run ``check()`` unless these same tensor objects passed the check ``tag`` before and none has been
-    modified in place since (:func:`once`). A prior stored as module buffers is then validated once, not per
-    call: on CUDA that removes the check's host syncs from every later step."""
-    once(("check", tag), tensors, check)
+    modified in place since (autograd's version counter, which every in-place op bumps, ``copy_`` and
+    ``load_state_dict`` included). A prior stored as module buffers is then validated once, not per call: on
+    CUDA that removes the check's host syncs from every later step. Writes that bypass the version counter
+    (through ``.data``, a NumPy view, or a c10d collective such as ``dist.broadcast`` into the tensors) are not
+    seen: validate again by passing new tensors. Only checks are kept this way, never values derived from the
+    tensors (those writes would silently serve stale ones). Batched tensors (``torch.vmap``) and inference
+    tensors (``torch.inference_mode``: no version counter) are checked every time."""
+    if any(torch._C._functorch.is_batchedtensor(t) or t.is_inference() for t in tensors):
+        check()
+        return
+    key = (tag,) + tuple(id(t) for t in tensors)
+    versions = tuple(t._version for t in tensors)
+    entry = _CHECKED.get(key)
+    if entry is not None and entry[1] == versions and all(r() is t for r, t in zip(entry[0], tensors)):
+        return
+    check()
+    _CHECKED.pop(key, None)
+    while len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.pop(next(iter(_CHECKED)))
+    _CHECKED[key] = (tuple(weakref.ref(t) for t in tensors), versions)
 
 
 def check_prior_weights(name: str, w: torch.Tensor, allow_zero: bool = False) -> None:

@@ -229,17 +229,6 @@ def _as_gmm(gmm, d: int, ref: torch.Tensor, check_values: bool):
         V.check_float_tensor(name, x)
         if x.device != ref.device:
             raise ValueError(f"{name} is on {x.device} but pred is on {ref.device}")
-    given = (weights, means, covariances)
-    # the same tensor objects (a prior kept as module buffers) give the same detached views on every call:
-    # what the fused backends derive from them (gai_tables) is then cached too
-    prior = V.once(("gmm", d), given, lambda: _gmm_views(weights, means, covariances, d))
-    if check_values:
-        V.check_once("gmm", given, lambda: _check_gmm_values(*prior, d))
-    return prior
-
-
-def _gmm_views(weights, means, covariances, d: int):
-    """(weights [K], means [K, d], covariances [K, d, d]), detached, from the accepted shapes."""
     k = weights.shape[0] if weights.dim() == 1 else -1
     if k < 1:
         raise ValueError(f"gmm weights must be [K] with K >= 1, got shape {tuple(weights.shape)}")
@@ -251,7 +240,11 @@ def _gmm_views(weights, means, covariances, d: int):
         raise ValueError(f"gmm means must be [K, d] = [{k}, {d}], got {tuple(means.shape)}")
     if covariances.shape != (k, d, d):
         raise ValueError(f"gmm covariances must be [K, d, d] = [{k}, {d}, {d}], got {tuple(covariances.shape)}")
-    return weights.detach(), means.detach(), covariances.detach()
+    given = tuple(gmm)
+    weights, means, covariances = weights.detach(), means.detach(), covariances.detach()
+    if check_values:
+        V.check_once("gmm", given, lambda: _check_gmm_values(weights, means, covariances, d))
+    return weights, means, covariances
 
 
 def _check_gmm_values(weights, means, covariances, d: int) -> None:
@@ -312,19 +305,8 @@ def bni_loss(pred, target, noise_var, bin_centers, bin_weights, *, mask=None, re
     V.check_float_tensor("bin_weights", bin_weights)
     V.check_same_device(pred=rows.pred, bin_centers=bin_centers, bin_weights=bin_weights)
     given = (bin_centers, bin_weights)
-    dtype = V.compute_dtype(rows.pred.dtype)
-    # the same tensor objects give the same tensors on every call (see _as_gmm)
-    bin_centers, bin_weights = V.once(("bins", d, dtype), given, lambda: _bin_views(*given, d, dtype))
-    if check_values:
-        V.check_once("bni", given, lambda: _check_bin_values(bin_centers, bin_weights))
-    return _finish(_call(impl, in_kernel, rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red),
-                   rows, red)
-
-
-def _bin_views(bin_centers, bin_weights, d: int, dtype):
-    """(bin_centers [K, d] (integer ones cast to dtype), bin_weights [K]), detached, from the accepted shapes."""
     if not bin_centers.is_floating_point():
-        bin_centers = bin_centers.to(dtype)
+        bin_centers = bin_centers.to(V.compute_dtype(rows.pred.dtype))
     if bin_weights.dim() != 1 or bin_weights.shape[0] < 1:
         raise ValueError(f"bin_weights must be [K] with K >= 1, got shape {tuple(bin_weights.shape)}")
     k = bin_weights.shape[0]
@@ -333,7 +315,11 @@ def _bin_views(bin_centers, bin_weights, d: int, dtype):
     if bin_centers.shape != (k, d):
         raise ValueError(f"bin_centers must be [K, d] = [{k}, {d}]" + (" or [K]" if d == 1 else "")
                          + f", got {tuple(bin_centers.shape)}")
-    return bin_centers.detach(), bin_weights.detach()
+    bin_centers, bin_weights = bin_centers.detach(), bin_weights.detach()
+    if check_values:
+        V.check_once("bni", given, lambda: _check_bin_values(bin_centers, bin_weights))
+    return _finish(_call(impl, in_kernel, rows.pred, rows.target, rows.mask, nv, bin_centers, bin_weights, red),
+                   rows, red)
 
 
 def _check_bin_values(bin_centers, bin_weights) -> None:

@@ -22,7 +22,7 @@ import torch
 
 from .. import _reduction
 from .._dispatch import register
-from .._validation import compute_dtype, once
+from .._validation import compute_dtype
 from ._registration import ForwardGrad, grad_required, register_fused_op
 
 # --------------------------------------------------------------------------------------------------
@@ -119,46 +119,30 @@ def _normalised_log_weights(weights: torch.Tensor, dtype):
     return torch.log(w / total), torch.log(total)
 
 
-def _gai_prior(weights, means, covariances, dtype):
-    """The sigma^2-independent part of gai_tables: log phi^ and the means in dtype; log sum phi, the
-    covariances and their eigenvalues lambda [K, d] in float64."""
-    cov = covariances.detach().to(dtype).double()
-    lam = cov.reshape(-1, 1) if cov.shape[-1] == 1 else torch.linalg.eigvalsh(cov)
-    log_weight, log_total = _normalised_log_weights(weights, dtype)
-    return log_weight.to(dtype).contiguous(), log_total, means.detach().to(dtype).contiguous(), cov, lam
-
-
 def gai_tables(noise_var, weights, means, covariances, dtype):
-    # the prior's part once per prior (the same tensor objects, unmodified: imbreg_fast._validation.once)
-    log_weight, log_total, means, cov, lam = once(("gai tables", dtype), (weights, means, covariances),
-                                                  lambda: _gai_prior(weights, means, covariances, dtype))
     s2 = noise_var.detach().to(dtype).double()                          # the sigma^2 the kernels see
+    cov = covariances.detach().to(dtype).double()
     d = cov.shape[-1]
+    log_weight, log_total = _normalised_log_weights(weights, dtype)
     if d == 1:   # the same formulas, without the [K, 1, 1] factorisations (a few small ops per call)
-        precision = 1.0 / (cov + s2)
+        lam = cov.reshape(-1, 1)
+        precision = (1.0 / (cov + s2))
     else:
+        lam = torch.linalg.eigvalsh(cov)                                   # [K, d]
         eye = torch.eye(d, dtype=torch.float64, device=cov.device)
         precision = torch.cholesky_inverse(torch.linalg.cholesky(cov + s2 * eye))
     log_norm = log_total - 0.5 * torch.log1p(lam / s2).sum(-1)
     grad_var_bias = 0.5 * (lam / (lam + s2)).sum(-1) / s2
-    return (log_weight, log_norm.to(dtype), means, precision.to(dtype).contiguous(), grad_var_bias.to(dtype))
-
-
-def _bni_prior(bin_centers, bin_weights, dtype):
-    """The sigma^2-independent part of bni_tables."""
-    log_weight, log_total = _normalised_log_weights(bin_weights, dtype)
-    k = log_weight.shape[0]
-    return tuple(x.to(dtype).contiguous() for x in (log_weight, log_total.expand(k), bin_centers.detach(),
-                                                    torch.zeros_like(log_weight)))
+    return tuple(x.to(dtype).contiguous() for x in (log_weight, log_norm, means, precision, grad_var_bias))
 
 
 def bni_tables(noise_var, bin_centers, bin_weights, dtype):
-    log_weight, log_norm, centers, zeros = once(("bni tables", dtype), (bin_centers, bin_weights),
-                                                lambda: _bni_prior(bin_centers, bin_weights, dtype))
-    k, d = centers.shape
     s2 = noise_var.detach().to(dtype).double()
-    precision = (torch.eye(d, dtype=torch.float64, device=centers.device) / s2).to(dtype).expand(k, d, d)
-    return log_weight, log_norm, centers, precision.contiguous(), zeros
+    k, d = bin_centers.shape
+    log_weight, log_total = _normalised_log_weights(bin_weights, dtype)
+    precision = (torch.eye(d, dtype=torch.float64, device=bin_centers.device) / s2).expand(k, d, d)
+    return tuple(x.to(dtype).contiguous() for x in (log_weight, log_total.expand(k), bin_centers, precision,
+                                                    torch.zeros_like(log_weight)))
 
 
 # --------------------------------------------------------------------------------------------------
