@@ -196,6 +196,37 @@ def test_empty_mask_and_zero_weights(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype,tiny", [(torch.float32, 1e-42), (torch.float32, 1e-40), (torch.float64, 1e-312),
+                                        (torch.float64, 3e-309)])
+@pytest.mark.parametrize("masked", [False, True], ids=["nomask", "mask"])
+def test_weighted_mean_of_subnormal_weights(backend, dtype, tiny, masked):
+    """'weighted_mean' is scale-free in the weights: subnormal weights (whose sum's inverse overflows) give the
+    loss and gradient of the same weights times 2^200, exactly representable; no inf, no clamped denominator."""
+    g = torch.Generator().manual_seed(3)
+    n = 37
+    pred = torch.randn(n, generator=g, dtype=dtype).requires_grad_()
+    target = torch.randn(n, generator=g, dtype=dtype)
+    w = (torch.rand(n, generator=g, dtype=torch.float64) * 2 + 0.5) * tiny
+    w = w.to(dtype)                                   # subnormal in dtype: the values the losses see
+    mask = (torch.rand(n, generator=g) > 0.3) if masked else None
+    loss = F.weighted_mse_loss(pred, target, w, mask=mask, reduction="weighted_mean", backend=backend)
+    (grad,) = torch.autograd.grad(loss, pred)
+    # the reference: the same weights scaled by 2^200 (exact in float64), the formula in plain float64 loops
+    w64 = w.double() * 2.0 ** 200
+    kept = [i for i in range(n) if mask is None or bool(mask[i])]
+    total_w = sum(float(w64[i]) for i in kept)
+    e = (pred.detach().double() - target.double()).tolist()
+    expected = sum(float(w64[i]) * e[i] ** 2 for i in kept) / total_w
+    expected_grad = torch.zeros(n, dtype=torch.float64)
+    for i in kept:
+        expected_grad[i] = float(w64[i]) * 2 * e[i] / total_w
+    # subnormal weights carry fewer significant bits, so the tolerance is that of their own rounding
+    tol = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), **tol)
+    torch.testing.assert_close(grad.double(), expected_grad, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_is_constant(backend):
     pred = torch.randn(10, requires_grad=True)
     weight = torch.rand(10, requires_grad=True)

@@ -21,6 +21,7 @@ beta), evaluated as -m / (2 + m) with m = expm1(-2 kappa |e|) (accurate near 0; 
 """
 from __future__ import annotations
 
+import math
 import struct
 
 import torch
@@ -57,7 +58,9 @@ def _weighted_regression_fwd_kernel(
     target_ptr,      # [N] targets
     weight_ptr,      # [N] weights (read when HAS_WEIGHT)
     mask_ptr,        # [N] bool: elements kept (read when HAS_MASK)
-    denom_ptr,       # [] ACC: kept count ('mean' with mask) or sum of kept weights ('weighted_mean')
+    denom_ptr,       # [] ACC: kept count ('mean' with mask) or sum of kept weights ('weighted_mean', times
+                     # weight_scale)
+    weight_scale_ptr,  # [] ACC: the weights' factor (read when SCALE_WEIGHT): 1, or a power of two (see launcher)
     loss_ptr,        # [N] w l ('none') or [num_programs] partial sums (ACC)
     grad_ptr,        # [N] d loss / d pred, scaled by the reduction
     flag_ptr,        # [] int32 value-check flag (CHECK): bits 1 / 2 / 4 NaN or inf in a kept pred / target /
@@ -65,7 +68,7 @@ def _weighted_regression_fwd_kernel(
     N, beta_bits, kappa_bits, gamma_bits,     # float64 bit patterns (see _from_bits)
     LOSS: tl.constexpr, GAMMA_CASE: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
     REDUCTION: tl.constexpr, READ_DENOM: tl.constexpr, COMPUTE_GRAD: tl.constexpr, CHECK: tl.constexpr,
-    ACC: tl.constexpr, BLOCK: tl.constexpr,
+    SCALE_WEIGHT: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -89,6 +92,8 @@ def _weighted_regression_fwd_kernel(
         if HAS_WEIGHT:
             flag_non_finite(flag_ptr, w, 4)
             flag_where(flag_ptr, w < 0, 8)
+    if SCALE_WEIGHT:
+        w = w * tl.load(weight_scale_ptr)             # exact: a power of two
     a = tl.abs(e)
     sign = tl.where(e > 0, 1.0, tl.where(e < 0, -1.0, 0.0)).to(ACC)
     if LOSS == 0 or LOSS == 3:
@@ -168,9 +173,17 @@ def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, 
     read_denom = bool((reduction == MEAN and m is not None)
                       or (reduction == WEIGHTED_MEAN and (m is not None or w is not None)))
     denom = p.new_empty((), dtype=acc_torch)
+    scale_weight = reduction == WEIGHTED_MEAN and w is not None
+    weight_scale = denom
     if read_denom:
-        if reduction == WEIGHTED_MEAN and w is not None:
+        if scale_weight:
             denom = (w if m is None else torch.where(m, w, torch.zeros((), dtype=acc_torch, device=w.device))).sum()
+            # subnormal weights: 1 / denom would overflow ACC, so the kernel takes every weight times
+            # 2^(max exponent - 2) and the denominator is scaled alike (exact; on the device, no sync)
+            big = torch.finfo(acc_torch).max
+            factor = torch.full((), 2.0 ** (math.frexp(big)[1] - 2), dtype=acc_torch, device=denom.device)
+            weight_scale = torch.where((denom > 0) & (denom < 1.0 / big), factor, torch.ones_like(factor))
+            denom = denom * weight_scale
         else:
             denom = m.sum(dtype=acc_torch)
 
@@ -188,11 +201,12 @@ def weighted_regression_fwd(pred, target, weight, mask, loss: int, beta: float, 
     with device_guard(pred):
         if n > 0 or reduction != NONE:
             _weighted_regression_fwd_kernel[(num_programs,)](
-                p, y, p if w is None else w, p if m is None else m, denom, loss_buf, grad if compute_grad else loss_buf,
+                p, y, p if w is None else w, p if m is None else m, denom, weight_scale, loss_buf,
+                grad if compute_grad else loss_buf,
                 flag, n, _bits(beta), _bits(kappa), _bits(gamma),
                 LOSS=loss, GAMMA_CASE=gamma_case, HAS_WEIGHT=w is not None, HAS_MASK=m is not None,
-                REDUCTION=reduction, READ_DENOM=read_denom, COMPUTE_GRAD=compute_grad, CHECK=check, ACC=acc,
-                BLOCK=block, num_warps=NUM_WARPS)
+                REDUCTION=reduction, READ_DENOM=read_denom, COMPUTE_GRAD=compute_grad, CHECK=check,
+                SCALE_WEIGHT=scale_weight, ACC=acc, BLOCK=block, num_warps=NUM_WARPS)
         if reduction != NONE:
             finalize(loss_buf, denom, out, n, reduction, read_denom, acc, divide=True)
     if check:

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <optional>
 #include <tuple>
@@ -57,6 +58,7 @@ struct Coeffs {
   T kappa;       // focal: s = tanh(kappa |e|); kappa = beta/2 (sigmoid, as 2 sigmoid(x) - 1 = tanh(x/2)) or beta
   T gamma;       // focal exponent
   int gamma_case;  // 0: gamma == 0, 1: gamma == 1, 2: gamma == 2, 3: other (pow)
+  T weight_scale;  // 1, or 2^(max_exponent - 2) for 'weighted_mean' when 1 / sum of weights would overflow T
 };
 
 // All-ones lanes where mask[i + l] is true (l < count), zero lanes elsewhere (a blendv mask). Full vectors on
@@ -179,6 +181,7 @@ void run_blocks(const T* pred, const T* target, const T* weight, const bool* mas
         if constexpr (Check) {
           if (weight != nullptr) wbits = wbits | w;   // dropped elements and the tail are +0: no sign bit
         }
+        if (c.weight_scale != T(1)) w = w * V(c.weight_scale);   // exact: a power of two, every w below 1 after
         V l, dl;
         loss_and_grad<Kind, T>(e, c, l, dl);
         const V wl = w * l;
@@ -329,11 +332,18 @@ std::tuple<at::Tensor, at::Tensor> weighted_regression_fwd_cpu(
     using T = scalar_t;
     const T* w_ptr = w.defined() ? w.const_data_ptr<T>() : nullptr;
     const bool* m_ptr = m.defined() ? m.const_data_ptr<bool>() : nullptr;
+    Coeffs<T> c;
+    c.weight_scale = T(1);
     if (reduction == at::Reduction::Mean || reduction == kReductionWeightedMean) {
-      const double denom = kept_total<T>(reduction == kReductionWeightedMean ? w_ptr : nullptr, m_ptr, n);
+      double denom = kept_total<T>(reduction == kReductionWeightedMean ? w_ptr : nullptr, m_ptr, n);
+      // 'weighted_mean' of subnormal weights: 1 / denom would overflow T, so the pass takes every weight times
+      // 2^(max_exponent - 2) and the denominator alike (powers of two: exact, the ratios unchanged)
+      if (denom > 0.0 && denom < 1.0 / static_cast<double>(std::numeric_limits<T>::max())) {
+        c.weight_scale = static_cast<T>(std::ldexp(1.0, std::numeric_limits<T>::max_exponent - 2));
+        denom *= static_cast<double>(c.weight_scale);
+      }
       scale = denom > 0.0 ? 1.0 / denom : 0.0;   // nothing kept (or all kept weights 0): loss 0, grad 0
     }
-    Coeffs<T> c;
     c.beta = static_cast<T>(beta);
     c.inv_beta = static_cast<T>(beta > 0.0 ? 1.0 / beta : 0.0);
     c.half_beta = static_cast<T>(0.5 * beta);

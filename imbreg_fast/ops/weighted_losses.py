@@ -114,18 +114,23 @@ def weighted_regression_torch(pred, target, weight, mask, kind, beta, gamma, act
         p, y = torch.where(mask, p, zero), torch.where(mask, y, zero)
         w = mask.to(dtype) if w is None else torch.where(mask, w, zero)
     loss = elementwise_loss(p, y, kind, beta, gamma, activation)
+    # 'weighted_mean' as sum_i (w_i / sum w) l_i: the normalised weights stay exact to rounding when the
+    # weights are subnormal, where 1 / sum w (and so the gradient of a division) would overflow; all weights
+    # 0: loss 0, gradient 0
+    normalised = reduction == _reduction.WEIGHTED_MEAN and weight is not None
     if w is not None:
+        if normalised:
+            total_w = w.sum()
+            w = w / torch.where(total_w > 0, total_w, torch.ones_like(total_w))
         loss = loss * w
     if reduction == _reduction.NONE:
         return loss.to(out_dtype)
     total = loss.sum()
-    if reduction == _reduction.SUM:
+    if reduction == _reduction.SUM or normalised:
         out = total
-    elif reduction == _reduction.MEAN or weight is None:
+    else:   # 'mean', or 'weighted_mean' without weights
         count = loss.shape[0] if mask is None else mask.sum().to(dtype)
         out = total / (max(count, 1) if mask is None else count.clamp_min(1))
-    else:
-        out = total / w.sum().clamp_min(torch.finfo(dtype).tiny)   # all weights 0: total is 0, loss 0
     return out.to(out_dtype)
 
 
