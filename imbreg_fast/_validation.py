@@ -29,9 +29,10 @@ def is_tracing() -> bool:
     return torch.compiler.is_compiling()
 
 
-def value_checks(check_finite: bool) -> bool:
-    """Whether the value checks run: asked for, and not while ``torch.compile`` traces."""
-    return bool(check_finite) and not is_tracing()
+def value_checks(check_finite: bool, like: torch.Tensor | None = None) -> bool:
+    """Whether the value checks run: asked for, not while ``torch.compile`` traces, and not on meta tensors
+    (``like``, the call's main input: shape inference has no values to check)."""
+    return bool(check_finite) and not is_tracing() and not (like is not None and like.is_meta)
 
 
 def any_true(flags: torch.Tensor) -> bool:
@@ -250,7 +251,7 @@ def check_labels(labels, mask=None, *, check_finite: bool = True, name: str = "l
     (``check_finite``) no NaN/inf where the mask keeps them."""
     labels = check_real_tensor(name, labels)
     check_mask(mask, tuple(labels.shape), labels, name)
-    if value_checks(check_finite) and labels.is_floating_point():
+    if value_checks(check_finite, labels) and labels.is_floating_point():
         bad = ~torch.isfinite(labels)
         if mask is not None:
             bad = bad & mask

@@ -76,7 +76,7 @@ def _prepare(pred, target, noise_var, mask, reduction, check_finite, op, backend
     V.check_target_constant(target=target)
     red = V.check_reduction(reduction)
     nv = V.noise_var_tensor(noise_var, rows.pred)
-    check_values = V.value_checks(check_finite)
+    check_values = V.value_checks(check_finite, rows.pred)
     name, impl = resolve(op, rows.pred, backend)
     in_kernel = check_values and kernel_checks and _in_kernel(name)
     if check_values:
@@ -393,10 +393,10 @@ def _weighted_loss(pred, target, weight, mask, reduction, backend, check_finite,
     p, y = pred.reshape(-1), target.reshape(-1)
     m = None if mask is None else mask.reshape(-1)
     name, impl = resolve(_wl.OP, p, backend)
-    in_kernel = V.value_checks(check_finite) and _in_kernel(name)
+    in_kernel = V.value_checks(check_finite, p) and _in_kernel(name)
     if in_kernel:
         V.refuse_batched(p, y, w)
-    elif V.value_checks(check_finite):
+    elif V.value_checks(check_finite, p):
         _check_values(p, y, w, m)
     loss = _call(impl, in_kernel, p, y, w, m, kind, beta, gamma, _wl.ACTIVATIONS[activation], red)
     return loss.reshape(shape) if red == _reduction.NONE else loss
@@ -481,7 +481,7 @@ def rnc_loss(features, labels, *, temperature=2.0, label_distance="l1", feature_
     batch = V.as_contrast_batch(features, labels)
     red = V.check_reduction(reduction)
     _, impl = resolve(_rnc.OP, batch.features, backend)
-    if V.value_checks(check_finite) and batch.features.numel() > 0:
+    if V.value_checks(check_finite, batch.features) and batch.features.numel() > 0:
         V.check_all_finite_async("features", batch.features.detach())
         V.check_all_finite_async("labels", batch.labels)
     loss = impl(batch.features, batch.labels, float(temperature), red)
@@ -532,7 +532,7 @@ def conr_loss(features, targets, preds, *, weights=None, window=1.0, temperature
     if not isinstance(published_denominator, bool):
         raise TypeError(f"published_denominator must be a bool, got {type(published_denominator).__name__}")
     red = V.check_reduction(reduction)
-    check_values = V.value_checks(check_finite)
+    check_values = V.value_checks(check_finite, inputs.features)
     name, impl = resolve("conr_loss", inputs.features, backend)
     in_kernel = check_values and _in_kernel(name)
     if in_kernel:
@@ -625,7 +625,7 @@ def ranksim_loss(features, targets, *, interpolation_lambda=2.0, subsample="uniq
     x, y = V.check_ranksim_inputs(features, targets)
     lam = V.check_positive("interpolation_lambda", interpolation_lambda)
     red = V.check_reduction(reduction)
-    check_values = V.value_checks(check_finite)
+    check_values = V.value_checks(check_finite, x)
     if check_values and x.numel() > 0:
         V.check_all_finite_async("features", x.detach())
         if y.is_floating_point():

@@ -418,3 +418,27 @@ def test_prior_of_inference_tensors(op, backend, check_finite):
             weights[0] = -weights[0]                                      # a negative weight
             with pytest.raises(ValueError, match="weights must be"):
                 _mixture_loss(op, backend, bad, pred, target)
+
+
+def test_meta_tensors_shape_inference():
+    """Meta tensors (shape inference) have no values: the default value checks skip them, the losses give meta
+    outputs of the right shape, and a prior on another device is still named."""
+    def meta(*shape):
+        return torch.empty(*shape, device="meta")
+    p, y = meta(10), meta(10)
+    gmm = (meta(2), meta(2), meta(2))
+    calls = {
+        "gai": lambda: F.gai_loss(p, y, 1.0, gmm, reduction="none"),
+        "bni": lambda: F.bni_loss(p, y, meta(()), meta(5), meta(5)),
+        "bmc": lambda: F.bmc_loss(p, y, 1.0),
+        "weighted_mse": lambda: F.weighted_mse_loss(p, y, meta(10), reduction="weighted_mean"),
+        "rnc": lambda: F.rnc_loss(meta(10, 4), y),
+        "ranksim": lambda: F.ranksim_loss(meta(10, 4), y),
+        "conr": lambda: F.conr_loss(meta(10, 4), y, p),
+    }
+    for name, call in calls.items():
+        out = call()
+        assert out.is_meta and tuple(out.shape) == ((10,) if name == "gai" else ()), name
+    cpu_prior = (torch.tensor([0.3, 0.7]), torch.tensor([-1.0, 1.0]), torch.tensor([0.5, 2.0]))
+    with pytest.raises(ValueError, match="gmm weights is on cpu but pred is on meta"):
+        F.gai_loss(p, y, 1.0, cpu_prior)
