@@ -374,9 +374,9 @@ def test_prior_check_cache_is_keyed_on_live_objects():
 
 
 def _mixture_loss(op, backend, prior, pred, target, **kw):
-    if op == "gai":
-        return F.gai_loss(pred, target, 0.5, prior, backend=backend, **kw)
-    return F.bni_loss(pred, target, 0.5, *prior, backend=backend, **kw)
+    """_call's gai / bni case with this prior: [weights, means, covariances] or [bin_centers, bin_weights]."""
+    args = dict(gmm=prior) if op == "gai" else dict(bin_centers=prior[0], bin_weights=prior[1])
+    return _call(op, dict(pred=pred, target=target, **args), backend, **kw)
 
 
 def _mixture_prior(op):
